@@ -1,0 +1,145 @@
+"""What every stage has in common: its contract, the store round-trip, and its Prefect task.
+
+A stage is a plain function `run(cfg, ctx) -> metrics` over files: `cfg` is the stage's own
+pydantic config section, `ctx.inputs` maps each upstream stage name to its artifact folder,
+and everything written under `ctx.out` becomes the artifact. It knows nothing of Prefect; it
+tells a person what it did through `ctx.report`, which logs by default and becomes Prefect
+artifacts (tables, markdown, progress) when the stage runs inside a flow.
+
+`run_stage` wraps any stage with the store: compute the key, return at once when the artifact
+is complete (a cache hit), else take the key's lock, run into a temporary folder and commit.
+`stage_task` is the same call as a Prefect task whose final state is named "Cached" on a hit,
+so the UI shows it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from pydantic import BaseModel
+
+from ember.storage.store import Store, compute_key, make_ref
+
+
+class Reporter:
+    """How stage logic reports to a person. This base class only logs; see PrefectReporter."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+        self.log = logging.getLogger(f"ember.{stage}")
+        self._last_progress = 0.0
+
+    def progress(self, done: float, total: float, what: str = "") -> None:
+        """Long loops call this often; it is rate-limited here, not by callers."""
+        now = time.monotonic()
+        if done < total and now - self._last_progress < 5.0:
+            return
+        self._last_progress = now
+        pct = 100.0 * done / total if total else 100.0
+        self.log.info("%s %.0f%% (%s/%s)", what or self.stage, pct, _fmt(done), _fmt(total))
+        self._on_progress(min(pct, 100.0))
+
+    def table(self, key: str, rows: list[dict], description: str = "") -> None:
+        self.log.info("%s: %s", description or key, rows)
+
+    def markdown(self, key: str, text: str, description: str = "") -> None:
+        self.log.info("%s:\n%s", description or key, text)
+
+    def _on_progress(self, pct: float) -> None:
+        pass
+
+
+def _fmt(value: float) -> str:
+    return f"{value:,.0f}" if float(value).is_integer() else f"{value:,.2f}"
+
+
+@dataclass
+class StageContext:
+    inputs: dict[str, Path]  # upstream stage name -> its (read-only) artifact folder
+    out: Path  # temporary artifact folder: all of it is committed when `run` returns
+    work: Path  # scratch for this key that survives a crash (checkpoints); deleted on commit
+    report: Reporter
+    store_root: Path  # for the one stage that writes outside artifacts (publish -> releases/)
+    ref: str = ""  # this artifact's ref, `stage/key`
+
+    @property
+    def log(self) -> logging.Logger:
+        return self.report.log
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    version: int  # bump when a change of logic changes what the stage produces
+    run: Callable[[Any, StageContext], dict]
+    # Config fields that do not change the output (e.g. a progress interval) stay out of the key.
+    unkeyed: tuple[str, ...] = ()
+
+    def params(self, cfg: BaseModel | None) -> dict:
+        return cfg.model_dump(mode="json", exclude=set(self.unkeyed)) if cfg is not None else {}
+
+
+@dataclass
+class Outcome:
+    stage: str
+    ref: str
+    cached: bool
+    seconds: float
+    metrics: dict = field(default_factory=dict)
+
+
+def run_stage(store: Store, stage: Stage, cfg: BaseModel | None, inputs: dict[str, str],
+              force: bool = False, reporter: Reporter | None = None, run_info: dict | None = None,
+              identity: object = None) -> Outcome:
+    """Produce (or find) the artifact of `stage` for this config and these input refs.
+
+    `identity` is what the stage reads from outside the store (a source's files, sizes and
+    mtimes): it joins the key so that a changed corpus reruns the stage.
+    """
+    params = stage.params(cfg)
+    if identity is not None:
+        params = {**params, "identity": identity}
+    ref = make_ref(stage.name, compute_key(stage.name, stage.version, params, inputs))
+    started = time.monotonic()
+    reporter = reporter or Reporter(stage.name)
+
+    existing = store.get(ref)
+    if existing is not None and not force and _inputs_unchanged(store, existing.manifest, inputs):
+        return Outcome(stage.name, ref, True, time.monotonic() - started, existing.metrics)
+
+    with store.lock(ref):
+        input_artifacts = {name: store.require(r) for name, r in inputs.items()}
+        input_digests = {name: a.manifest["digest"] for name, a in input_artifacts.items()}
+        # Another run may have finished this artifact while we waited for the lock.
+        existing = store.get(ref)
+        if existing is not None and not force and existing.manifest.get("input_digests") == input_digests:
+            return Outcome(stage.name, ref, True, time.monotonic() - started, existing.metrics)
+        if existing is not None and not force:
+            reporter.log.info("an input was rebuilt with other content: rebuilding %s", ref)
+        manifest = {"version": stage.version, "params": params, "inputs": inputs,
+                    "input_digests": input_digests, "run": run_info or {}}
+        with store.writer(ref, manifest) as out:
+            ctx = StageContext(inputs={name: a.path for name, a in input_artifacts.items()}, out=out,
+                               work=store.work_dir(ref), report=reporter, store_root=store.root, ref=ref)
+            metrics = stage.run(cfg, ctx) or {}
+            manifest["metrics"] = metrics
+    return Outcome(stage.name, ref, False, time.monotonic() - started, metrics)
+
+
+def _inputs_unchanged(store: Store, manifest: dict, inputs: dict[str, str]) -> bool:
+    """An artifact is current only if each input still holds what it was built from.
+
+    The key names the inputs by ref; an input deleted and rebuilt keeps its ref, and if its
+    content came out different (training stopped by a time budget, a forced rerun after a
+    code change) everything built from it is stale.
+    """
+    recorded = manifest.get("input_digests", {})
+    for name, ref in inputs.items():
+        artifact = store.get(ref)
+        if artifact is None or artifact.manifest.get("digest") != recorded.get(name):
+            return False
+    return True
