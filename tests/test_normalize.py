@@ -1,0 +1,141 @@
+"""normalize: ftfy on real mojibake (ftfy's own test cases), line breaks, controls, blank lines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from ember.storage.shards import ShardWriter, iter_records
+from ember.tasks import normalize
+from ember.tasks.normalize import NormalizeConfig, ftfy_can_change, normalize_text
+from ember.tasks.stage import Reporter, StageContext
+
+
+def load_cases(corpora: Path) -> list[dict]:
+    with open(corpora / "mojibake_ftfy" / "ftfy_cases.jsonl", encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def cases(corpora) -> dict[str, dict]:
+    return {case["id"]: case for case in load_cases(corpora)}
+
+
+def run_normalize(tmp_path: Path, records: list[dict], cfg: NormalizeConfig | None = None) -> tuple[list[dict], dict]:
+    upstream = tmp_path / "download"
+    with ShardWriter(upstream / "shards") as writer:
+        writer.write_many(records)
+    out = tmp_path / "normalize"
+    out.mkdir()
+    ctx = StageContext(inputs={"download": upstream}, out=out, work=tmp_path / "work",
+                       report=Reporter("normalize"), store_root=tmp_path)
+    metrics = normalize.run(cfg or NormalizeConfig(), ctx)
+    return list(iter_records(out / "shards")), metrics
+
+
+# Real strings from the wild (Twitter, OSCAR, bug reports), fixed exactly by the default config.
+@pytest.mark.parametrize("case_id, expected", [
+    ("in-the-wild.json#0", "He's Justin❤"),
+    ("in-the-wild.json#1", "Le Schtroumpf Docteur conseille gâteaux et baies schtroumpfantes pour un régime équilibré."),
+    ("in-the-wild.json#8", "Beta Haber: Hırsızı Büyü Korkuttu"),
+    ("in-the-wild.json#14", "Iggy Pop (né Jim Osterberg)"),
+    ("in-the-wild.json#45", "weiß"),
+])
+def test_default_config_fixes_real_mojibake(cases, case_id, expected):
+    case = cases[case_id]
+    assert case["fixed"] == expected  # the corpus says so too
+    assert normalize_text(case["text"], NormalizeConfig()) == expected
+
+
+def test_default_config_keeps_curly_quotes(cases):
+    # UTF-8 read as cp1252: fixed to the curly quotes the writer typed, not uncurled.
+    text = next(c["text"] for c in cases.values() if c["text"].startswith("Ecuadorâ"))
+    assert normalize_text(text, NormalizeConfig()).startswith("Ecuador’s ‘purely political decision on Assange’")
+
+
+def test_ftfy_defaults_reproduce_every_in_the_wild_fix(cases):
+    # With ftfy's own defaults switched back on, the stage gives exactly what ftfy's tests expect.
+    cfg = NormalizeConfig(uncurl_quotes=True, fix_latin_ligatures=True, fix_character_width=True)
+    wild = [c for c in cases.values() if c["file"] == "in-the-wild.json" and c["expect"] == "pass"]
+    assert len(wild) >= 60
+    wrong = [c["id"] for c in wild if normalize_text(c["text"], cfg) != c["fixed"]]
+    assert wrong == []
+
+
+def test_correct_text_that_looks_like_mojibake_is_left_alone(cases):
+    from ftfy.fixes import uncurl_quotes
+
+    negatives = [c for c in cases.values() if c["file"] == "negative.json"]
+    assert len(negatives) >= 25
+    # ftfy's expectation uncurls quotes, which this stage does not do by default.
+    expected = {c["id"]: c["text"] if uncurl_quotes(c["text"]) == c["fixed"] else c["fixed"] for c in negatives}
+    assert sum(expected[c["id"]] == c["text"] for c in negatives) >= 25
+    wrong = [c["id"] for c in negatives if normalize_text(c["text"], NormalizeConfig()) != expected[c["id"]]]
+    assert wrong == []
+
+
+@pytest.mark.parametrize("text, expected", [
+    pytest.param("one\r\ntwo\rthree\u2028four\u2029five", "one\ntwo\nthree\nfour\nfive", id="newlines"),
+    pytest.param("a\x00b\x07c\x1bd\ufeffe\tf", "abcde\tf", id="control_chars"),
+    pytest.param("\ufeffBOM at the start", "BOM at the start", id="bom"),
+    pytest.param("e\u0301te\u0301", "été", id="nfc"),
+    pytest.param("p1\n\n\n\n\n\np2\n \n\t\n \n\np3\n\n\np4", "p1\n\n\np2\n\n\np3\n\n\np4", id="blank_lines"),
+    pytest.param("fish &amp; chips", "fish & chips", id="html_entity_in_ascii"),
+    pytest.param("if a < b &amp;&amp; c", "if a < b &amp;&amp; c", id="html_kept_when_markup"),
+    pytest.param("full-width，punctuation。", "full-width，punctuation。", id="cjk_width_kept"),
+])
+def test_normalize_text_cases(text, expected):
+    assert normalize_text(text, NormalizeConfig()) == expected
+
+
+def test_options_turn_steps_off():
+    text = "caf\u00c3\u00a9\r\n\n\n\n\nend"
+    cfg = NormalizeConfig(ftfy=False, normalize_newlines=False, max_blank_lines=None)
+    assert normalize_text(text, cfg) == text
+    assert normalize_text(text, NormalizeConfig(max_blank_lines=0)) == "café\nend"
+
+
+@pytest.mark.parametrize("text, can_change", [
+    ("plain ASCII prose, nothing to fix.", False),
+    ("AT&amp;T", True),
+    ("\x1b[36mcoloured\x1b[0m", True),
+    ("naïve", True),
+])
+def test_ftfy_fast_path(text, can_change):
+    cfg = NormalizeConfig()
+    assert ftfy_can_change(text, cfg) is can_change
+    if not can_change:  # the shortcut is only taken where ftfy would change nothing
+        import ftfy
+
+        assert ftfy.fix_text(text, config=normalize.ftfy_config(cfg)) == text
+
+
+def test_run_keeps_ids_and_counts_changes(tmp_path, cases):
+    records = [{"id": case_id, "text": cases[case_id]["text"], "source": "ftfy"}
+               for case_id in ("in-the-wild.json#0", "in-the-wild.json#8", "negative.json#1")]
+    records += [{"id": "crlf", "text": "line\r\nline", "source": "x"}, {"id": "ascii", "text": "fine", "source": "x"}]
+    out, metrics = run_normalize(tmp_path, records)
+    assert [(r["id"], r["source"]) for r in out] == [(r["id"], r["source"]) for r in records]
+    assert out[0]["text"] == "He's Justin❤" and out[3]["text"] == "line\nline" and out[4]["text"] == "fine"
+    assert metrics["docs"] == 5
+    assert metrics["ftfy_changed"] == 2
+    assert metrics["other_changed"] == 1
+    assert metrics["ftfy_skipped_ascii"] == 2
+    assert metrics["chars_in"] == sum(len(r["text"]) for r in records)
+    assert metrics["chars_out"] == sum(len(r["text"]) for r in out)
+
+
+def test_run_on_all_ftfy_cases(tmp_path, corpora):
+    records = [{"id": c["id"], "text": c["text"], "source": "ftfy"} for c in load_cases(corpora)]
+    out, metrics = run_normalize(tmp_path, records)
+    assert len(out) == len(records) == 161
+    assert metrics["ftfy_changed"] >= 90
+    assert not any("\r" in r["text"] or "\u2028" in r["text"] for r in out)
+
+
+def test_unknown_key_fails():
+    with pytest.raises(ValidationError):
+        NormalizeConfig(ftfy_level=3)
