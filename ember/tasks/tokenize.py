@@ -1,0 +1,197 @@
+"""tokenize: text shards -> flat token streams for the trainer (Arrow IPC, memory-mapped).
+
+Each document is encoded (no special tokens added by the tokenizer) and followed by EOS (id 2),
+then goes to train or val by a hash of its id, so the split survives reruns, reordering and
+added documents. Each split is written as `part-NNNNN.arrow` files holding ONE record batch
+with one `tokens` column (uint16 while the vocabulary fits), so the trainer gets a zero-copy
+numpy view with `pa.memory_map` + `pa.ipc.open_file(...).get_batch(0).column(0).to_numpy()`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import BaseModel, ConfigDict, Field
+from tokenizers import Tokenizer
+
+from ember.storage.shards import list_shards, read_shard
+from ember.tasks.stage import Stage, StageContext
+from ember.tasks.train_tokenizer import BOS_ID, EOS_ID, PAD_ID, load_tokenizer
+
+SPLITS = ("train", "val")
+
+
+class TokenizeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    val_fraction: float = Field(0.05, gt=0.0, lt=0.5,
+                                description="Share of documents (by id hash) held out for validation.")
+    batch_size: int = Field(1000, ge=1, description="Documents per `encode_batch` call (parallel over all cores).")
+    shard_tokens: int = Field(50_000_000, ge=1, description="A part file is closed once it holds this many tokens.")
+
+
+def split_fraction(doc_id: str) -> float:
+    """The contract's split rule: a document is in val iff this is < val_fraction."""
+    return int(hashlib.sha256(doc_id.encode()).hexdigest()[:8], 16) / 2**32
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 65535 else np.uint32)
+
+
+def write_token_file(path: Path, tokens: np.ndarray) -> None:
+    """One Arrow IPC file, one record batch, one `tokens` column."""
+    batch = pa.record_batch([pa.array(tokens)], names=["tokens"])
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+
+
+def read_token_file(path: Path) -> np.ndarray:
+    """A zero-copy view of a token file (valid while the memory map lives, i.e. while referenced)."""
+    reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
+    return reader.get_batch(0).column(0).to_numpy()
+
+
+class TokenShardWriter:
+    """Collects token arrays of one split and writes a part file once it holds `shard_tokens`."""
+
+    def __init__(self, folder: Path, shard_tokens: int):
+        self.folder = folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.shard_tokens = shard_tokens
+        self.paths: list[Path] = []
+        self.tokens = 0
+        self._chunks: list[np.ndarray] = []
+        self._buffered = 0
+
+    def add(self, tokens: np.ndarray) -> None:
+        if len(tokens):
+            self._chunks.append(tokens)
+            self._buffered += len(tokens)
+            self.tokens += len(tokens)
+        if self._buffered >= self.shard_tokens:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._chunks:
+            return
+        path = self.folder / f"part-{len(self.paths):05d}.arrow"
+        write_token_file(path, np.concatenate(self._chunks))
+        self.paths.append(path)
+        self._chunks, self._buffered = [], 0
+
+
+def _val_masks(shards: list[Path], val_fraction: float) -> list[np.ndarray]:
+    """Per shard, which documents go to val. Reads only the `id` column."""
+    fractions = []
+    for path in shards:
+        ids = read_shard(path, columns=["id"])["id"].to_pylist()
+        if any(i is None for i in ids):
+            raise ValueError(f"{path}: a document has no id")
+        fractions.append(np.fromiter((split_fraction(i) for i in ids), dtype=np.float64, count=len(ids)))
+    masks = [f < val_fraction for f in fractions]
+    n_docs, n_val = sum(len(m) for m in masks), sum(int(m.sum()) for m in masks)
+    if n_docs >= 2 and n_val in (0, n_docs):
+        # A tiny input can leave one split empty, and the trainer needs both. Move the single
+        # document whose hash is closest to the boundary (smallest fraction into val, largest
+        # into train): deterministic and independent of the order of documents and shards.
+        flat = np.concatenate(fractions)
+        pick = int(flat.argmin() if n_val == 0 else flat.argmax())
+        for mask in masks:
+            if pick < len(mask):
+                mask[pick] = not mask[pick]
+                break
+            pick -= len(mask)
+    return masks
+
+
+def run(cfg: TokenizeConfig, ctx: StageContext) -> dict:
+    started = time.monotonic()
+    tokenizer = load_tokenizer(ctx.inputs["train_tokenizer"])
+    vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    dtype = token_dtype(vocab_size)
+    shard_dir = ctx.inputs["dedup"] / "shards"
+    shards = list_shards(shard_dir)
+    masks = _val_masks(shards, cfg.val_fraction)
+    total_docs = sum(len(m) for m in masks)
+    if total_docs == 0:
+        raise ValueError(f"{shard_dir}: no documents to tokenize")
+    if total_docs == 1:
+        ctx.log.warning("%s: a single document: it goes to train and val stays empty", shard_dir)
+
+    writers = {split: TokenShardWriter(ctx.out / split, cfg.shard_tokens) for split in SPLITS}
+    stats = {split: {"docs": 0, "bytes": 0} for split in SPLITS}
+    done = 0
+    for path, is_val in zip(shards, masks):
+        table = read_shard(path, columns=["text"])
+        doc_bytes = pc.fill_null(pc.binary_length(table["text"]), 0).to_numpy()
+        texts = [t or "" for t in table["text"].to_pylist()]
+        for start in range(0, len(texts), cfg.batch_size):
+            end = min(start + cfg.batch_size, len(texts))
+            tokens, lengths = _encode(tokenizer, texts[start:end], dtype)
+            # Each document's tokens plus its EOS go to its split; np.repeat turns the per
+            # document choice into a per token mask.
+            token_is_val = np.repeat(is_val[start:end], lengths)
+            writers["train"].add(tokens[~token_is_val])
+            writers["val"].add(tokens[token_is_val])
+            for split, docs in (("train", ~is_val[start:end]), ("val", is_val[start:end])):
+                stats[split]["docs"] += int(docs.sum())
+                stats[split]["bytes"] += int(doc_bytes[start:end][docs].sum())
+            done += end - start
+            ctx.report.progress(done, total_docs, "tokenize: documents")
+    for writer in writers.values():
+        writer.flush()
+
+    meta = {
+        "vocab_size": vocab_size,
+        "dtype": dtype.name,
+        "eos_id": EOS_ID,
+        "bos_id": BOS_ID,
+        "pad_id": PAD_ID,
+        # Tokens count every id in the files, EOS included: that is what the loss is averaged over.
+        **{f"{split}_tokens": writers[split].tokens for split in SPLITS},
+        **{f"{split}_bytes": stats[split]["bytes"] for split in SPLITS},
+        **{f"{split}_docs": stats[split]["docs"] for split in SPLITS},
+    }
+    (ctx.out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+    seconds = time.monotonic() - started
+    tokens = meta["train_tokens"] + meta["val_tokens"]
+    n_bytes = meta["train_bytes"] + meta["val_bytes"]
+    ctx.report.table("tokenize-splits", [
+        {"split": split, "docs": stats[split]["docs"], "tokens": writers[split].tokens, "bytes": stats[split]["bytes"],
+         "bytes_per_token": round(stats[split]["bytes"] / max(writers[split].tokens, 1), 3),
+         "files": len(writers[split].paths)}
+        for split in SPLITS
+    ], "Token shards per split (tokens include one EOS per document)")
+    return {
+        "tokens": tokens,
+        "train_tokens": meta["train_tokens"],
+        "val_tokens": meta["val_tokens"],
+        "docs": total_docs,
+        "val_docs": meta["val_docs"],
+        "bytes_per_token": round(n_bytes / max(tokens, 1), 3),
+        "dtype": dtype.name,
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(tokens / max(seconds, 1e-9)),
+    }
+
+
+def _encode(tokenizer: Tokenizer, texts: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """The batch as one flat array with EOS after each document, and each document's length (EOS included)."""
+    # encode_batch_fast (tokenizers >= 0.21) skips the offsets we never read; same ids, less work.
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+    ids = [e.ids for e in encode(texts, add_special_tokens=False)]
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
+    return np.insert(flat, np.cumsum(lengths), EOS_ID), lengths + 1
+
+
+STAGE = Stage(name="tokenize", version=1, run=run)

@@ -1,0 +1,246 @@
+"""train_tokenizer: a byte-level BPE (HF `tokenizers`) trained on the deduplicated text shards.
+
+Byte-level means every string has an encoding and `decode(encode(x)) == x` (after NFC, see
+`TokenizerConfig.normalize_nfc`): there is no unknown token, and mojibake, emoji or `\\r\\n`
+come back byte for byte. Before the GPT-2 pre-tokenizer regex, a Split isolates each CJK
+character and runs of at most three digits: Chinese has no spaces, so without it a whole
+clause would be one pre-token and the merges would be spent on rare phrases; capped digit
+groups (as in Llama 3) keep numbers from eating the vocabulary.
+
+Outputs: `tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json`, which
+`transformers.PreTrainedTokenizerFast` loads. Special tokens have fixed ids: <pad>=0, <bos>=1,
+<eos>=2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pyarrow.compute as pc
+from pydantic import BaseModel, ConfigDict, Field
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from ember.storage.shards import list_shards, read_shard
+from ember.tasks.stage import Stage, StageContext
+
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")  # ids 0, 1, 2: the trainer gives ids in this order
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+# Han ideographs and kana one per pre-token; digits in groups of up to three (with the space
+# before them, so " 2024" stays one GPT-2 style piece).
+SPLIT_PATTERN = r"[\p{Han}\p{Hiragana}\p{Katakana}]| ?\p{N}{1,3}"
+HELD_FRACTION = 0.01  # documents kept out of training to measure bytes per token honestly
+HELD_MAX_CHARS = 2_000_000
+MODEL_MAX_LENGTH = int(1e30)  # transformers' "no limit"; publish sets the model's context
+
+
+class TokenizerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    vocab_size: int = Field(8192, ge=256 + len(SPECIAL_TOKENS),
+                            description="Total vocabulary, special tokens and the 256 byte tokens included.")
+    min_frequency: int = Field(2, ge=1, description="A pair must occur this often to be merged.")
+    max_chars: int = Field(50_000_000, ge=1,
+                           description="Budget of text fed to training; documents are sampled by a hash of "
+                                       "their id (deterministic), so memory and time stay bounded.")
+    normalize_nfc: bool = Field(True, description="NFC-normalize before tokenizing (as Qwen2 does), so canonically "
+                                                  "equal strings get the same tokens. The round trip is then exact "
+                                                  "for NFC text (what ftfy in normalize produces) and gives NFC(x) "
+                                                  "otherwise; False makes it byte-exact for any text.")
+
+
+def build_tokenizer(normalize_nfc: bool = True) -> Tokenizer:
+    """An untrained byte-level BPE with Ember's normalizer, pre-tokenizer and decoder."""
+    tokenizer = Tokenizer(models.BPE())
+    if normalize_nfc:
+        tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+        # add_prefix_space=False: a prefix space would not survive decoding, breaking the round trip.
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+    # Adds no tokens; keeps offsets right for transformers users (GPT-2 ships the same).
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    return tokenizer
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    """Load `tokenizer.json` (or the folder holding it) the way Ember's stages and demo use it.
+
+    `encode_special_tokens` is not saved in tokenizer.json, so it is set here: a literal
+    "<eos>" inside a document is text, not the end of the document.
+    """
+    path = Path(path)
+    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json" if path.is_dir() else path))
+    tokenizer.encode_special_tokens = True
+    for token, expected in zip(SPECIAL_TOKENS, (PAD_ID, BOS_ID, EOS_ID)):
+        if tokenizer.token_to_id(token) != expected:
+            raise ValueError(f"{path}: special token {token} has id {tokenizer.token_to_id(token)}, "
+                             f"expected {expected}")
+    return tokenizer
+
+
+def sample_fraction(doc_id: str) -> float:
+    """A uniform number in [0, 1) fixed by the id: the same documents are sampled on every run."""
+    return int(hashlib.blake2b(doc_id.encode(), digest_size=8).hexdigest(), 16) / 2**64
+
+
+def _scan(shards: list[Path]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per shard: each document's sample fraction and length in characters."""
+    scanned = []
+    for path in shards:
+        table = read_shard(path, columns=["id", "text"])
+        fractions = np.fromiter((sample_fraction(i) for i in table["id"].to_pylist()), dtype=np.float64,
+                                count=table.num_rows)
+        lengths = pc.fill_null(pc.utf8_length(table["text"]), 0).to_numpy()
+        scanned.append((fractions, lengths))
+    return scanned
+
+
+def _iter_texts(shards: list[Path], masks: list[np.ndarray], max_chars: int) -> Iterator[str]:
+    """The texts selected by `masks`, one shard in memory at a time, stopping at `max_chars`."""
+    fed = 0
+    for path, mask in zip(shards, masks):
+        if not mask.any():
+            continue
+        texts = read_shard(path, columns=["text"])["text"].to_pylist()
+        for keep, text in zip(mask, texts):
+            if keep and text:
+                text = text[:max_chars - fed]  # the budget is a hard cap, even for one huge document
+                fed += len(text)
+                yield text
+                if fed >= max_chars:
+                    return
+
+
+def bytes_per_token(tokenizer: Tokenizer, texts: list[str]) -> tuple[int, int]:
+    """(UTF-8 bytes, tokens) of `texts`."""
+    encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
+    return sum(len(t.encode("utf-8")) for t in texts), sum(len(e.ids) for e in encodings)
+
+
+def write_transformers_files(out: Path, model_max_length: int = MODEL_MAX_LENGTH) -> None:
+    """tokenizer_config.json and special_tokens_map.json as `PreTrainedTokenizerFast` expects them."""
+    added = {str(i): {"content": token, "lstrip": False, "normalized": False, "rstrip": False,
+                      "single_word": False, "special": True} for i, token in enumerate(SPECIAL_TOKENS)}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "pad_token": "<pad>",
+        "unk_token": None,  # byte-level: nothing is unknown
+        "model_max_length": model_max_length,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,  # would change the text and break the round trip
+        "added_tokens_decoder": added,
+    }
+    special = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+
+
+def run(cfg: TokenizerConfig, ctx: StageContext) -> dict:
+    started = time.monotonic()
+    shard_dir = ctx.inputs["dedup"] / "shards"
+    shards = list_shards(shard_dir)
+    if not shards:
+        raise ValueError(f"{shard_dir}: no text shards to train the tokenizer on")
+
+    scanned = _scan(shards)
+    held = [f >= 1.0 - HELD_FRACTION for f, _ in scanned]
+    n_held, n_docs = sum(int(h.sum()) for h in held), sum(len(h) for h in held)
+    hold_out = 0 < n_held < n_docs  # a tiny input may have none (or only) held-out documents
+    if not hold_out:
+        held = [np.zeros_like(h) for h in held]
+    trainable_chars = int(sum(n[~h].sum() for (_, n), h in zip(scanned, held)))
+    if trainable_chars == 0:
+        raise ValueError(f"{shard_dir}: the shards hold no text")
+    # Documents with fraction < take are used: the cheapest rule that is the same on every run
+    # and does not depend on shard order. The iterator's hard stop covers an unlucky draw.
+    take = min(1.0, cfg.max_chars / trainable_chars)
+    masks = [(f < take) & ~h for (f, _), h in zip(scanned, held)]
+    selected_docs = int(sum(m.sum() for m in masks))
+
+    tokenizer = build_tokenizer(cfg.normalize_nfc)
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    fed = {"chars": 0, "docs": 0}
+
+    def counted(texts: Iterator[str]) -> Iterator[str]:
+        for text in texts:
+            fed["chars"] += len(text)
+            fed["docs"] += 1
+            ctx.report.progress(fed["docs"], selected_docs, "train_tokenizer: documents fed")
+            yield text
+
+    ctx.log.info("training a %d-token BPE on %d documents (%.1f%% of %s chars)", cfg.vocab_size, selected_docs,
+                 100 * take, f"{trainable_chars:,}")
+    train_started = time.monotonic()
+    tokenizer.train_from_iterator(counted(_iter_texts(shards, masks, cfg.max_chars)), trainer=trainer,
+                                  length=selected_docs)
+    train_seconds = time.monotonic() - train_started
+
+    tokenizer.save(str(ctx.out / "tokenizer.json"))
+    write_transformers_files(ctx.out)
+    tokenizer = load_tokenizer(ctx.out)  # measure what was saved, as the next stages will load it
+
+    rows = _held_out_rows(tokenizer, shards, held if hold_out else masks)
+    total = rows[-1]
+    ctx.report.table("tokenizer-bytes-per-token", rows,
+                     "Bytes per token by source on held-out documents (higher = better compression)"
+                     if hold_out else "Bytes per token by source (on training text: input too small to hold some out)")
+    metrics = {
+        "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
+        "docs_trained_on": fed["docs"],
+        "chars_trained_on": fed["chars"],
+        "bytes_per_token": total["bytes_per_token"],
+        "bytes_per_token_on": "held_out" if hold_out else "train",
+        "train_seconds": round(train_seconds, 3),
+        "seconds": round(time.monotonic() - started, 3),
+    }
+    ctx.report.table("tokenizer-summary", [{"metric": k, "value": v} for k, v in metrics.items()],
+                     "Tokenizer training")
+    return metrics
+
+
+def _held_out_rows(tokenizer: Tokenizer, shards: list[Path], masks: list[np.ndarray]) -> list[dict]:
+    """Bytes per token per source (and over all), on up to HELD_MAX_CHARS of the masked documents."""
+    by_source: dict[str, list[str]] = {}
+    chars = 0
+    for path, mask in zip(shards, masks):
+        if chars >= HELD_MAX_CHARS:
+            break
+        if not mask.any():
+            continue
+        table = read_shard(path, columns=["text", "source"])
+        for keep, text, source in zip(mask, table["text"].to_pylist(), table["source"].to_pylist()):
+            if keep and text and chars < HELD_MAX_CHARS:
+                text = text[:HELD_MAX_CHARS - chars]
+                by_source.setdefault(source or "", []).append(text)
+                chars += len(text)
+    rows = []
+    all_bytes = all_tokens = 0
+    for source in sorted(by_source):
+        n_bytes, n_tokens = bytes_per_token(tokenizer, by_source[source])
+        all_bytes, all_tokens = all_bytes + n_bytes, all_tokens + n_tokens
+        rows.append({"source": source, "docs": len(by_source[source]), "bytes": n_bytes, "tokens": n_tokens,
+                     "bytes_per_token": round(n_bytes / max(n_tokens, 1), 3)})
+    rows.append({"source": "(all)", "docs": sum(len(v) for v in by_source.values()), "bytes": all_bytes,
+                 "tokens": all_tokens, "bytes_per_token": round(all_bytes / max(all_tokens, 1), 3)})
+    return rows
+
+
+STAGE = Stage(name="train_tokenizer", version=1, run=run)
