@@ -1,0 +1,150 @@
+"""`ember`: run the pipeline, look into the store, launch the demo."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import ember.flows  # noqa: F401  (offline defaults, before Prefect or Gradio load)
+from ember.flows.config import ConfigError, load_config
+from ember.storage.store import Store, StoreError, default_root
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console()
+err_console = Console(stderr=True)
+
+StoreOption = typer.Option(None, "--store", help="store folder (default: $EMBER_HOME, else .ember/)")
+
+
+def _store(root: Optional[Path]) -> Store:
+    return Store(root or default_root())
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@app.command()
+def run(
+    config_path: Path = typer.Argument(..., metavar="CONFIG", help="pipeline YAML, e.g. configs/sample.yaml"),
+    force: list[str] = typer.Option([], "--force", help="rerun this stage even if cached (repeatable)"),
+    from_stage: Optional[str] = typer.Option(None, "--from", help="rerun this stage and every stage after it"),
+    store: Optional[Path] = StoreOption,
+) -> None:
+    """Run every stage of the pipeline; unchanged stages are cache hits."""
+    from ember.tasks.download import SourceError, preflight
+
+    try:
+        config = load_config(config_path)
+        preflight(config.download)  # a missing or empty source fails here, before Prefect starts
+    except (ConfigError, SourceError) as err:
+        _fail(str(err))
+
+    from ember.flows.pipeline import build_llm, stages_to_force
+
+    try:
+        stages_to_force(force, from_stage)
+    except ValueError as err:
+        _fail(str(err))
+    started = time.monotonic()
+    try:
+        summary = build_llm(config, force=force or None, from_stage=from_stage,
+                            store_root=str(store) if store else None)
+    except Exception as err:  # the flow's log has the traceback; the terminal gets the reason
+        _fail(f"{type(err).__name__}: {err}", code=1)
+
+    table = Table(title=f"ember run {config.name} ({time.monotonic() - started:.0f}s)")
+    for column in ("stage", "result", "seconds", "artifact"):
+        table.add_column(column)
+    for row in summary["stages"]:
+        result = "[green]cache hit[/]" if row["cached"] else "[yellow]ran[/]"
+        table.add_row(row["stage"], result, f"{row['seconds']:.1f}", row["ref"][: len(row["stage"]) + 13])
+    console.print(table)
+    store_flag = f" --store {summary['store']}" if store else ""
+    console.print(f"Release: [bold]{summary['release']}[/]")
+    console.print(f"Launch the demo: [bold]ember demo{store_flag}[/]  (or `make demo`)")
+
+
+@app.command("ls")
+def list_artifacts(stage: Optional[str] = typer.Option(None, help="only this stage"), store: Optional[Path] = StoreOption) -> None:
+    """List complete artifacts in the store, oldest first."""
+    s = _store(store)
+    table = Table(title=f"artifacts in {s.root}")
+    for column in ("ref", "created", "size", "seconds"):
+        table.add_column(column)
+    for artifact in s.ls(stage):
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(artifact.manifest.get("created", 0)))
+        table.add_row(artifact.ref[: len(artifact.stage) + 13], created, _size(artifact.size),
+                      f"{artifact.manifest.get('seconds', 0):.1f}")
+    console.print(table)
+
+
+@app.command()
+def show(ref: str = typer.Argument(..., help="a ref or key prefix, as `ember ls` prints"), store: Optional[Path] = StoreOption) -> None:
+    """Print an artifact's manifest: inputs, params, metrics, files."""
+    try:
+        artifact = _store(store).find(ref)
+    except StoreError as err:
+        _fail(str(err))
+    console.print_json(json.dumps({"path": str(artifact.path), **artifact.manifest}, default=str))
+
+
+@app.command()
+def verify(store: Optional[Path] = StoreOption) -> None:
+    """Check every artifact's files against the sizes and checksums in its manifest."""
+    s = _store(store)
+    problems = s.verify()
+    for line in problems:
+        console.print(f"[red]✗[/] {line}")
+    if problems:
+        raise typer.Exit(1)
+    console.print(f"[green]✓[/] {len(s.ls())} artifacts verified in {s.root}")
+
+
+@app.command()
+def gc(dry_run: bool = typer.Option(False, "--dry-run", help="only list what would be deleted"),
+       store: Optional[Path] = StoreOption) -> None:
+    """Delete artifacts that no recent run or release uses, and leftovers of crashed runs."""
+    removed = _store(store).gc(dry_run=dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    for line in removed:
+        console.print(f"{verb} {line}")
+    console.print(f"{len(removed)} {'items' if len(removed) != 1 else 'item'} {verb}")
+
+
+@app.command()
+def demo(
+    release: str = typer.Option("latest", help="release version to serve"),
+    host: str = typer.Option("127.0.0.1", help="address to bind; 0.0.0.0 exposes it to your network"),
+    port: int = typer.Option(7860),
+    share: bool = typer.Option(False, "--share", help="ask Gradio for a public link (off by default)"),
+    store: Optional[Path] = StoreOption,
+) -> None:
+    """Launch the Gradio demo on a published release."""
+    from ember.deployments.app import launch
+
+    launch(_store(store).releases_dir, release=release, host=host, port=port, share=share)
+
+
+def main() -> None:  # pragma: no cover - console script entry
+    sys.exit(app())
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,101 @@
+"""The pipeline config: one YAML file, one section per stage, validated before any work.
+
+Each stage owns its section's model (`ember.tasks.<stage>`); this module only composes them,
+so a stage never sees another stage's settings. Unknown keys and bad values fail with the key
+path (`train.lr: Input should be greater than 0`), and source paths are checked to exist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ember.storage.store import ROOT_ENV, DEFAULT_ROOT, canonical_json
+from ember.tasks.dedup import DedupConfig
+from ember.tasks.download import DownloadConfig
+from ember.tasks.evaluate import EvaluateConfig
+from ember.tasks.filter import FilterConfig
+from ember.tasks.normalize import NormalizeConfig
+from ember.tasks.publish import PublishConfig
+from ember.tasks.quantize import QuantizeConfig
+from ember.tasks.tokenize import TokenizeConfig
+from ember.tasks.train import TrainConfig
+from ember.tasks.train_tokenizer import TokenizerConfig
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the file and the key path."""
+
+
+class StoreConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    root: str | None = Field(None, description=f"store folder; default ${ROOT_ENV} or {DEFAULT_ROOT}/ in the working directory")
+    lock_timeout_s: float = Field(3600.0, gt=0, description="how long a run waits for another run writing the same artifact")
+
+
+class PipelineConfig(BaseModel):
+    """Everything one pipeline run needs. `prefect deployment run` takes the same fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("ember", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="names runs and releases")
+    store: StoreConfig = StoreConfig()
+    download: DownloadConfig
+    normalize: NormalizeConfig = NormalizeConfig()
+    filter: FilterConfig = FilterConfig()
+    dedup: DedupConfig = DedupConfig()
+    train_tokenizer: TokenizerConfig = TokenizerConfig()
+    tokenize: TokenizeConfig = TokenizeConfig()
+    train: TrainConfig = TrainConfig()
+    quantize: QuantizeConfig = QuantizeConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    publish: PublishConfig = PublishConfig()
+
+    def digest(self) -> str:
+        """Short content hash of the config, to name flow runs."""
+        return hashlib.sha256(canonical_json(self.model_dump(mode="json")).encode()).hexdigest()[:8]
+
+    def store_root(self, override: str | Path | None = None) -> Path:
+        """CLI flag, then $EMBER_HOME, then the config's `store.root`, then `.ember/`."""
+        return Path(override or os.environ.get(ROOT_ENV) or self.store.root or DEFAULT_ROOT).absolute()
+
+
+def format_validation_error(err: ValidationError, origin: str) -> str:
+    lines = [f"{origin}: invalid config"]
+    for problem in err.errors():
+        path = ""
+        for part in problem["loc"]:
+            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+        message = "unknown key" if problem["type"] == "extra_forbidden" else problem["msg"]
+        lines.append(f"  {path or '(top level)'}: {message}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict, origin: str = "config") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, origin)) from None
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    """Read a YAML config. Relative source paths are taken from the config file's folder."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    sources = (data.get("download") or {}).get("sources") if isinstance(data.get("download"), dict) else None
+    for source in sources if isinstance(sources, list) else []:
+        if isinstance(source, dict) and isinstance(source.get("path"), str) and not os.path.isabs(source["path"]):
+            source["path"] = os.path.normpath(path.resolve().parent / source["path"])
+    return parse_config(data, origin=str(path))

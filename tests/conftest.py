@@ -1,0 +1,33 @@
+"""Shared test setup: offline environment, a throwaway PREFECT_HOME, the corpora beside the repo."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Before anything imports Prefect, Gradio or datasets: no network, no telemetry, and a Prefect
+# home that is not the developer's.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="ember-test-prefect-"))
+import ember.flows  # noqa: E402,F401  (sets the offline defaults)
+
+CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
+
+
+@pytest.fixture(scope="session")
+def corpora() -> Path:
+    """`../shared/corpora`, the real text kept beside the repo (never copied into it)."""
+    assert CORPORA.is_dir(), f"the shared corpora are missing: expected them at {CORPORA}"
+    return CORPORA
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """A real Prefect server for the session (Prefect's test harness); yields its API URL."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield PREFECT_API_URL.value()

@@ -1,0 +1,214 @@
+"""The train, quantize and evaluate stages on a real (small) token artifact built here."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from pydantic import ValidationError
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from ember.tasks import evaluate, quantize, train
+from ember.tasks.stage import Reporter, StageContext
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "tinyshakespeare" / "input.txt"
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy 2-core machine two OpenMP
+    threads fighting for one free core run 10-20x slower; one thread keeps the tests fast."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+# -- a tokenizer and token artifact in the contract's formats -----------------------------------
+
+
+def write_tokens(folder: Path, docs: list[list[int]]) -> None:
+    folder.mkdir(parents=True)
+    stream = np.array([t for doc in docs for t in doc + [2]], dtype=np.uint16)
+    table = pa.table({"tokens": pa.array(stream, type=pa.uint16())})
+    with pa.OSFile(str(folder / "part-00000.arrow"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+def make_artifacts(root: Path, chars: int = 150_000, val_fraction: float = 0.1) -> dict[str, Path]:
+    text = SHAKESPEARE.read_text(encoding="utf-8")[:chars]
+    docs = [d.strip() for d in text.split("\n\n") if d.strip()]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(docs, trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<pad>", "<bos>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok_dir = root / "train_tokenizer"
+    tok_dir.mkdir(parents=True)
+    tokenizer.save(str(tok_dir / "tokenizer.json"))
+
+    splits = {"train": [], "val": []}
+    for i, doc in enumerate(docs):
+        digest = int(hashlib.sha256(f"shakespeare:{i}".encode()).hexdigest()[:8], 16)
+        splits["val" if digest / 2**32 < val_fraction else "train"].append(doc)
+    tokens_dir = root / "tokenize"
+    meta = {"vocab_size": tokenizer.get_vocab_size(), "dtype": "uint16", "eos_id": 2, "bos_id": 1, "pad_id": 0}
+    for split, texts in splits.items():
+        ids = [e.ids for e in tokenizer.encode_batch(texts)]
+        write_tokens(tokens_dir / split, ids)
+        meta.update({f"{split}_tokens": sum(len(x) + 1 for x in ids),
+                     f"{split}_bytes": sum(len(t.encode()) for t in texts), f"{split}_docs": len(texts)})
+    (tokens_dir / "meta.json").write_text(json.dumps(meta))
+    return {"tokenize": tokens_dir, "train_tokenizer": tok_dir}
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> dict[str, Path]:
+    return make_artifacts(tmp_path_factory.mktemp("artifacts"))
+
+
+def context(tmp: Path, name: str, inputs: dict[str, Path], work: Path | None = None,
+            reporter: Reporter | None = None) -> StageContext:
+    out = tmp / f"{name}-out"
+    out.mkdir()
+    work = work or tmp / f"{name}-work"
+    work.mkdir(exist_ok=True)
+    return StageContext(inputs=inputs, out=out, work=work, report=reporter or Reporter(name), store_root=tmp)
+
+
+def tiny_train(**overrides) -> train.TrainConfig:
+    values = dict(model={"preset": "tiny"}, batch_size=8, max_steps=40, lr=3e-3, min_lr=3e-4, warmup_steps=5,
+                  eval_every=20, eval_batches=2, checkpoint_every=10, log_every=5, device="cpu")
+    return train.TrainConfig(**{**values, **overrides})
+
+
+class Crash(RuntimeError):
+    pass
+
+
+class CrashingReporter(Reporter):
+    """Dies when training reports step `at`, as a killed process would (its checkpoint is on disk)."""
+
+    def __init__(self, at: int):
+        super().__init__("train")
+        self.at = at
+
+    def progress(self, done, total, what=""):
+        if done >= self.at:
+            raise Crash(f"crash at step {done}")
+
+
+# -- tests ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(artifacts, tmp_path_factory) -> tuple[Path, dict]:
+    tmp = tmp_path_factory.mktemp("trained")
+    ctx = context(tmp, "train", artifacts)
+    metrics = train.run(tiny_train(), ctx)
+    return ctx.out, metrics
+
+
+def test_training_lowers_the_loss_and_writes_the_contract_files(trained):
+    out, metrics = trained
+    records = [json.loads(line) for line in (out / "loss.jsonl").read_text().splitlines()]
+    assert records[0]["step"] == 1 and records[-1]["step"] == 40
+    assert records[-1]["loss"] < records[0]["loss"] - 1.0
+    assert records[-1]["val_loss"] < records[0]["loss"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["dim"] == 64 and config["model"]["vocab_size"] == 512
+    assert config["tokenizer"] == {"bos_id": 1, "eos_id": 2, "pad_id": 0}
+    assert config["train"]["steps"] == 40 and config["train"]["val_loss"] == metrics["val_loss"]
+    assert metrics["resumed_from"] is None and metrics["tokens"] == 40 * 8 * 64
+    assert 0 < metrics["val_bpb"] < 8
+
+
+def test_resumed_run_equals_uninterrupted_run(artifacts, trained, tmp_path):
+    reference, _ = trained
+    cfg = tiny_train(eval_every=7, log_every=3)  # other unkeyed intervals: same weights expected
+    work = tmp_path / "work"
+    with pytest.raises(Crash):
+        train.run(cfg, context(tmp_path, "first", artifacts, work=work, reporter=CrashingReporter(at=25)))
+    assert (work / "LATEST").read_text().strip() == "ckpt-00000020"
+    ctx = context(tmp_path, "second", artifacts, work=work)
+    metrics = train.run(cfg, ctx)
+    assert metrics["resumed_from"] == 20
+
+    expected, got = load_file(reference / "model.safetensors"), load_file(ctx.out / "model.safetensors")
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    a, b = losses(reference), losses(ctx.out)
+    assert {3, 6, 18} <= b.keys()  # the records logged before the crash survive in the checkpoint
+    common = a.keys() & b.keys()
+    assert {1, 15, 30, 35, 40} <= common and all(a[s] == b[s] for s in common)
+
+
+def losses(folder: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (folder / "loss.jsonl").read_text().splitlines())}
+
+
+def test_quantize_and_evaluate_report_both_models(artifacts, trained, tmp_path):
+    model_dir, _ = trained
+    qctx = context(tmp_path, "quantize", {"train": model_dir})
+    qmetrics = quantize.run(quantize.QuantizeConfig(), qctx)
+    assert (qctx.out / "model-int8.safetensors").exists()
+    assert qmetrics["linear_ratio"] <= 0.3 and qmetrics["int8_file_bytes"] < qmetrics["fp32_file_bytes"]
+
+    ectx = context(tmp_path, "evaluate", {"train": model_dir, "quantize": qctx.out, **artifacts})
+    cfg = evaluate.EvaluateConfig(eval_batches=2, batch_size=8, max_new_tokens=20)
+    metrics = evaluate.run(cfg, ectx)
+    report = json.loads((ectx.out / "report.json").read_text())
+    fp32, int8 = report["fp32"]["bpb"], report["int8"]["bpb"]
+    assert 0 < fp32 < 8 and abs(int8 - fp32) / fp32 < 0.03
+    assert metrics["fp32_bpb"] == fp32 and report["val"]["windows"] == 16
+    assert [s["prompt"] for s in report["samples"]["fp32"]] == cfg.prompts
+    assert all(s["tokens"] > 0 for s in report["samples"]["int8"])
+    md = (ectx.out / "report.md").read_text()
+    assert "| int8 |" in md and "Once upon a time" in md
+    # Seeded: the same config gives the same samples.
+    again = context(tmp_path, "evaluate-again", {"train": model_dir, "quantize": qctx.out, **artifacts})
+    evaluate.run(cfg, again)
+    texts = lambda r: {name: [s["completion"] for s in samples] for name, samples in r["samples"].items()}
+    assert texts(json.loads((again.out / "report.json").read_text())) == texts(report)
+
+
+def test_too_short_train_stream_names_the_artifact(tmp_path):
+    tokens_dir = tmp_path / "tokenize"
+    write_tokens(tokens_dir / "train", [[5, 6, 7]])
+    write_tokens(tokens_dir / "val", [])
+    (tokens_dir / "meta.json").write_text(json.dumps({"vocab_size": 512, "dtype": "uint16", "val_tokens": 0}))
+    with pytest.raises(ValueError, match=r"tokenize/train: 4 train tokens"):
+        train.run(tiny_train(), context(tmp_path, "train", {"tokenize": tokens_dir, "train_tokenizer": tmp_path}))
+
+
+def test_empty_val_split_skips_validation(tmp_path):
+    artifacts = make_artifacts(tmp_path, chars=30_000, val_fraction=0.0)
+    metrics = train.run(tiny_train(max_steps=3), context(tmp_path, "train", artifacts))
+    assert metrics["steps"] == 3 and metrics["val_loss"] is None and metrics["val_bpb"] is None
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"model": {"preset": "huge"}}, "unknown preset"),
+    ({"model": {"preset": "tiny", "n_heads": 3}}, "not a multiple"),
+    ({"lr": 1e-4, "min_lr": 1e-3}, "min_lr"),
+    ({"batch_size": 0}, "greater than 0"),
+    ({"model": {"preset": "tiny"}, "seq_len": 65}, "exceeds the model's max_seq_len 64"),
+    ({"epochs": 3}, "Extra inputs"),
+], ids=["unknown_preset", "heads_do_not_divide", "min_lr_above_lr", "zero_batch", "seq_len_above_context",
+         "unknown_key"])
+def test_bad_train_config_is_refused(section, message):
+    with pytest.raises(ValidationError, match=message):
+        train.TrainConfig(**section)
+
+
+def test_unkeyed_fields_are_only_intervals():
+    assert set(train.STAGE.unkeyed) == {"log_every", "eval_every", "checkpoint_every"}
+    params = train.STAGE.params(train.TrainConfig())
+    assert "lr" in params and "model" in params and "log_every" not in params
