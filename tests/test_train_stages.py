@@ -21,14 +21,7 @@ SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "tiny
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy 2-core machine two OpenMP
-    threads fighting for one free core run 10-20x slower; one thread keeps the tests fast."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # -- a tokenizer and token artifact in the contract's formats -----------------------------------
 

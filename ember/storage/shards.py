@@ -26,6 +26,15 @@ def list_shards(folder: Path, suffix: str = ".parquet") -> list[Path]:
     return sorted(p for p in folder.glob(f"*{suffix}") if p.is_file()) if folder.is_dir() else []
 
 
+def input_shards(artifact: Path, stage: str) -> tuple[list[Path], int]:
+    """The text shards of an upstream artifact and their total row count (from Parquet footers)."""
+    folder = Path(artifact) / "shards"
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: no shards folder (is this a {stage} artifact?)")
+    paths = list_shards(folder)
+    return paths, sum(pq.ParquetFile(path).metadata.num_rows for path in paths)
+
+
 def read_shard(path: Path, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(path, columns=columns)
 

@@ -22,11 +22,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-import pyarrow.parquet as pq
 from datasketch import MinHash, MinHashLSH
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ember.storage.shards import ShardWriter, list_shards, read_shard
+from ember.storage.shards import ShardWriter, input_shards, read_shard
 from ember.tasks.stage import Stage, StageContext
 
 
@@ -138,11 +137,7 @@ class Cluster:
 
 def run(cfg: DedupConfig, ctx: StageContext) -> dict:
     started = time.monotonic()
-    source = ctx.inputs["filter"] / "shards"
-    if not source.is_dir():
-        raise ValueError(f"{source}: no shards folder (is this a filter artifact?)")
-    shards = list_shards(source)
-    total = sum(pq.ParquetFile(path).metadata.num_rows for path in shards)
+    shards, total = input_shards(ctx.inputs["filter"], "filter")
     shingler = Shingler(cfg)
     lsh = MinHashLSH(num_perm=cfg.num_perm, params=(cfg.bands, cfg.rows))
     kept_ids: list[str] = []  # LSH key -> id of a kept document

@@ -23,10 +23,9 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
-from ember.storage.shards import TEXT_SCHEMA, ShardWriter, list_shards, read_shard
+from ember.storage.shards import TEXT_SCHEMA, ShardWriter, input_shards, read_shard
 from ember.tasks.stage import Stage, StageContext
 
 REMOVED_SCHEMA = TEXT_SCHEMA.append(pa.field("rule", pa.string())).append(pa.field("value", pa.float64())) \
@@ -329,11 +328,7 @@ def check(text: str, cfg: FilterConfig) -> Drop | None:
 
 def run(cfg: FilterConfig, ctx: StageContext) -> dict:
     started = time.monotonic()
-    source = ctx.inputs["normalize"] / "shards"
-    if not source.is_dir():
-        raise ValueError(f"{source}: no shards folder (is this a normalize artifact?)")
-    shards = list_shards(source)
-    total = sum(pq.ParquetFile(path).metadata.num_rows for path in shards)
+    shards, total = input_shards(ctx.inputs["normalize"], "normalize")
     docs = kept = kept_chars = removed_chars = 0
     per_rule: dict[str, dict] = {}
     with ShardWriter(ctx.out / "shards") as keep, ShardWriter(ctx.out / "removed", schema=REMOVED_SCHEMA) as drop:

@@ -17,11 +17,10 @@ import unicodedata
 from typing import Literal
 
 import ftfy
-import pyarrow.parquet as pq
 from ftfy.chardata import CONTROL_CHARS
 from pydantic import BaseModel, ConfigDict, Field
 
-from ember.storage.shards import ShardWriter, list_shards, read_shard
+from ember.storage.shards import ShardWriter, input_shards, read_shard
 from ember.tasks.stage import Stage, StageContext
 
 
@@ -123,14 +122,10 @@ def _difference(before: str, after: str, width: int = 40) -> tuple[str, str]:
 
 def run(cfg: NormalizeConfig, ctx: StageContext) -> dict:
     started = time.monotonic()
-    source = ctx.inputs["download"] / "shards"
-    if not source.is_dir():
-        raise ValueError(f"{source}: no shards folder (is this a download artifact?)")
+    shards, total = input_shards(ctx.inputs["download"], "download")
     fixer = ftfy_config(cfg)
     docs = ftfy_changed = other_changed = ftfy_skipped = chars_in = chars_out = 0
     examples = []
-    shards = list_shards(source)
-    total = sum(pq.ParquetFile(path).metadata.num_rows for path in shards)
     with ShardWriter(ctx.out / "shards") as writer:
         for shard in shards:
             for record in read_shard(shard, columns=["id", "text", "source"]).to_pylist():

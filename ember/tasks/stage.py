@@ -44,13 +44,21 @@ class Reporter:
         self._on_progress(min(pct, 100.0))
 
     def table(self, key: str, rows: list[dict], description: str = "") -> None:
-        self.log.info("%s: %s", description or key, rows)
+        self.log.info("%s\n%s", description or key, text_table(rows))
 
     def markdown(self, key: str, text: str, description: str = "") -> None:
         self.log.info("%s:\n%s", description or key, text)
 
     def _on_progress(self, pct: float) -> None:
         pass
+
+
+def text_table(rows: list[dict]) -> str:
+    """Rows of dicts as aligned plain text, for logs and terminals."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    cells = [columns] + [[str(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in cells)
 
 
 def _fmt(value: float) -> str:
