@@ -5,12 +5,11 @@ unless asked, and runs one generation at a time so a 2-core machine stays usable
 release exists it still starts and says so. When `latest` moves to a new release, the next
 generation loads it: a scheduled retrain shows up without restarting the demo.
 
-    python -m ember.deployments.app --releases .ember/releases --port 7860
+    ember demo [--release v0001] [--host 127.0.0.1] [--port 7860]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from dataclasses import dataclass, field
@@ -24,7 +23,6 @@ from tokenizers import Tokenizer  # noqa: E402
 from ember.model.checkpoint import load_model  # noqa: E402
 from ember.model.generate import generate  # noqa: E402
 from ember.model.transformer import Transformer  # noqa: E402
-from ember.storage.store import default_root  # noqa: E402
 from ember.tasks.train_tokenizer import EOS_ID, load_tokenizer  # noqa: E402
 
 NO_RELEASE = "No release yet: run `make run` first"
@@ -145,18 +143,3 @@ def launch(releases_root: Path | str, release: str = "latest", host: str = "127.
     demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=prevent_thread_lock,
                 inbrowser=False, show_error=True)
     return demo
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Ember's Gradio demo")
-    parser.add_argument("--releases", type=Path, default=default_root() / "releases")
-    parser.add_argument("--release", default="latest")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--share", action="store_true", help="open a public gradio.live link (off by default)")
-    args = parser.parse_args()
-    launch(args.releases, args.release, args.host, args.port, args.share)
-
-
-if __name__ == "__main__":
-    main()

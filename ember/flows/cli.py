@@ -77,8 +77,10 @@ def run(
         table.add_row(row["stage"], result, f"{row['seconds']:.1f}", row["ref"][: len(row["stage"]) + 13])
     console.print(table)
     store_flag = f" --store {summary['store']}" if store else ""
+    # `make run` calls .venv/bin/ember, which is not on PATH: print the command as it was called.
+    launcher = sys.argv[0] if Path(sys.argv[0]).name == "ember" else "ember"
     console.print(f"Release: [bold]{summary['release']}[/]")
-    console.print(f"Launch the demo: [bold]ember demo{store_flag}[/]  (or `make demo`)")
+    console.print(f"Launch the demo: [bold]{launcher} demo{store_flag}[/]  (or `make demo`)")
 
 
 @app.command("ls")
@@ -140,10 +142,6 @@ def demo(
     from ember.deployments.app import launch
 
     launch(_store(store).releases_dir, release=release, host=host, port=port, share=share)
-
-
-def main() -> None:  # pragma: no cover - console script entry
-    sys.exit(app())
 
 
 if __name__ == "__main__":

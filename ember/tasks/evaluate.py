@@ -15,13 +15,13 @@ import time
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
-from tokenizers import Tokenizer
 
 from ember.model.checkpoint import load_model, read_config
 from ember.model.generate import generate
 from ember.model.quantize import INT8_WEIGHTS, load_int8
 from ember.tasks.stage import Stage, StageContext
 from ember.tasks.train import TokenStream, bits_per_byte, eval_loss, read_meta
+from ember.tasks.train_tokenizer import load_tokenizer
 
 
 class EvaluateConfig(BaseModel):
@@ -47,7 +47,7 @@ def _scores(model, windows, batch_size: int, meta: dict) -> dict:
             "seconds": round(time.monotonic() - started, 2)}
 
 
-def _samples(model, tokenizer: Tokenizer, cfg: EvaluateConfig, eos_id: int) -> list[dict]:
+def _samples(model, tokenizer, cfg: EvaluateConfig, eos_id: int) -> list[dict]:
     samples = []
     for i, prompt in enumerate(cfg.prompts):
         ids = [eos_id] + tokenizer.encode(prompt, add_special_tokens=False).ids
@@ -70,7 +70,7 @@ def run(cfg: EvaluateConfig, ctx: StageContext) -> dict:
     meta = read_meta(tokens_dir)
     _, config = read_config(model_dir)
     eos_id = int(config.get("tokenizer", {}).get("eos_id", meta.get("eos_id", 2)))
-    tokenizer = Tokenizer.from_file(str(Path(ctx.inputs["train_tokenizer"]) / "tokenizer.json"))
+    tokenizer = load_tokenizer(Path(ctx.inputs["train_tokenizer"]))
 
     models = {"fp32": load_model(model_dir)}
     if (int8_dir / INT8_WEIGHTS).exists():
