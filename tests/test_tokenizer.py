@@ -165,7 +165,7 @@ def test_special_token_ids_and_files(trained):
     assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
     assert (config["bos_token"], config["eos_token"], config["pad_token"]) == ("<bos>", "<eos>", "<pad>")
     added = {k: v["content"] for k, v in config["added_tokens_decoder"].items()}
-    assert added == {"0": "<pad>", "1": "<bos>", "2": "<eos>"}
+    assert added == {"0": "<pad>", "1": "<bos>", "2": "<eos>", **{str(3 + i): f"<reserved_{i}>" for i in range(5)}}
     assert config["model_max_length"] > 0
     special = json.loads((out / "special_tokens_map.json").read_text())
     assert special == {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}
@@ -178,6 +178,21 @@ def test_metrics(trained, dedup):
     assert metrics["chars_trained_on"] > 500_000
     assert metrics["bytes_per_token_on"] == "held_out"
     assert 1.5 < metrics["bytes_per_token"] < 6
+
+
+def test_report_by_source_and_script(trained):
+    out, metrics = trained
+    report = json.loads((out / "report.json").read_text())
+    scripts = {r["name"]: r for r in report["rows"] if r["by"] == "script"}
+    assert set(scripts) == {"CJK", "other"}
+    # Each Han character is its own pre-token: at most 3 bytes per token, well above bytes-only 1.0.
+    assert 1.5 <= scripts["CJK"]["bytes_per_token"] <= 3.1
+    assert metrics["bytes_per_token_cjk"] == scripts["CJK"]["bytes_per_token"]
+    sources = [r for r in report["rows"] if r["by"] == "source"]
+    assert "chinese_poetry" in {r["name"] for r in sources}
+    assert sum(r["docs"] for r in sources) == sum(r["docs"] for r in scripts.values()) == report["rows"][-1]["docs"]
+    assert 0 < report["vocab_coverage"] <= 1 and metrics["vocab_coverage"] == report["vocab_coverage"]
+    assert "| script | CJK |" in (out / "report.md").read_text()
 
 
 def test_chinese_bytes_per_token(trained, samples):
@@ -274,7 +289,10 @@ def test_rolls_to_new_part_files(tmp_path, tokenized, dedup, trained):
     out, _ = run_tokenize(tmp_path, "small", dedup, trained[0], val_fraction=0.1, shard_tokens=50_000, batch_size=7)
     parts = sorted((out / "train").glob("part-*.arrow"))
     assert len(parts) > 3
-    assert all(len(tokenize.read_token_file(p)) >= 50_000 for p in parts[:-1])
+    by_shard: dict[str, list[Path]] = {}
+    for part in parts:  # part-<text shard>-<k>.arrow: every file but a shard's last is full
+        by_shard.setdefault(part.name.rsplit("-", 1)[0], []).append(part)
+    assert all(len(tokenize.read_token_file(p)) >= 50_000 for files in by_shard.values() for p in files[:-1])
     # Smaller batches and more files: the same streams.
     for split in ("train", "val"):
         assert np.array_equal(read_split(out / split), read_split(tokenized[0] / split))
@@ -298,3 +316,25 @@ def test_tiny_input_still_gets_a_val_document(tmp_path, trained):
 def test_tokenize_config_rejects(bad):
     with pytest.raises(ValidationError):
         tokenize.TokenizeConfig(**bad)
+
+
+@pytest.mark.slow
+def test_round_trip_on_every_corpus_in_full(trained, corpora):
+    """Every document of every corpus beside the repo (about 100 MB) comes back byte for byte."""
+    tok = train_tokenizer.load_tokenizer(trained[0])
+    files = sorted(p for p in corpora.rglob("*") if p.suffix in (".jsonl", ".txt") and "raw" not in p.parts)
+    assert len(files) >= 10
+    checked = 0
+    for path in files:
+        if path.suffix == ".txt":
+            texts = [path.read_text(encoding="utf-8")]
+        else:
+            texts = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line]
+        for start in range(0, len(texts), 2000):
+            batch = texts[start:start + 2000]
+            ids = [e.ids for e in tok.encode_batch(batch, add_special_tokens=False)]
+            decoded = tok.decode_batch(ids, skip_special_tokens=False)
+            bad = [i for i, (a, b) in enumerate(zip(batch, decoded)) if a != b]
+            assert not bad, f"{path}: record {start + bad[0]} does not round-trip"
+            checked += len(batch)
+    assert checked > 40_000  # 45,966 documents on 2026-11-27

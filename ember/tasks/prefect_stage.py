@@ -71,6 +71,13 @@ class PrefectReporter(Reporter):
             self._in_task(update_progress_artifact, self._progress_id, progress=pct)
 
 
+def prefect_map(fn, items: list, name: str = "unit") -> list:
+    """Each unit of a stage's work as a task run of its own (named `name-<item>`), one after the
+    other: the units of a shard-parallel stage already use every core (encode_batch, MinHash)."""
+    unit = task(fn, name=name, cache_policy=NO_CACHE, persist_result=False)
+    return [unit.with_options(task_run_name=f"{name}-{item}")(item) for item in items]
+
+
 def _task_run_name() -> str:
     from prefect.runtime import task_run
 
@@ -84,7 +91,7 @@ def stage_task(store: Store, stage: Stage, cfg: BaseModel | None, inputs: dict[s
     reporter = PrefectReporter(stage.name, artifact_key(artifact_prefix, stage.name))
     run_info = {"flow_run_id": str(flow_run.id or ""), "flow_run_name": flow_run.name or ""}
     outcome: Outcome = run_stage(store, stage, cfg, inputs, force=force, reporter=reporter,
-                                 run_info=run_info, identity=identity)
+                                 run_info=run_info, identity=identity, mapper=prefect_map)
     if outcome.cached:
         reporter.log.info("cache hit: %s", outcome.ref)
         return Completed(name="Cached", message=f"store hit {outcome.ref}", data=outcome)

@@ -65,6 +65,10 @@ def _fmt(value: float) -> str:
     return f"{value:,.0f}" if float(value).is_integer() else f"{value:,.2f}"
 
 
+def sequential_map(fn: Callable[[Any], Any], items: list, name: str = "") -> list:
+    return [fn(item) for item in items]
+
+
 @dataclass
 class StageContext:
     inputs: dict[str, Path]  # upstream stage name -> its (read-only) artifact folder
@@ -73,6 +77,9 @@ class StageContext:
     report: Reporter
     store_root: Path  # for the one stage that writes outside artifacts (publish -> releases/)
     ref: str = ""  # this artifact's ref, `stage/key`
+    # How a stage runs its independent units of work (one per shard): `map(fn, items, name)`.
+    # In order here; under Prefect each unit is a task run of its own, visible in the UI.
+    map: Callable[..., list] = sequential_map
 
     @property
     def log(self) -> logging.Logger:
@@ -102,7 +109,7 @@ class Outcome:
 
 def run_stage(store: Store, stage: Stage, cfg: BaseModel | None, inputs: dict[str, str],
               force: bool = False, reporter: Reporter | None = None, run_info: dict | None = None,
-              identity: object = None) -> Outcome:
+              identity: object = None, mapper: Callable[..., list] = sequential_map) -> Outcome:
     """Produce (or find) the artifact of `stage` for this config and these input refs.
 
     `identity` is what the stage reads from outside the store (a source's files, sizes and
@@ -132,7 +139,8 @@ def run_stage(store: Store, stage: Stage, cfg: BaseModel | None, inputs: dict[st
                     "input_digests": input_digests, "run": run_info or {}}
         with store.writer(ref, manifest) as out:
             ctx = StageContext(inputs={name: a.path for name, a in input_artifacts.items()}, out=out,
-                               work=store.work_dir(ref), report=reporter, store_root=store.root, ref=ref)
+                               work=store.work_dir(ref), report=reporter, store_root=store.root, ref=ref,
+                               map=mapper)
             metrics = stage.run(cfg, ctx) or {}
             manifest["metrics"] = metrics
     return Outcome(stage.name, ref, False, time.monotonic() - started, metrics)

@@ -2,7 +2,9 @@
 
 Each document is encoded (no special tokens added by the tokenizer) and followed by EOS (id 2),
 then goes to train or val by a hash of its id, so the split survives reruns, reordering and
-added documents. Each split is written as `part-NNNNN.arrow` files holding ONE record batch
+added documents. Each text shard is tokenized on its own (a unit of work that a crash does not
+lose: finished shards wait in the work folder and a rerun reuses them) into
+`part-<shard>-<k>.arrow` files of each split, holding ONE record batch
 with one `tokens` column (uint16 while the vocabulary fits), so the trainer gets a zero-copy
 numpy view with `pa.memory_map` + `pa.ipc.open_file(...).get_batch(0).column(0).to_numpy()`.
 """
@@ -11,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import time
 from itertools import chain
 from pathlib import Path
@@ -22,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer
 
 from ember.storage.shards import list_shards, read_shard
+from ember.storage.store import file_sha256
 from ember.tasks.stage import Stage, StageContext
 from ember.tasks.train_tokenizer import BOS_ID, EOS_ID, PAD_ID, load_tokenizer
 
@@ -112,6 +117,37 @@ def _val_masks(shards: list[Path], val_fraction: float) -> list[np.ndarray]:
     return masks
 
 
+def tokenize_shard(path: Path, is_val: np.ndarray, tokenizer: Tokenizer, dtype: np.dtype, cfg: TokenizeConfig,
+                   out: Path, on_docs=None) -> dict:
+    """One text shard to token files under `out/train` and `out/val`; returns its counts.
+
+    Shards are independent: a shard's files depend on that shard alone (and the split mask,
+    which depends only on document ids), so shards can run anywhere, in any order.
+    """
+    writers = {split: TokenShardWriter(out / split, cfg.shard_tokens) for split in SPLITS}
+    stats = {split: {"docs": 0, "bytes": 0} for split in SPLITS}
+    table = read_shard(path, columns=["text"])
+    doc_bytes = pc.fill_null(pc.binary_length(table["text"]), 0).to_numpy()
+    texts = [t or "" for t in table["text"].to_pylist()]
+    for start in range(0, len(texts), cfg.batch_size):
+        end = min(start + cfg.batch_size, len(texts))
+        tokens, lengths = _encode(tokenizer, texts[start:end], dtype)
+        # Each document's tokens plus its EOS go to its split; np.repeat turns the per
+        # document choice into a per token mask.
+        token_is_val = np.repeat(is_val[start:end], lengths)
+        writers["train"].add(tokens[~token_is_val])
+        writers["val"].add(tokens[token_is_val])
+        for split, docs in (("train", ~is_val[start:end]), ("val", is_val[start:end])):
+            stats[split]["docs"] += int(docs.sum())
+            stats[split]["bytes"] += int(doc_bytes[start:end][docs].sum())
+        if on_docs is not None:
+            on_docs(end - start)
+    for split in SPLITS:
+        writers[split].flush()
+        stats[split].update(tokens=writers[split].tokens, files=[p.name for p in writers[split].paths])
+    return stats
+
+
 def run(cfg: TokenizeConfig, ctx: StageContext) -> dict:
     started = time.monotonic()
     tokenizer = load_tokenizer(ctx.inputs["train_tokenizer"])
@@ -126,28 +162,45 @@ def run(cfg: TokenizeConfig, ctx: StageContext) -> dict:
     if total_docs == 1:
         ctx.log.warning("%s: a single document: it goes to train and val stays empty", shard_dir)
 
-    writers = {split: TokenShardWriter(ctx.out / split, cfg.shard_tokens) for split in SPLITS}
-    stats = {split: {"docs": 0, "bytes": 0} for split in SPLITS}
-    done = 0
-    for path, is_val in zip(shards, masks):
-        table = read_shard(path, columns=["text"])
-        doc_bytes = pc.fill_null(pc.binary_length(table["text"]), 0).to_numpy()
-        texts = [t or "" for t in table["text"].to_pylist()]
-        for start in range(0, len(texts), cfg.batch_size):
-            end = min(start + cfg.batch_size, len(texts))
-            tokens, lengths = _encode(tokenizer, texts[start:end], dtype)
-            # Each document's tokens plus its EOS go to its split; np.repeat turns the per
-            # document choice into a per token mask.
-            token_is_val = np.repeat(is_val[start:end], lengths)
-            writers["train"].add(tokens[~token_is_val])
-            writers["val"].add(tokens[token_is_val])
-            for split, docs in (("train", ~is_val[start:end]), ("val", is_val[start:end])):
-                stats[split]["docs"] += int(docs.sum())
-                stats[split]["bytes"] += int(doc_bytes[start:end][docs].sum())
-            done += end - start
-            ctx.report.progress(done, total_docs, "tokenize: documents")
-    for writer in writers.values():
-        writer.flush()
+    # Finished shards are kept in the work folder (which outlives a crash) under a name that
+    # says what they were made from; a rerun after a crash reuses them and redoes the rest.
+    tokenizer_digest = file_sha256(Path(ctx.inputs["train_tokenizer"]) / "tokenizer.json")
+    progress = {"done": 0}
+
+    def on_docs(n: int) -> None:
+        progress["done"] += n
+        ctx.report.progress(progress["done"], total_docs, "tokenize: documents")
+
+    def one_shard(index: int) -> dict:
+        path, is_val = shards[index], masks[index]
+        identity = hashlib.sha256(json.dumps([file_sha256(path), tokenizer_digest, np.packbits(is_val).tobytes().hex(),
+                                              cfg.model_dump()]).encode()).hexdigest()[:16]
+        done = ctx.work / f"shard-{index:05d}-{identity}"
+        if (done / "stats.json").is_file():
+            on_docs(len(is_val))
+            return {**json.loads((done / "stats.json").read_text()), "reused": True, "folder": str(done)}
+        tmp = ctx.work / f".tmp-shard-{index:05d}-{identity}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        stats = tokenize_shard(path, is_val, tokenizer, dtype, cfg, tmp, on_docs)
+        (tmp / "stats.json").write_text(json.dumps(stats))  # the completion marker, written last
+        os.rename(tmp, done)
+        return {**stats, "reused": False, "folder": str(done)}
+
+    results = ctx.map(one_shard, list(range(len(shards))), name="tokenize-shard")
+
+    # Gather: shard i's files become part-<i>-<k>.arrow of each split, in shard order.
+    totals = {split: {"docs": 0, "bytes": 0, "tokens": 0, "files": 0} for split in SPLITS}
+    for index, stats in enumerate(results):
+        for split in SPLITS:
+            (ctx.out / split).mkdir(parents=True, exist_ok=True)
+            for k, name in enumerate(stats[split]["files"]):
+                os.link(Path(stats["folder"]) / split / name, ctx.out / split / f"part-{index:05d}-{k:03d}.arrow")
+            for field in ("docs", "bytes", "tokens"):
+                totals[split][field] += stats[split][field]
+            totals[split]["files"] += len(stats[split]["files"])
+    reused = sum(1 for stats in results if stats["reused"])
+    if reused:
+        ctx.log.info("reused %d of %d tokenized shards from an interrupted run", reused, len(results))
 
     meta = {
         "vocab_size": vocab_size,
@@ -156,9 +209,9 @@ def run(cfg: TokenizeConfig, ctx: StageContext) -> dict:
         "bos_id": BOS_ID,
         "pad_id": PAD_ID,
         # Tokens count every id in the files, EOS included: that is what the loss is averaged over.
-        **{f"{split}_tokens": writers[split].tokens for split in SPLITS},
-        **{f"{split}_bytes": stats[split]["bytes"] for split in SPLITS},
-        **{f"{split}_docs": stats[split]["docs"] for split in SPLITS},
+        **{f"{split}_tokens": totals[split]["tokens"] for split in SPLITS},
+        **{f"{split}_bytes": totals[split]["bytes"] for split in SPLITS},
+        **{f"{split}_docs": totals[split]["docs"] for split in SPLITS},
     }
     (ctx.out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -166,9 +219,10 @@ def run(cfg: TokenizeConfig, ctx: StageContext) -> dict:
     tokens = meta["train_tokens"] + meta["val_tokens"]
     n_bytes = meta["train_bytes"] + meta["val_bytes"]
     ctx.report.table("tokenize-splits", [
-        {"split": split, "docs": stats[split]["docs"], "tokens": writers[split].tokens, "bytes": stats[split]["bytes"],
-         "bytes_per_token": round(stats[split]["bytes"] / max(writers[split].tokens, 1), 3),
-         "files": len(writers[split].paths)}
+        {"split": split, "docs": totals[split]["docs"], "tokens": totals[split]["tokens"],
+         "bytes": totals[split]["bytes"],
+         "bytes_per_token": round(totals[split]["bytes"] / max(totals[split]["tokens"], 1), 3),
+         "files": totals[split]["files"]}
         for split in SPLITS
     ], "Token shards per split (tokens include one EOS per document)")
     return {
@@ -177,6 +231,8 @@ def run(cfg: TokenizeConfig, ctx: StageContext) -> dict:
         "val_tokens": meta["val_tokens"],
         "docs": total_docs,
         "val_docs": meta["val_docs"],
+        "shards": len(shards),
+        "shards_reused": reused,
         "bytes_per_token": round(n_bytes / max(tokens, 1), 3),
         "dtype": dtype.name,
         "seconds": round(seconds, 3),
@@ -194,4 +250,4 @@ def _encode(tokenizer: Tokenizer, texts: list[str], dtype: np.dtype) -> tuple[np
     return np.insert(flat, np.cumsum(lengths), EOS_ID), lengths + 1
 
 
-STAGE = Stage(name="tokenize", version=1, run=run)
+STAGE = Stage(name="tokenize", version=2, run=run)

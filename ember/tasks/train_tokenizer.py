@@ -1,21 +1,26 @@
 """train_tokenizer: a byte-level BPE (HF `tokenizers`) trained on the deduplicated text shards.
 
-Byte-level means every string has an encoding and `decode(encode(x)) == x` (after NFC, see
-`TokenizerConfig.normalize_nfc`): there is no unknown token, and mojibake, emoji or `\\r\\n`
-come back byte for byte. Before the GPT-2 pre-tokenizer regex, a Split isolates each CJK
+Byte-level means every string has an encoding and `decode(encode(x)) == x` byte for byte:
+there is no unknown token, and mojibake, emoji or `\\r\\n` come back as they were. The text is
+already NFC when it gets here (the normalize stage does it), so the tokenizer itself applies no
+normalizer by default: NFC inside the tokenizer would rewrite the 5 documents of the shared
+corpora that are not NFC and break the round trip for any text given directly. Before the GPT-2 pre-tokenizer regex, a Split isolates each CJK
 character and runs of at most three digits: Chinese has no spaces, so without it a whole
 clause would be one pre-token and the merges would be spent on rare phrases; capped digit
 groups (as in Llama 3) keep numbers from eating the vocabulary.
 
 Outputs: `tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json`, which
-`transformers.PreTrainedTokenizerFast` loads. Special tokens have fixed ids: <pad>=0, <bos>=1,
-<eos>=2.
+`transformers.PreTrainedTokenizerFast` loads, and `report.json` / `report.md` (bytes per token by
+source and by script, vocabulary coverage). Special tokens have fixed ids: <pad>=0, <bos>=1,
+<eos>=2, then <reserved_0>..<reserved_4> (3..7) for later uses (chat turns, fill-in-the-middle)
+that must not shift the ids of a released vocabulary.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from pathlib import Path
 from typing import Iterator
@@ -28,7 +33,8 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from ember.storage.shards import list_shards, read_shard
 from ember.tasks.stage import Stage, StageContext
 
-SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")  # ids 0, 1, 2: the trainer gives ids in this order
+# ids 0, 1, 2, then 3..7: the trainer gives ids in this order
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>") + tuple(f"<reserved_{i}>" for i in range(5))
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -49,13 +55,12 @@ class TokenizerConfig(BaseModel):
     max_chars: int = Field(50_000_000, ge=1,
                            description="Budget of text fed to training; documents are sampled by a hash of "
                                        "their id (deterministic), so memory and time stay bounded.")
-    normalize_nfc: bool = Field(True, description="NFC-normalize before tokenizing (as Qwen2 does), so canonically "
-                                                  "equal strings get the same tokens. The round trip is then exact "
-                                                  "for NFC text (what ftfy in normalize produces) and gives NFC(x) "
-                                                  "otherwise; False makes it byte-exact for any text.")
+    normalize_nfc: bool = Field(False, description="NFC-normalize inside the tokenizer too (as Qwen2 does). Off by "
+                                                   "default: the normalize stage already gives NFC text, and off "
+                                                   "the round trip is byte-exact for any text; on, it gives NFC(x).")
 
 
-def build_tokenizer(normalize_nfc: bool = True) -> Tokenizer:
+def build_tokenizer(normalize_nfc: bool = False) -> Tokenizer:
     """An untrained byte-level BPE with Ember's normalizer, pre-tokenizer and decoder."""
     tokenizer = Tokenizer(models.BPE())
     if normalize_nfc:
@@ -80,7 +85,7 @@ def load_tokenizer(path: Path) -> Tokenizer:
     path = Path(path)
     tokenizer = Tokenizer.from_file(str(path / "tokenizer.json" if path.is_dir() else path))
     tokenizer.encode_special_tokens = True
-    for token, expected in zip(SPECIAL_TOKENS, (PAD_ID, BOS_ID, EOS_ID)):
+    for expected, token in enumerate(SPECIAL_TOKENS):
         if tokenizer.token_to_id(token) != expected:
             raise ValueError(f"{path}: special token {token} has id {tokenizer.token_to_id(token)}, "
                              f"expected {expected}")
@@ -197,28 +202,45 @@ def run(cfg: TokenizerConfig, ctx: StageContext) -> dict:
     write_transformers_files(ctx.out)
     tokenizer = load_tokenizer(ctx.out)  # measure what was saved, as the next stages will load it
 
-    rows = _held_out_rows(tokenizer, shards, held if hold_out else masks)
-    total = rows[-1]
-    ctx.report.table("tokenizer-bytes-per-token", rows,
-                     "Bytes per token by source on held-out documents (higher = better compression)"
-                     if hold_out else "Bytes per token by source (on training text: input too small to hold some out)")
+    report = held_out_report(tokenizer, shards, held if hold_out else masks)
+    ctx.report.table("tokenizer-bytes-per-token", report["rows"],
+                     "Bytes per token by source and script on held-out documents (higher = better compression)"
+                     if hold_out else "Bytes per token (on training text: input too small to hold some out)")
+    by_script = {r["name"]: r["bytes_per_token"] for r in report["rows"] if r["by"] == "script"}
     metrics = {
         "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
         "docs_trained_on": fed["docs"],
         "chars_trained_on": fed["chars"],
-        "bytes_per_token": total["bytes_per_token"],
+        "bytes_per_token": report["rows"][-1]["bytes_per_token"],
+        "bytes_per_token_cjk": by_script.get("CJK"),
         "bytes_per_token_on": "held_out" if hold_out else "train",
+        "vocab_coverage": report["vocab_coverage"],
         "train_seconds": round(train_seconds, 3),
         "seconds": round(time.monotonic() - started, 3),
     }
+    (ctx.out / "report.json").write_text(json.dumps({"metrics": metrics, **report}, indent=2) + "\n")
+    markdown = _report_markdown(report, metrics)
+    (ctx.out / "report.md").write_text(markdown)
+    ctx.report.markdown("tokenizer-report", markdown, "Tokenizer report")
     ctx.report.table("tokenizer-summary", [{"metric": k, "value": v} for k, v in metrics.items()],
                      "Tokenizer training")
     return metrics
 
 
-def _held_out_rows(tokenizer: Tokenizer, shards: list[Path], masks: list[np.ndarray]) -> list[dict]:
-    """Bytes per token per source (and over all), on up to HELD_MAX_CHARS of the masked documents."""
-    by_source: dict[str, list[str]] = {}
+CJK_CHAR = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+
+
+def script_of(text: str) -> str:
+    """"CJK" when at least 30% of the characters are Han or kana, else "other": enough to tell
+    whether Chinese and Japanese get their own figures, without a language model."""
+    head = text[:2000]
+    return "CJK" if head and len(CJK_CHAR.findall(head)) >= 0.3 * len(head) else "other"
+
+
+def held_out_report(tokenizer: Tokenizer, shards: list[Path], masks: list[np.ndarray]) -> dict:
+    """Bytes per token by source, by script and over all, and the share of the vocabulary used,
+    on up to HELD_MAX_CHARS of the masked documents."""
+    docs: list[tuple[str, str]] = []  # (source, text)
     chars = 0
     for path, mask in zip(shards, masks):
         if chars >= HELD_MAX_CHARS:
@@ -229,18 +251,39 @@ def _held_out_rows(tokenizer: Tokenizer, shards: list[Path], masks: list[np.ndar
         for keep, text, source in zip(mask, table["text"].to_pylist(), table["source"].to_pylist()):
             if keep and text and chars < HELD_MAX_CHARS:
                 text = text[:HELD_MAX_CHARS - chars]
-                by_source.setdefault(source or "", []).append(text)
+                docs.append((source or "", text))
                 chars += len(text)
-    rows = []
-    all_bytes = all_tokens = 0
-    for source in sorted(by_source):
-        n_bytes, n_tokens = bytes_per_token(tokenizer, by_source[source])
-        all_bytes, all_tokens = all_bytes + n_bytes, all_tokens + n_tokens
-        rows.append({"source": source, "docs": len(by_source[source]), "bytes": n_bytes, "tokens": n_tokens,
-                     "bytes_per_token": round(n_bytes / max(n_tokens, 1), 3)})
-    rows.append({"source": "(all)", "docs": sum(len(v) for v in by_source.values()), "bytes": all_bytes,
-                 "tokens": all_tokens, "bytes_per_token": round(all_bytes / max(all_tokens, 1), 3)})
-    return rows
+    encodings = tokenizer.encode_batch([text for _, text in docs], add_special_tokens=False)
+    groups: dict[tuple[str, str], list[int]] = {}
+    used: set[int] = set()
+    for i, ((source, text), encoding) in enumerate(zip(docs, encodings)):
+        used.update(encoding.ids)
+        for group in (("source", source), ("script", script_of(text)), ("all", "(all)")):
+            groups.setdefault(group, []).append(i)
+
+    def row(kind: str, name: str, members: list[int]) -> dict:
+        n_bytes = sum(len(docs[i][1].encode("utf-8")) for i in members)
+        n_tokens = sum(len(encodings[i].ids) for i in members)
+        return {"by": kind, "name": name, "docs": len(members), "bytes": n_bytes, "tokens": n_tokens,
+                "bytes_per_token": round(n_bytes / max(n_tokens, 1), 3)}
+
+    rows = [row(kind, name, members) for (kind, name), members in sorted(groups.items())
+            if kind != "all"] + [row("all", "(all)", groups.get(("all", "(all)"), []))]
+    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+    return {"rows": rows, "vocab_used": len(used), "vocab_coverage": round(len(used) / vocab, 4)}
 
 
-STAGE = Stage(name="train_tokenizer", version=1, run=run)
+def _report_markdown(report: dict, metrics: dict) -> str:
+    lines = ["# Tokenizer report", "",
+             f"Byte-level BPE, {metrics['vocab_size']:,} tokens, trained on {metrics['chars_trained_on']:,} "
+             f"characters of {metrics['docs_trained_on']:,} documents in {metrics['train_seconds']:.1f} s.", "",
+             f"Measured on {'held-out' if metrics['bytes_per_token_on'] == 'held_out' else 'training'} documents. "
+             f"Vocabulary coverage: {report['vocab_used']:,} of {metrics['vocab_size']:,} tokens used "
+             f"({100 * report['vocab_coverage']:.1f}%).", "",
+             "| by | name | docs | bytes | tokens | bytes per token |", "|---|---|---:|---:|---:|---:|"]
+    lines += [f"| {r['by']} | {r['name']} | {r['docs']:,} | {r['bytes']:,} | {r['tokens']:,} | {r['bytes_per_token']} |"
+              for r in report["rows"]]
+    return "\n".join(lines) + "\n"
+
+
+STAGE = Stage(name="train_tokenizer", version=2, run=run)
