@@ -5,7 +5,7 @@
 Input (written first, not timed): gutenberg_en + tinyshakespeare (`--all`: every corpus in
 `../shared/corpora`, `raw/` folders excluded) chunked with `chunk_text(text, 4000)` into text
 shards, and a tokenizer trained once by the train_tokenizer stage (vocab 8192). Then, each in a
-fresh child process (so each peak RSS, `ru_maxrss` from `wait4`, is its own) with the same
+fresh child process (so each peak RSS, the child's VmHWM, is its own) with the same
 RAYON_NUM_THREADS:
 
 - ember: `ember.tasks.tokenize.run` end to end (read shards, split, encode, write Arrow).
@@ -31,8 +31,16 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tokenizer_train_bench import (DEFAULT_CORPORA, bench_env, machine_line, markdown_table,  # noqa: E402
-                                   rss_mb, run_child, write_corpus_shards)
+from tokenizer_train_bench import (
+    DEFAULT_CORPORA,
+    bench_env,
+    child_main,
+    machine_line,
+    markdown_table,
+    rss_mb,
+    run_child,
+    write_corpus_shards,
+)
 
 DEFAULT_CORPUS_NAMES = ["gutenberg_en", "tinyshakespeare"]
 BATCH_SIZE = 1000  # TokenizeConfig's default; raw encode_batch uses the same
@@ -53,11 +61,11 @@ def child_ember(args: dict) -> dict:
                        work=work, report=Reporter("tokenize"), store_root=work)
     cfg = tokenize.TokenizeConfig(batch_size=args["batch_size"])
     rss_before = rss_mb()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     metrics = tokenize.run(cfg, ctx)
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     meta = json.loads((out / "meta.json").read_text())
-    return {"seconds": seconds, "tokens": metrics["tokens"], "docs": metrics["docs"],
+    return {"seconds": seconds, "cpu_seconds": cpu, "tokens": metrics["tokens"], "docs": metrics["docs"],
             "bytes": meta["train_bytes"] + meta["val_bytes"], "rss_after_imports_mb": rss_before}
 
 
@@ -85,27 +93,18 @@ def child_raw(args: dict) -> dict:
         if encode is None:
             continue
         tokens = 0
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         for start in range(0, len(texts), batch):
             tokens += sum(len(e.ids) for e in encode(texts[start:start + batch], add_special_tokens=False))
-        timings[method] = {"seconds": time.perf_counter() - started, "tokens": tokens}
+        timings[method] = {"seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started,
+                           "tokens": tokens}
     return {"timings": timings, "docs": len(texts), "bytes": n_bytes, "rss_after_imports_mb": rss_before}
 
 
 def child_datatrove(args: dict) -> dict:
-    import logging
-
     from datatrove.executor.local import LocalPipelineExecutor
     from datatrove.pipeline.readers import ParquetReader
     from datatrove.pipeline.tokens import DocumentTokenizer
-
-    logging.getLogger("datatrove").setLevel(logging.WARNING)
-    try:  # datatrove logs through loguru; keep its per-step chatter off the bench's output
-        from loguru import logger
-        logger.remove()
-        logger.add(sys.stderr, level="WARNING")
-    except ImportError:
-        pass
 
     out = Path(args["out"])
     executor = LocalPipelineExecutor(
@@ -118,11 +117,11 @@ def child_datatrove(args: dict) -> dict:
         tasks=1, workers=1, logging_dir=str(out / "logs"), skip_completed=False,
     )
     rss_before = rss_mb()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     executor.run()
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     token_bytes = sum(p.stat().st_size for p in (out / "tokens").rglob("*.ds"))
-    return {"seconds": seconds, "tokens": token_bytes // 2, "rss_after_imports_mb": rss_before}
+    return {"seconds": seconds, "cpu_seconds": cpu, "tokens": token_bytes // 2, "rss_after_imports_mb": rss_before}
 
 
 CHILDREN = {"ember": child_ember, "raw": child_raw, "datatrove": child_datatrove}
@@ -143,36 +142,47 @@ def train_tokenizer_once(dedup: Path, out: Path, vocab_size: int) -> dict:
 
 
 def measure(script: Path, tmp: Path, run_no: int, dedup: Path, tok: Path, threads: int, skip_datatrove: bool,
-            n_bytes: int) -> list[dict]:
-    """One pass over the measures; rows of name, seconds, tokens, peak RSS."""
+            n_bytes: int, verbose: bool) -> list[dict]:
+    """One pass over the measures (started in an order rotated by `run_no`, so that no measure always
+    runs first or last on a machine whose load drifts); rows in a fixed order."""
     env = bench_env(threads)
     base = {"dedup": str(dedup), "tokenizer": str(tok)}
-    rows = []
-
-    r = run_child(script, "ember", {**base, "out": str(tmp / f"ember-{run_no}" / "out"),
-                                    "work": str(tmp / f"ember-{run_no}" / "work"), "batch_size": BATCH_SIZE}, env)
-    rows.append(_row("ember tokenize.run (end to end)", r))
-
-    r = run_child(script, "raw", {**base, "batch_size": BATCH_SIZE}, env)
-    for method, t in r.get("timings", {}).items():
-        rows.append(_row(f"raw {method} (texts in memory)", {**r, **t}))
-    if "error" in r:
-        rows.append(_row("raw encode_batch (texts in memory)", r))
-
+    ember_dir = tmp / f"ember-{run_no}"
+    jobs = [("ember", {**base, "out": str(ember_dir / "out"), "work": str(ember_dir / "work"),
+                       "batch_size": BATCH_SIZE}),
+            ("raw", {**base, "batch_size": BATCH_SIZE})]
     if not skip_datatrove:
-        for shuffle, batch, label in ((True, 10_000, "as shipped: shuffle, batch 10000"),
-                                      (False, BATCH_SIZE, "no shuffle, batch 1000")):
-            r = run_child(script, "datatrove", {**base, "out": str(tmp / f"dt-{run_no}-{shuffle}"),
-                                                "shuffle": shuffle, "batch_size": batch}, env)
+        jobs += [("datatrove", {**base, "out": str(tmp / f"dt-{run_no}-{shuffle}"), "shuffle": shuffle,
+                                "batch_size": batch}) for shuffle, batch in ((True, 10_000), (False, BATCH_SIZE))]
+    shift = run_no % len(jobs)
+    results = {}
+    for i in list(range(shift, len(jobs))) + list(range(shift)):
+        results[i] = run_child(script, jobs[i][0], jobs[i][1], env, verbose)
+
+    rows = []
+    for i, (kind, job) in enumerate(jobs):
+        r = results[i]
+        if kind == "ember":
+            rows.append(_row("ember tokenize.run (end to end)", r))
+        elif kind == "raw" and "error" in r:
+            rows.append(_row("raw encode_batch (texts in memory)", r))
+        elif kind == "raw":
+            rows += [_row(f"raw {method} (texts in memory)", {**r, **t}) for method, t in r["timings"].items()]
+        else:
+            label = "as shipped: shuffle, batch 10000" if job["shuffle"] else "no shuffle, batch 1000"
             rows.append(_row(f"datatrove DocumentTokenizer ({label})", r))
     for row in rows:
         row["MB/s"] = round(n_bytes / 1e6 / row["seconds"], 2) if row.get("seconds") else None
+        row["seconds"] = round(row["seconds"], 2) if row.get("seconds") else None
     return rows
 
 
 def _row(name: str, r: dict) -> dict:
-    row = {"measure": name, "seconds": r.get("seconds"), "tokens": r.get("tokens"),
-           "peak_rss_mb": round(r["peak_rss_mb"]), "rss_after_imports_mb": round(r.get("rss_after_imports_mb") or 0)}
+    peak, after_imports = r.get("peak_rss_mb"), r.get("rss_after_imports_mb")
+    row = {"measure": name, "seconds": r.get("seconds"), "cpu_seconds": round(r["cpu_seconds"], 2)
+           if r.get("cpu_seconds") else None, "tokens": r.get("tokens"),
+           "peak_rss_mb": round(peak) if peak else None,
+           "rss_after_imports_mb": round(after_imports) if after_imports else None}
     if "error" in r:
         row["error"] = r["error"]
     return row
@@ -186,12 +196,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="RAYON_NUM_THREADS for every child")
     parser.add_argument("--repeat", type=int, default=1, help="passes over all measures; the median is reported")
     parser.add_argument("--skip-datatrove", action="store_true")
+    parser.add_argument("--verbose", action="store_true", help="show the children's own output")
     parser.add_argument("--child", nargs=3, metavar=("KIND", "ARGS", "RESULT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child:
         kind, child_args, result_path = args.child
-        Path(result_path).write_text(json.dumps(CHILDREN[kind](json.loads(child_args))))
+        child_main(CHILDREN[kind], json.loads(child_args), Path(result_path))
         return
 
     names = None if args.all else DEFAULT_CORPUS_NAMES
@@ -210,7 +221,7 @@ def main() -> None:
         passes = []
         for run_no in range(args.repeat):
             rows = measure(Path(__file__).resolve(), tmp, run_no, tmp / "dedup", tmp / "tok", args.threads,
-                           args.skip_datatrove, corpus["bytes"])
+                           args.skip_datatrove, corpus["bytes"], args.verbose)
             print(f"\npass {run_no + 1} (load average {os.getloadavg()[0]:.2f}):")
             print(markdown_table(rows))
             passes.append(rows)
@@ -223,11 +234,13 @@ def main() -> None:
             summary.append({"measure": first["measure"], "error": first.get("error", "no result")})
             continue
         s = statistics.median(seconds)
+        cpu = statistics.median(r["cpu_seconds"] for r in same if r.get("cpu_seconds"))
         tokens = first["tokens"]
         summary.append({"measure": first["measure"], "seconds": round(s, 2), "tokens": tokens,
                         "M tokens/s": round(tokens / s / 1e6, 3), "MB/s": round(corpus["bytes"] / 1e6 / s, 2),
-                        "peak RSS MB": max(r["peak_rss_mb"] for r in same),
-                        "RSS after imports MB": max(r["rss_after_imports_mb"] for r in same)})
+                        "CPU s": round(cpu, 2), "MB per CPU s": round(corpus["bytes"] / 1e6 / cpu, 2),
+                        "peak RSS MB": max(r["peak_rss_mb"] or 0 for r in same),
+                        "RSS after imports MB": max(r["rss_after_imports_mb"] or 0 for r in same)})
     by_name = {r["measure"].split(" (")[0] + (" shipped" if "shipped" in r["measure"] else ""): r for r in summary}
     ember = by_name.get("ember tokenize.run")
     ratios = []
@@ -238,10 +251,11 @@ def main() -> None:
                             ("datatrove DocumentTokenizer", "Ember / datatrove (no shuffle, batch 1000)")):
             peer = by_name.get(name)
             if peer and "MB/s" in peer:
-                ratios.append({"ratio": label, "value": f"{ember['MB/s'] / peer['MB/s']:.2f}x"})
+                ratios.append({"ratio": label, "wall (MB/s)": f"{ember['MB/s'] / peer['MB/s']:.2f}x",
+                               "CPU (MB per CPU s)": f"{ember['MB per CPU s'] / peer['MB per CPU s']:.2f}x"})
             elif peer:
-                ratios.append({"ratio": label, "value": f"n/a ({peer.get('error')})"})
-        ratios.append({"ratio": "Ember peak RSS (target < 1024 MB)", "value": f"{ember['peak RSS MB']} MB"})
+                ratios.append({"ratio": label, "wall (MB/s)": f"n/a ({peer.get('error')})"})
+        ratios.append({"ratio": "Ember peak RSS (target < 1024 MB)", "wall (MB/s)": f"{ember['peak RSS MB']} MB"})
 
     print(f"\nsummary (median of {args.repeat} pass(es); same {corpus['bytes'] / 1e6:.1f} MB for all):")
     print(markdown_table(summary))

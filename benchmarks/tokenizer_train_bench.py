@@ -5,8 +5,8 @@
 Every `.jsonl` `text` field and every `.txt` under `../shared/corpora` (not `raw/` folders) is
 chunked as the download stage does (`chunk_text`, 4,000 chars) and written as text shards into
 a temp folder (not timed). `train_tokenizer.run` then runs in a child process, so that its
-peak RSS (`ru_maxrss` from `wait4`) is the stage's own. Bytes per token are measured in this
-process afterwards on the documents the stage held out of training (its `sample_fraction`
+peak RSS (the child's VmHWM; `run_child` says why not ru_maxrss) is the stage's own. Bytes per
+token are measured in this process afterwards on the documents the stage held out of training (its `sample_fraction`
 rule), per corpus and per script (Chinese = documents whose non-space characters are at least
 30% Han), because the stage's own table stops after 2M characters in shard order.
 Targets: peak RSS < 4 GB; Chinese bytes per token >= 1.5.
@@ -19,19 +19,20 @@ import json
 import os
 import platform
 import re
+import resource
 import subprocess
 import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere, without installing
 
-from ember.storage.shards import ShardWriter, list_shards, read_shard  # noqa: E402
-from ember.tasks.download import chunk_text  # noqa: E402
+from ember.storage.shards import ShardWriter, list_shards, read_shard
+from ember.tasks.download import chunk_text
 
 DEFAULT_CORPORA = REPO.parent / "shared" / "corpora"
 OFFLINE_ENV = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "GRADIO_ANALYTICS_ENABLED": "False",
@@ -64,7 +65,7 @@ def _texts(path: Path) -> Iterator[str]:
         for n, line in enumerate(lines, 1):
             text = json.loads(line).get("text")
             if not isinstance(text, str):
-                raise ValueError(f"{path}: line {n}: no string `text` field")
+                raise TypeError(f"{path}: line {n}: no string `text` field")
             yield text
 
 
@@ -99,28 +100,42 @@ def bench_env(threads: int | None = None) -> dict:
     return env
 
 
-def run_child(script: Path, kind: str, args: dict, env: dict) -> dict:
-    """Run `script --child kind` in a fresh interpreter; its JSON result plus wall time and peak RSS.
+def run_child(script: Path, kind: str, args: dict, env: dict, verbose: bool = False) -> dict:
+    """Run `script --child kind` in a fresh interpreter; its JSON result (with its peak RSS) and wall time.
 
-    `wait4` gives the rusage of that one child (and of any process it waited for), so the peak
-    is not polluted by this process or by earlier children, as RUSAGE_CHILDREN would be.
+    The peak is the child's own VmHWM, read by the child at its end (see `child_main`). The
+    `ru_maxrss` that `wait4`/RUSAGE_CHILDREN report is NOT used: Linux carries the parent's
+    peak RSS into the child's ru_maxrss at exec (fork copies the parent's RSS; exec records the
+    replaced address space's high-water mark), so a 500 MB parent makes every child look >= 500 MB.
     """
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         result_path = Path(f.name)
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, str(script), "--child", kind, json.dumps(args), str(result_path)],
-                            env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    # The child's own output (datatrove's stats, logs) is shown only when it fails or with --verbose.
+    proc = subprocess.run([sys.executable, str(script), "--child", kind, json.dumps(args), str(result_path)],
+                          env=env, check=False, stdout=None if verbose else subprocess.PIPE,
+                          stderr=None if verbose else subprocess.STDOUT, text=True)
     wall = time.perf_counter() - started
     try:
         if proc.returncode != 0:
-            return {"error": f"child exited with {proc.returncode}", "process_seconds": wall,
-                    "peak_rss_mb": usage.ru_maxrss / 1024}
-        result = json.loads(result_path.read_text())
+            print(f"--- {kind} child failed (exit {proc.returncode}); the end of its output:\n"
+                  f"{(proc.stdout or '')[-4000:]}\n---", file=sys.stderr)
+            lines = [line for line in (proc.stdout or "").strip().splitlines() if line.strip()]
+            return {"error": lines[-1][:200] if lines else f"exit {proc.returncode}", "process_seconds": wall,
+                    "peak_rss_mb": None}
+        return {**json.loads(result_path.read_text()), "process_seconds": wall}
     finally:
         result_path.unlink(missing_ok=True)
-    return {**result, "process_seconds": wall, "peak_rss_mb": usage.ru_maxrss / 1024}  # ru_maxrss is KiB on Linux
+
+
+def child_main(fn, args: dict, result_path: Path) -> None:
+    """Run one measure in this (child) process and write its result with the process's peak RSS."""
+    result = fn(args)
+    # VmHWM belongs to this address space, which exec started afresh; grandchildren (none expected,
+    # except datatrove's small multiprocessing manager) are covered by RUSAGE_CHILDREN.
+    grandchildren_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    result["peak_rss_mb"] = max(rss_mb("VmHWM"), grandchildren_mb)
+    result_path.write_text(json.dumps(result))
 
 
 def rss_mb(field: str = "VmHWM") -> float:
@@ -191,7 +206,11 @@ def is_chinese(text: str) -> bool:
 
 def held_out_bytes_per_token(dedup: Path, tokenizer_dir: Path) -> tuple[list[dict], list[dict]]:
     """(rows per corpus, rows per script) over every document the stage held out of training."""
-    from ember.tasks.train_tokenizer import HELD_FRACTION, load_tokenizer, sample_fraction
+    from ember.tasks.train_tokenizer import (
+        HELD_FRACTION,
+        load_tokenizer,
+        sample_fraction,
+    )
 
     tokenizer = load_tokenizer(tokenizer_dir)
     by_source: dict[str, list[str]] = defaultdict(list)
@@ -236,7 +255,7 @@ def main() -> None:
     if args.child:
         kind, child_args, result_path = args.child
         assert kind == "train", kind
-        Path(result_path).write_text(json.dumps(child_train(json.loads(child_args))))
+        child_main(child_train, json.loads(child_args), Path(result_path))
         return
 
     print(f"machine: {machine_line()}")
@@ -250,7 +269,7 @@ def main() -> None:
 
         child_args = {"dedup": str(tmp / "dedup"), "out": str(tmp / "tok"), "work": str(tmp / "work"),
                       "vocab_size": args.vocab_size, "max_chars": args.max_chars, "verbose": args.verbose}
-        result = run_child(Path(__file__).resolve(), "train", child_args, bench_env(args.threads))
+        result = run_child(Path(__file__).resolve(), "train", child_args, bench_env(args.threads), args.verbose)
         if "error" in result:
             sys.exit(f"training failed: {result['error']}")
         metrics = result["metrics"]
@@ -261,9 +280,10 @@ def main() -> None:
             {"measure": "of which BPE training (train_seconds)", "value": f"{metrics['train_seconds']:.1f} s"},
             {"measure": "child process wall time (with imports)", "value": f"{result['process_seconds']:.1f} s"},
             {"measure": "child RSS after imports", "value": f"{result['rss_after_imports_mb']:.0f} MB"},
-            {"measure": "child peak RSS (ru_maxrss)", "value": f"{result['peak_rss_mb']:.0f} MB "
+            {"measure": "child peak RSS (its VmHWM)", "value": f"{result['peak_rss_mb']:.0f} MB "
                                                                f"(target < 4096 MB)"},
-            {"measure": "chars trained on per second", "value": f"{metrics['chars_trained_on'] / result['run_seconds'] / 1e6:.2f} M/s"},
+            {"measure": "chars trained on per second of run()",
+             "value": f"{metrics['chars_trained_on'] / result['run_seconds'] / 1e6:.2f} M"},
         ]))
 
         rows, script_rows = held_out_bytes_per_token(tmp / "dedup", tmp / "tok")

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import unicodedata
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -132,7 +132,9 @@ def test_literal_special_token_text_is_text(text, ember_tok, hf_tok):
     """load_tokenizer sets `encode_special_tokens`: "<eos>" written inside a document is text, not id 2.
 
     transformers must do the same, or a user's prompt (or a scraped page) containing "<eos>" gets a
-    different id sequence from the one the model was trained on.
+    different id sequence from the one the model was trained on. transformers does it when
+    tokenizer_config.json has `"split_special_tokens": true` (it then sets the backend's
+    `encode_special_tokens`; the setting survives `save_pretrained`).
     """
     expected = ember_tok.encode(text, add_special_tokens=False).ids
     assert 2 not in expected

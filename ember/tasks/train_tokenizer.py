@@ -145,6 +145,8 @@ def write_transformers_files(out: Path, model_max_length: int = MODEL_MAX_LENGTH
         "add_bos_token": False,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,  # would change the text and break the round trip
+        # As `load_tokenizer` does: "<eos>" written inside a document is text, not a special token.
+        "split_special_tokens": True,
         "added_tokens_decoder": added,
     }
     special = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"}
