@@ -73,7 +73,8 @@ def test_changing_a_training_setting_reruns_only_training_and_after(built):
     changed = write_config(folder, "tiny-lr.yaml", train={"lr": 0.003})
     summary, _ = run_pipeline(changed, store)
     assert ran(summary) == ["train", "quantize", "evaluate", "publish"]
-    assert Path(summary["release"]).name == "v0002"
+    # Published as v0002 only if the gate finds it better than v0001 (test_publish_gate.py).
+    assert Path(summary["release"]).name == "v0002" or summary["not_published"].startswith("not published")
 
 
 def test_deleted_artifact_is_rebuilt(built):

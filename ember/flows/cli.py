@@ -45,6 +45,8 @@ def run(
     config_path: Path = typer.Argument(..., metavar="CONFIG", help="pipeline YAML, e.g. configs/sample.yaml"),
     force: list[str] = typer.Option([], "--force", help="rerun this stage even if cached (repeatable)"),
     from_stage: Optional[str] = typer.Option(None, "--from", help="rerun this stage and every stage after it"),
+    force_publish: bool = typer.Option(False, "--force-publish",
+                                       help="publish even if the model is not better than the published one"),
     store: Optional[Path] = StoreOption,
 ) -> None:
     """Run every stage of the pipeline; unchanged stages are cache hits."""
@@ -55,6 +57,8 @@ def run(
         preflight(config.download)  # a missing or empty source fails here, before Prefect starts
     except (ConfigError, SourceError) as err:
         _fail(str(err))
+    if force_publish:
+        config = config.model_copy(update={"publish": config.publish.model_copy(update={"force": True})})
 
     from ember.flows.pipeline import build_llm, stages_to_force
 
@@ -79,7 +83,10 @@ def run(
     store_flag = f" --store {summary['store']}" if store else ""
     # `make run` calls .venv/bin/ember, which is not on PATH: print the command as it was called.
     launcher = sys.argv[0] if Path(sys.argv[0]).name == "ember" else "ember"
-    console.print(f"Release: [bold]{summary['release']}[/]")
+    if summary["release"]:
+        console.print(f"Release: [bold]{summary['release']}[/]")
+    else:
+        console.print(f"[yellow]{summary['not_published']}[/]", highlight=False)
     console.print(f"Launch the demo: [bold]{launcher} demo{store_flag}[/]  (or `make demo`)")
 
 

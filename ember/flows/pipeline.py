@@ -72,11 +72,12 @@ def build_llm(config: PipelineConfig, force: list[str] | None = None, from_stage
     run(train.STAGE, config.train, ["tokenize", "train_tokenizer"])
     run(quantize.STAGE, config.quantize, ["train"])
     run(evaluate.STAGE, config.evaluate, ["train", "quantize", "tokenize", "train_tokenizer"])
-    run(publish.STAGE, config.publish, ["train", "quantize", "evaluate", "train_tokenizer"])
+    run(publish.STAGE, config.publish, ["train", "quantize", "evaluate", "train_tokenizer", "tokenize"])
 
     refs = {name: outcome.ref for name, outcome in outcomes.items()}
     store.record_run(config.name, refs, {"flow_run_id": str(flow_run.id or ""), "config_digest": config.digest()})
-    release = outcomes["publish"].metrics.get("path", "")
+    published = outcomes["publish"].metrics
+    release = published.get("path", "")
     create_table_artifact(
         key=artifact_key(config.name, "stages"),
         table=[{"stage": name, "cached": o.cached, "seconds": round(o.seconds, 1), "ref": o.ref}
@@ -85,12 +86,14 @@ def build_llm(config: PipelineConfig, force: list[str] | None = None, from_stage
     )
     create_markdown_artifact(
         key=artifact_key(config.name, "release"),
-        markdown=f"**Release:** `{release}`\n\nLaunch the demo: `ember demo --store {store.root}`",
+        markdown=(f"**Release:** `{release}`\n\nLaunch the demo: `ember demo --store {store.root}`" if release
+                  else f"**{published.get('reason', 'not published')}**"),
         description="The published model and how to try it",
     )
     return {
         "store": str(store.root),
         "release": release,
+        "not_published": "" if release else published.get("reason", "not published"),
         "stages": [{"stage": name, "cached": o.cached, "seconds": o.seconds, "ref": o.ref}
                    for name, o in outcomes.items()],
     }

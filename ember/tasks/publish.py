@@ -7,12 +7,19 @@ touch what the demo serves. A release is built in `releases/.tmp-*` and renamed 
 release or the new one. Publishing the same inputs again makes no new version: `latest` is
 pointed at the release that already holds them.
 
-The stage's artifact is a copy of `release.json`, which records which version it made.
+The gate: when a release is already published, the candidate is published only if its bits
+per byte are lower than the published model's, both scored on the candidate's validation text
+(each model with its own tokenizer, so a changed tokenizer still compares fairly); `force`
+overrides. The first release always publishes.
+
+The stage's artifact is a copy of `release.json`, which records which version it made, or a
+`decision.json` saying why nothing was published.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import secrets
@@ -21,12 +28,16 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
+import torch
 from filelock import FileLock
 from pydantic import BaseModel, ConfigDict, Field
 
+from ember.model.checkpoint import load_model
 from ember.storage.store import MANIFEST, file_sha256
 from ember.tasks.stage import Stage, StageContext
-from ember.tasks.train_tokenizer import TOKENIZER_FILES
+from ember.tasks.train import TokenStream, eval_loss
+from ember.tasks.train_tokenizer import EOS_ID, TOKENIZER_FILES, load_tokenizer
 
 LATEST = "latest"
 RELEASE_JSON = "release.json"
@@ -47,6 +58,65 @@ class PublishConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     include_int8: bool = Field(True, description="Ship the int8 model (model-int8.safetensors) beside the fp32 one.")
+    gate: bool = Field(True, description="Publish only a candidate with lower bits per byte than the release "
+                                         "`latest` points to, both scored on the candidate's validation text.")
+    force: bool = Field(False, description="Publish even when the gate says no (`ember run --force-publish`).")
+    gate_tokens: int = Field(100_000, ge=1000, description="Validation tokens (of the candidate's tokenizer) "
+                                                           "the gate scores both models on.")
+
+
+# -- the gate --------------------------------------------------------------------------------------
+
+
+def validation_texts(tokens_dir: Path, tokenizer, max_tokens: int) -> list[str]:
+    """The first whole validation documents of a tokenize artifact, up to `max_tokens`, as text.
+
+    The tokenizer is lossless, so this is the text the candidate was validated on; scoring any
+    model on text (with its own tokenizer) makes models with different tokenizers comparable.
+    """
+    texts, taken = [], 0
+    for part in TokenStream(tokens_dir / "val").parts:
+        for doc in np.split(part, np.flatnonzero(part == EOS_ID) + 1):
+            if taken >= max_tokens:
+                return texts
+            ids = doc[:-1] if len(doc) and doc[-1] == EOS_ID else doc
+            if len(ids):
+                texts.append(tokenizer.decode(ids.tolist(), skip_special_tokens=False))
+                taken += len(doc)
+    return texts
+
+
+def text_bits_per_byte(model, tokenizer, texts: list[str], batch_size: int = 8) -> float:
+    """Bits per UTF-8 byte of `texts` under `model`: documents joined by EOS, cut into
+    non-overlapping windows of the model's context, every next token predicted once."""
+    stream = [EOS_ID]
+    for encoding in tokenizer.encode_batch(texts, add_special_tokens=False):
+        stream += encoding.ids + [EOS_ID]
+    seq_len = model.config.max_seq_len
+    n = (len(stream) - 1) // seq_len
+    if n == 0:
+        raise ValueError(f"the gate's validation text is shorter than one window of {seq_len} tokens")
+    windows = torch.tensor(stream[: n * seq_len + 1], dtype=torch.long)
+    windows = torch.stack([windows[i * seq_len: (i + 1) * seq_len + 1] for i in range(n)])
+    nats = eval_loss(model, windows, batch_size) * n * seq_len
+    # Only the bytes of the windows scored: the tail that did not fill a window is not counted.
+    scored = tokenizer.decode(stream[1: n * seq_len + 1], skip_special_tokens=True)
+    return nats / math.log(2) / len(scored.encode("utf-8"))
+
+
+def gate_decision(ctx: StageContext, releases: Path, cfg: PublishConfig) -> dict | None:
+    """None when there is nothing to compare with (first release); else the scores and verdict."""
+    latest = releases / LATEST
+    if not (latest / "model.safetensors").is_file():
+        return None
+    if "tokenize" not in ctx.inputs:
+        raise ValueError("publish.gate needs the tokenize artifact (the validation text) among its inputs")
+    candidate_tokenizer = load_tokenizer(ctx.inputs["train_tokenizer"])
+    texts = validation_texts(Path(ctx.inputs["tokenize"]), candidate_tokenizer, cfg.gate_tokens)
+    candidate = text_bits_per_byte(load_model(ctx.inputs["train"]), candidate_tokenizer, texts)
+    published = text_bits_per_byte(load_model(latest), load_tokenizer(latest), texts)
+    return {"published_version": latest.resolve().name, "candidate_bpb": candidate, "published_bpb": published,
+            "better": candidate < published, "docs": len(texts)}
 
 
 def release_sources(inputs: dict[str, Path], include_int8: bool) -> dict[str, Path]:
@@ -148,6 +218,24 @@ def run(cfg: PublishConfig, ctx: StageContext) -> dict:
 
     # One publisher at a time: picking a version number and switching `latest` must not interleave.
     with FileLock(str(releases / ".publish.lock")):
+        gate = None
+        if cfg.gate and find_release(releases, refs, set(sources)) is None:
+            gate = gate_decision(ctx, releases, cfg)
+        if gate is not None and not gate["better"] and not cfg.force:
+            message = (f"not published: candidate {gate['candidate_bpb']:.4f} bits per byte vs published "
+                       f"{gate['published_version']} {gate['published_bpb']:.4f} (lower is better); "
+                       "`ember run CONFIG --force-publish` publishes it anyway")
+            ctx.log.warning(message)
+            ctx.report.markdown("publish-gate", f"**{message}**", "Publish gate")
+            decision = {"published": False, "reason": message, "gate": gate}
+            (ctx.out / "decision.json").write_text(json.dumps(decision, indent=2) + "\n")
+            return {"published": False, "version": gate["published_version"], "reason": message,
+                    "candidate_bpb": gate["candidate_bpb"], "published_bpb": gate["published_bpb"],
+                    "path": "", "seconds": round(time.monotonic() - started, 3)}
+        if gate is not None:
+            verdict = "better than" if gate["better"] else "forced over"
+            ctx.report.markdown("publish-gate", f"Candidate {gate['candidate_bpb']:.4f} bits per byte, {verdict} "
+                                f"{gate['published_version']} at {gate['published_bpb']:.4f}.", "Publish gate")
         for leftover in releases.glob(".tmp-*"):  # a crashed publisher's; we hold the lock
             shutil.rmtree(leftover, ignore_errors=True)
         version = find_release(releases, refs, set(sources))
@@ -169,8 +257,12 @@ def run(cfg: PublishConfig, ctx: StageContext) -> dict:
     ctx.report.table("release", [{"file": name, "bytes": f["size"]} for name, f in record["files"].items()],
                      f"Release {version} ({'new' if created else 'already published; latest points to it'})")
     ctx.log.info("release %s at %s (%s)", version, releases / version, "new" if created else "existing")
-    return {"version": version, "path": str(releases / version), "size_bytes": size, "new": created,
-            "seconds": round(time.monotonic() - started, 3)}
+    metrics = {"published": True, "version": version, "path": str(releases / version), "size_bytes": size,
+               "new": created, "seconds": round(time.monotonic() - started, 3)}
+    if gate is not None:
+        metrics.update(candidate_bpb=gate["candidate_bpb"], published_bpb=gate["published_bpb"],
+                       replaced=gate["published_version"])
+    return metrics
 
 
 def _manifest_metrics(folder: Path) -> dict:
@@ -180,4 +272,4 @@ def _manifest_metrics(folder: Path) -> dict:
         return {}
 
 
-STAGE = Stage(name="publish", version=1, run=run)
+STAGE = Stage(name="publish", version=2, run=run)
