@@ -93,8 +93,10 @@ def test_versions_latest_and_republish(tmp_path, tokenizer_dir):
     assert (metrics["version"], metrics["new"], latest(store)) == ("v0001", True, "v0001")
     release = store / "releases" / "v0001"
     expected = {"model.safetensors", "model-int8.safetensors", "config.json", "loss.jsonl", "report.json",
-                "report.md", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "release.json"}
+                "report.md", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "release.json",
+                "hf", "model-f16.gguf", "model-q8_0.gguf"}
     assert {p.name for p in release.iterdir()} == expected
+    assert (release / "hf" / "config.json").is_file() and (release / "hf" / "model.safetensors").is_file()
     record = json.loads((release / "release.json").read_text())
     assert record["version"] == "v0001" and record["created"]
     assert record["refs"] == {stage: fake_ref(stage, f"a-{stage}") for stage in ("train", "quantize", "evaluate")} | {

@@ -27,6 +27,7 @@ import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ from filelock import FileLock
 from pydantic import BaseModel, ConfigDict, Field
 
 from ember.model.checkpoint import load_model
+from ember.model.export import export_gguf, export_hf
 from ember.storage.store import MANIFEST, file_sha256
 from ember.tasks.stage import Stage, StageContext
 from ember.tasks.train import TokenStream, eval_loss
@@ -63,6 +65,9 @@ class PublishConfig(BaseModel):
     force: bool = Field(False, description="Publish even when the gate says no (`ember run --force-publish`).")
     gate_tokens: int = Field(100_000, ge=1000, description="Validation tokens (of the candidate's tokenizer) "
                                                            "the gate scores both models on.")
+    export_hf: bool = Field(True, description="Also write hf/: a LlamaForCausalLM folder transformers loads.")
+    gguf: list[Literal["f32", "f16", "q8_0"]] = Field(["f16", "q8_0"], description="GGUF files to write for "
+                                                      "llama.cpp / Ollama (model-<type>.gguf); [] for none.")
 
 
 # -- the gate --------------------------------------------------------------------------------------
@@ -153,14 +158,14 @@ def list_versions(releases: Path) -> list[str]:
     return sorted(found, key=lambda name: int(VERSION_RE.match(name).group(1)))
 
 
-def find_release(releases: Path, refs: dict[str, str], files: set[str]) -> str | None:
-    """The newest version already made from these refs with these files, if any."""
+def find_release(releases: Path, refs: dict[str, str], layout: dict) -> str | None:
+    """The newest version already made from these refs with this layout, if any."""
     for version in reversed(list_versions(releases)):
         try:
             record = json.loads((releases / version / RELEASE_JSON).read_text())
         except (FileNotFoundError, json.JSONDecodeError):
             continue
-        if record.get("refs") == refs and set(record.get("files", {})) == files:
+        if record.get("refs") == refs and record.get("layout") == layout:
             return version
     return None
 
@@ -178,15 +183,21 @@ def point_latest(releases: Path, version: str) -> None:
     os.replace(tmp, releases / LATEST)
 
 
-def _build_release(releases: Path, version: str, sources: dict[str, Path], record: dict) -> Path:
+def _build_release(releases: Path, version: str, sources: dict[str, Path], record: dict, cfg: PublishConfig,
+                   inputs: dict[str, Path]) -> Path:
     tmp = releases / f".tmp-{version}-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
         for name, source in sources.items():
             shutil.copy2(source, tmp / name)
         _set_model_max_length(tmp)
-        record["files"] = {name: {"size": (tmp / name).stat().st_size, "sha256": file_sha256(tmp / name)}
-                           for name in sorted(sources)}
+        if cfg.export_hf:
+            export_hf(inputs["train"], inputs["train_tokenizer"], tmp / "hf")
+        for outtype in cfg.gguf:
+            export_gguf(inputs["train"], inputs["train_tokenizer"], tmp / f"model-{outtype}.gguf", outtype=outtype)
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        record["files"] = {p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+                           for p in files}
         (tmp / RELEASE_JSON).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
         final = releases / version
         os.rename(tmp, final)  # fails rather than merge if the version exists
@@ -219,7 +230,8 @@ def run(cfg: PublishConfig, ctx: StageContext) -> dict:
     # One publisher at a time: picking a version number and switching `latest` must not interleave.
     with FileLock(str(releases / ".publish.lock")):
         gate = None
-        if cfg.gate and find_release(releases, refs, set(sources)) is None:
+        layout = {"files": sorted(sources), "hf": cfg.export_hf, "gguf": sorted(cfg.gguf)}
+        if cfg.gate and find_release(releases, refs, layout) is None:
             gate = gate_decision(ctx, releases, cfg)
         if gate is not None and not gate["better"] and not cfg.force:
             message = (f"not published: candidate {gate['candidate_bpb']:.4f} bits per byte vs published "
@@ -238,7 +250,7 @@ def run(cfg: PublishConfig, ctx: StageContext) -> dict:
                                 f"{gate['published_version']} at {gate['published_bpb']:.4f}.", "Publish gate")
         for leftover in releases.glob(".tmp-*"):  # a crashed publisher's; we hold the lock
             shutil.rmtree(leftover, ignore_errors=True)
-        version = find_release(releases, refs, set(sources))
+        version = find_release(releases, refs, layout)
         created = version is None
         if created:
             version = next_version(releases)
@@ -246,9 +258,10 @@ def run(cfg: PublishConfig, ctx: StageContext) -> dict:
                 "version": version,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "refs": refs,
+                "layout": layout,
                 "metrics": {stage: _manifest_metrics(ctx.inputs[stage]) for stage in refs},
             }
-            _build_release(releases, version, sources, record)
+            _build_release(releases, version, sources, record, cfg, ctx.inputs)
         point_latest(releases, version)
 
     record = json.loads((releases / version / RELEASE_JSON).read_text())
