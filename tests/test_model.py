@@ -10,10 +10,13 @@ import warnings
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from ember.model.checkpoint import latest_checkpoint, load_checkpoint, load_model, save_checkpoint, save_model
 from ember.model.generate import generate
-from ember.model.quantize import INT8_WEIGHTS, linear_weight_bytes, load_int8, quantize_int8, save_int8
+from ember.model.quantize import (INT8_WEIGHTS, WO_INT8_WEIGHTS, Int8WeightOnlyLinear, linear_weight_bytes,
+                                  load_int8, load_weight_only_int8, quantize_int8, quantize_per_channel,
+                                  quantize_weight_only_int8, save_int8, save_weight_only_int8)
 from ember.model.transformer import PRESETS, ModelConfig, Transformer
 
 VOCAB = 512
@@ -140,6 +143,152 @@ def test_int8_is_close_to_fp32_and_under_a_third_of_its_linear_bytes():
     assert (int8 - fp32).abs().mean() < 0.05 * fp32.abs().mean()
     assert linear_weight_bytes(qmodel) <= 0.3 * linear_weight_bytes(model)
     assert model.layers[0].attention.wq.weight.dtype == torch.float32  # the input model is left alone
+
+
+# -- weight-only int8 ------------------------------------------------------------------------------
+
+
+def test_weight_only_round_trip_is_exact(tmp_path):
+    model = lively(tiny())
+    qmodel = quantize_weight_only_int8(model)
+    save_weight_only_int8(qmodel, tmp_path, extra={"int8": {"scheme": "weight-only-int8"}})
+    with safe_open(tmp_path / WO_INT8_WEIGHTS, "pt") as f:
+        names = set(f.keys())
+        assert f.get_tensor("layers.0.attention.wq.weight_int8").dtype == torch.int8
+        assert f.get_tensor("layers.0.feed_forward.w1.weight_int8").shape == (192, 64)
+        assert f.get_tensor("layers.0.feed_forward.w1.weight_scale").dtype == torch.float32
+        assert f.get_tensor("layers.0.feed_forward.w1.weight_scale").shape == (192,)
+    assert "tok_embeddings.weight" in names and "layers.0.attention.wq.weight" not in names
+    assert json.loads((tmp_path / "config.json").read_text())["int8"] == {"scheme": "weight-only-int8"}
+    loaded = load_weight_only_int8(tmp_path)
+    assert not loaded.training and isinstance(loaded.layers[1].feed_forward.w2, Int8WeightOnlyLinear)
+    idx = torch.randint(0, VOCAB, (2, 64))
+    assert torch.equal(loaded(idx, idx)[0], qmodel(idx, idx)[0])  # many rows: the dequantizing path
+    # One row per step: the packed CPU kernel, the same tokens from the saved and the in-memory model.
+    assert list(generate(loaded, [1, 2], 30, seed=3)) == list(generate(qmodel, [1, 2], 30, seed=3))
+
+
+def test_weight_only_is_close_to_fp32_and_a_quarter_of_its_linear_bytes():
+    model = tiny()
+    qmodel = quantize_weight_only_int8(model)
+    idx = torch.randint(0, VOCAB, (2, 64))
+    fp32, int8 = model(idx, idx)[0], qmodel(idx, idx)[0]
+    assert not torch.equal(fp32, int8)
+    assert (int8 - fp32).abs().mean() < 0.01 * fp32.abs().mean()
+    # Weight-only keeps fp32 activations: closer to fp32 than dynamic int8, which rounds them too.
+    assert (int8 - fp32).abs().mean() < (quantize_int8(model)(idx, idx)[0] - fp32).abs().mean()
+    # One byte per weight plus one fp32 scale per output channel.
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linear_weight_bytes(qmodel) == sum(m.out_features * (m.in_features + 4) for m in linears)
+    assert linear_weight_bytes(qmodel) <= 0.27 * linear_weight_bytes(model)
+    assert model.layers[0].attention.wq.weight.dtype == torch.float32  # the input model is left alone
+
+
+@torch.no_grad()
+def stepwise_logits(model, ids: list[int]) -> torch.Tensor:
+    """Logits of each position fed one token at a time through the KV cache, as generation does."""
+    cache = model.new_kv_cache(1)
+    return torch.stack([model(torch.tensor([[t]]), kv_cache=cache, start_pos=pos)[0][0, -1]
+                        for pos, t in enumerate(ids)])
+
+
+def test_weight_only_generation_path_is_close_to_fp32():
+    """One token per step runs the packed kernel (bf16 activations): close to the fp32 model and to
+    the quantized model's own many-row (fp32 activation) path."""
+    model = lively(tiny())
+    qmodel = quantize_weight_only_int8(model)
+    ids = torch.randint(0, VOCAB, (1, 48))
+    steps = stepwise_logits(qmodel, ids[0].tolist())
+    full = qmodel(ids, ids)[0][0]
+    fp32 = model(ids, ids)[0][0]
+    dynamic = stepwise_logits(quantize_int8(model), ids[0].tolist())
+
+    def error(logits: torch.Tensor) -> float:
+        return ((logits - fp32).abs().mean() / fp32.abs().mean()).item()
+
+    # bf16 rounding adds little to the int8 weights' own error, and stays under dynamic int8's.
+    assert ((steps - full).abs().mean() / full.abs().mean()).item() < 0.02
+    assert error(steps) < 1.25 * error(full) and error(steps) < error(dynamic)
+
+
+@pytest.mark.parametrize("out_features, in_features, outlier", [(2, 3, 300.0), (40, 64, 7.0)],
+                         ids=["three_inputs_big_outlier", "wider_small_outlier"])
+def test_per_channel_quantization_bounds(out_features, in_features, outlier):
+    """Row 0 is all zeros, the last row holds an outlier."""
+    torch.manual_seed(0)
+    weight = torch.randn(out_features, in_features)
+    weight[0] = 0.0
+    weight[-1, 0] = outlier
+    q, scale = quantize_per_channel(weight)
+    assert q.dtype == torch.int8 and q.abs().max() <= 127 and torch.all(q[0] == 0)
+    assert torch.equal(scale, scale.to(torch.bfloat16).float())  # exact in bf16, as the CPU kernel takes it
+    # Symmetric rounding: every weight within half a step, and the step at most one bf16 ulp (2^-7)
+    # over absmax / 127.
+    assert torch.all((q.float() * scale[:, None] - weight).abs() <= scale[:, None] / 2 * 1.0001)
+    absmax = weight.abs().amax(1)
+    assert torch.all(scale[1:] <= absmax[1:] / 127 * (1 + 2**-7))
+
+
+def dequantized_linear(module: Int8WeightOnlyLinear, x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.linear(x, module.weight_int8.float()) * module.weight_scale + module.bias
+
+
+def unaligned(t: torch.Tensor) -> torch.Tensor:
+    """The same values at an address 1 byte off a 64-byte boundary."""
+    storage = torch.empty(t.numel() + 1, dtype=t.dtype)
+    view = storage[1:].view_as(t)
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.parametrize("in_features, misalign, rows, packed", [
+    (64, False, 1, True),
+    (64, False, 32, True),
+    (64, False, 33, False),
+    (40, False, 1, False),
+    (64, True, 1, False),
+], ids=["one_row", "thirty_two_rows", "thirty_three_rows", "in_features_not_multiple_of_16", "unaligned_weight"])
+def test_weight_only_linear_paths(in_features, misalign, rows, packed):
+    """The packed kernel crashes on shapes or addresses it cannot take: those must fall back."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(in_features, 48, bias=True)
+    module = Int8WeightOnlyLinear.from_linear(linear)
+    if misalign:
+        module.weight_int8 = unaligned(module.weight_int8)
+    x = torch.randn(1, rows, in_features)
+    assert module._packed_ok(x, rows) == packed
+    with torch.no_grad():
+        y = module(x)
+        exact = dequantized_linear(module, x)
+    assert y.shape == (1, rows, 48)
+    if packed:  # bf16 activations and outputs: close, not equal
+        assert (y - exact).abs().max() <= 0.02 * exact.abs().max()
+    else:
+        assert torch.equal(y, exact)
+
+
+def test_weight_only_load_names_a_bad_file(tmp_path):
+    qmodel = quantize_weight_only_int8(tiny())
+    save_weight_only_int8(qmodel, tmp_path)
+    tensors = load_file(tmp_path / WO_INT8_WEIGHTS)
+    del tensors["layers.1.attention.wo.weight_scale"]
+    save_file(tensors, tmp_path / WO_INT8_WEIGHTS)
+    with pytest.raises(ValueError, match=r"model-int8-wo.safetensors: missing tensors \['layers.1.attention.wo"):
+        load_weight_only_int8(tmp_path)
+    with pytest.raises(ValueError, match="no Int8WeightOnlyLinear"):
+        save_weight_only_int8(tiny(), tmp_path / "plain")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_weight_only_runs_on_cuda(tmp_path):
+    model = lively(tiny())
+    save_weight_only_int8(quantize_weight_only_int8(model), tmp_path)
+    on_cpu, on_gpu = load_weight_only_int8(tmp_path), load_weight_only_int8(tmp_path, device="cuda")
+    assert quantize_weight_only_int8(model.cuda()).layers[0].attention.wq.weight_int8.is_cuda
+    idx = torch.randint(0, VOCAB, (2, 64))
+    cpu_logits, gpu_logits = on_cpu(idx, idx)[0], on_gpu(idx.cuda(), idx.cuda())[0].cpu()
+    assert (gpu_logits - cpu_logits).abs().max() <= 1e-3 * cpu_logits.abs().max()
+    assert len(list(generate(on_gpu, [1, 2], 20, temperature=0))) == 20
 
 
 # Exact parameter counts at vocab 32000 (tied embedding counted once).

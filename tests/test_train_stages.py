@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,10 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from ember.model.checkpoint import load_model
 from ember.tasks import evaluate, quantize, train
 from ember.tasks.stage import Reporter, StageContext
+from ember.tasks.train_tokenizer import SPECIAL_TOKENS, load_tokenizer
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "tinyshakespeare" / "input.txt"
 
@@ -41,7 +44,7 @@ def make_artifacts(root: Path, chars: int = 150_000, val_fraction: float = 0.1) 
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.train_from_iterator(docs, trainers.BpeTrainer(
-        vocab_size=512, special_tokens=["<pad>", "<bos>", "<eos>"],
+        vocab_size=512, special_tokens=list(SPECIAL_TOKENS),  # the ids load_tokenizer checks
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     tok_dir = root / "train_tokenizer"
     tok_dir.mkdir(parents=True)
@@ -205,3 +208,106 @@ def test_unkeyed_fields_are_only_intervals():
     assert set(train.STAGE.unkeyed) == {"log_every", "eval_every", "checkpoint_every"}
     params = train.STAGE.params(train.TrainConfig())
     assert "lr" in params and "model" in params and "log_every" not in params
+
+
+# -- int8 variants and external texts -------------------------------------------------------------
+
+
+def external_bpb_by_hand(model, tokenizer, texts: list[str]) -> float:
+    """Bits per byte of whole documents, scored window by window without padding."""
+    stream = [2]
+    for text in texts:
+        stream += tokenizer.encode(text, add_special_tokens=False).ids + [2]
+    seq_len, nats = model.config.max_seq_len, 0.0
+    with torch.no_grad():
+        for start in range(0, len(stream) - 1, seq_len):
+            chunk = torch.tensor([stream[start:start + seq_len + 1]])
+            logits, _ = model(chunk[:, :-1], chunk[:, 1:])
+            nats += torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum").item()
+    return nats / math.log(2) / sum(len(t.encode()) for t in texts)
+
+
+def test_evaluate_reports_every_variant_and_external_texts(artifacts, trained, tmp_path):
+    model_dir, _ = trained
+    qctx = context(tmp_path, "quantize", {"train": model_dir})
+    qmetrics = quantize.run(quantize.QuantizeConfig(), qctx)
+    assert {p.name for p in qctx.out.iterdir()} == {"model-int8.safetensors", "model-int8-wo.safetensors",
+                                                     "config.json"}
+    assert qmetrics["variants"] == ["dynamic-int8", "weight-only-int8"]
+    assert qmetrics["int8_wo_linear_ratio"] <= 0.3 and qmetrics["int8_wo_file_bytes"] < qmetrics["fp32_file_bytes"]
+    config = json.loads((qctx.out / "config.json").read_text())
+    assert set(config["quantized"]) == {"dynamic-int8", "weight-only-int8"}
+    assert config["int8"]["scheme"] == "dynamic-int8" and config["model"]["dim"] == 64
+
+    text = SHAKESPEARE.read_text(encoding="utf-8")[200_000:230_000]  # beyond what the model trained on
+    docs = [d.strip() for d in text[:3_000].split("\n\n") if d.strip()]
+    jsonl, txt = tmp_path / "held-out.jsonl", tmp_path / "long.txt"
+    jsonl.write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs)))
+    txt.write_text(text)
+    cfg = evaluate.EvaluateConfig(eval_batches=2, batch_size=8, max_new_tokens=8, speed_tokens=16,
+                                  external=[str(jsonl), str(txt)], external_max_tokens=3_000)
+    ectx = context(tmp_path, "evaluate", {"train": model_dir, "quantize": qctx.out, **artifacts})
+    metrics = evaluate.run(cfg, ectx)
+    report = json.loads((ectx.out / "report.json").read_text())
+
+    assert report["models"] == ["fp32", "int8", "int8-wo"] and report["absent"] == {}
+    for name, file in [("fp32", model_dir / "model.safetensors"), ("int8", qctx.out / "model-int8.safetensors"),
+                       ("int8-wo", qctx.out / "model-int8-wo.safetensors")]:
+        assert report[name]["file_bytes"] == file.stat().st_size and report[name]["tokens_per_s"] > 0
+    fp32, wo = report["fp32"], report["int8-wo"]
+    assert abs(wo["bpb"] - fp32["bpb"]) / fp32["bpb"] < 0.01 and wo["delta_bpb"] == wo["bpb"] - fp32["bpb"]
+    assert metrics["int8_wo_bpb"] == wo["bpb"] and metrics["int8_wo_tokens_per_s"] == wo["tokens_per_s"]
+    assert all(s["tokens"] > 0 for s in report["samples"]["int8-wo"])
+
+    held_out, long = report["external"]
+    tokenizer = load_tokenizer(artifacts["train_tokenizer"])
+    assert held_out["docs_scored"] == held_out["docs"] == len(docs) and held_out["tokens"] < 3_000
+    expected = external_bpb_by_hand(load_model(model_dir), tokenizer, docs)
+    assert held_out["models"]["fp32"]["bpb"] == pytest.approx(expected, rel=1e-5)
+    assert abs(held_out["models"]["int8-wo"]["delta_bpb"]) < 0.02 * expected
+    # The long text is cut at the token budget; only the bytes it covers count.
+    assert long["tokens"] == 3_000 and 0.5 * 3_000 < long["bytes"] < len(text.encode())
+    assert metrics["external_bpb"][str(txt)]["int8"] == long["models"]["int8"]["bpb"]
+    md = (ectx.out / "report.md").read_text()
+    assert "| int8-wo |" in md and "## External texts" in md and f"| {jsonl} | int8-wo |" in md
+
+
+def test_evaluate_names_the_variant_that_is_absent(artifacts, trained, tmp_path):
+    model_dir, _ = trained
+    qctx = context(tmp_path, "quantize", {"train": model_dir})
+    qmetrics = quantize.run(quantize.QuantizeConfig(variants=["weight-only-int8"]), qctx)
+    assert not (qctx.out / "model-int8.safetensors").exists() and "linear_ratio" not in qmetrics
+    assert json.loads((qctx.out / "config.json").read_text())["int8"] is None
+    ectx = context(tmp_path, "evaluate", {"train": model_dir, "quantize": qctx.out, **artifacts})
+    evaluate.run(evaluate.EvaluateConfig(eval_batches=1, max_new_tokens=4, speed_tokens=0), ectx)
+    report = json.loads((ectx.out / "report.json").read_text())
+    assert report["models"] == ["fp32", "int8-wo"] and "int8" not in report
+    assert "model-int8.safetensors" in report["absent"]["int8"] and report["int8-wo"]["tokens_per_s"] is None
+    md = (ectx.out / "report.md").read_text()
+    assert "| int8 | not evaluated: no model-int8.safetensors" in md and "not measured" in md
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, r"missing\.jsonl: evaluate.external file not found"),
+    ('{"text": "fine"}\nnot json\n', r"bad\.jsonl: line 2: not valid JSON"),
+    ('{"text": "fine"}\n\n{"body": "no text"}\n', r"bad\.jsonl: line 3: no string `text` field"),
+], ids=["missing_file", "broken_json_line", "no_text_field"])
+def test_bad_external_file_is_named(trained, artifacts, tmp_path, content, message):
+    path = tmp_path / ("missing.jsonl" if content is None else "bad.jsonl")
+    if content is not None:
+        path.write_text(content)
+    model_dir, _ = trained
+    ctx = context(tmp_path, "evaluate", {"train": model_dir, "quantize": tmp_path, **artifacts})
+    with pytest.raises((FileNotFoundError, ValueError), match=message):
+        evaluate.run(evaluate.EvaluateConfig(external=[str(path)]), ctx)
+    assert list(ctx.out.iterdir()) == []
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"variants": ["dynamic-int8", "dynamic-int8"]}, "listed twice"),
+    ({"variants": ["int4"]}, "Input should be"),
+    ({"scheme": "dynamic-int8"}, "Extra inputs"),
+], ids=["repeated_variant", "unknown_variant", "stage_v1_scheme_key"])
+def test_bad_quantize_config_is_refused(section, message):
+    with pytest.raises(ValidationError, match=message):
+        quantize.QuantizeConfig(**section)

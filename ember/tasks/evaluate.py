@@ -1,33 +1,53 @@
-"""Stage `evaluate`: validation loss, perplexity and bits per byte of the fp32 and int8 models
-on the same fixed validation windows, plus seeded sample generations, as report.json and
-report.md.
+"""Stage `evaluate`: the fp32 model and every int8 variant that quantize wrote, scored on the same
+fixed validation windows (loss, perplexity, bits per byte, the change against fp32), with their
+file sizes, their generation speed and seeded sample generations, as report.json and report.md.
+
+Models: "fp32" (train's model.safetensors), "int8" (dynamic int8, model-int8.safetensors) and
+"int8-wo" (weight-only int8, model-int8-wo.safetensors), each when its file exists; the report
+names the ones that are absent.
 
 Bits per byte divide by the UTF-8 bytes of the validation text (tokenize's meta.json), so
 models with different tokenizers compare fairly. Prompts are encoded after an EOS because in
 the training stream every document follows one: the prompt then reads as a document start.
+
+Optional external texts (`external`: .txt files, each one document, or .jsonl files with a
+`text` field per line) are tokenized with the artifact's tokenizer into the training stream's
+shape (EOS, doc, EOS, doc, EOS...), cut into non-overlapping windows of the model's context like
+the validation windows, and every token is scored once; their bits per byte divide by those
+texts' own UTF-8 bytes. Relative paths are taken from the working directory. The files are read
+when the stage runs: the stage's cache key holds their paths, not their contents.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
 from pathlib import Path
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ember.model.checkpoint import load_model, read_config
+from ember.model.checkpoint import WEIGHTS, load_model, read_config
 from ember.model.generate import generate
-from ember.model.quantize import INT8_WEIGHTS, load_int8
+from ember.model.quantize import INT8_WEIGHTS, WO_INT8_WEIGHTS, load_int8, load_weight_only_int8
 from ember.tasks.stage import Stage, StageContext
 from ember.tasks.train import TokenStream, bits_per_byte, eval_loss, read_meta
 from ember.tasks.train_tokenizer import load_tokenizer
+
+# name in the report -> (file in the quantize artifact, loader, what it is)
+QUANTIZED = {
+    "int8": (INT8_WEIGHTS, load_int8, "dynamic int8"),
+    "int8-wo": (WO_INT8_WEIGHTS, load_weight_only_int8, "weight-only int8"),
+}
+SPEED_REPEATS = 3
 
 
 class EvaluateConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    eval_batches: int = Field(20, gt=0, description="validation batches (fixed windows, the same for both models)")
+    eval_batches: int = Field(20, gt=0, description="validation batches (fixed windows, the same for every model)")
     batch_size: int = Field(8, gt=0, description="windows of max_seq_len tokens per batch")
     prompts: list[str] = Field(["Once upon a time", "The king said", "It was a dark and stormy night"],
                                description="sample generation prompts")
@@ -35,7 +55,17 @@ class EvaluateConfig(BaseModel):
     temperature: float = Field(0.8, ge=0, description="0 = greedy")
     top_k: int | None = Field(50, gt=0, description="sample among the k likeliest tokens; None = all")
     seed: int = Field(1234, ge=0, description="sampling seed of the first prompt (+1 for each next one), "
-                                            "the same for both models")
+                                            "the same for every model")
+    speed_tokens: int = Field(64, ge=0, description="generation speed: greedy tokens (batch 1, KV cache, no EOS "
+                                                  "stop) timed per model after a warm-up, median of 3; 0 = skip")
+    external: list[str] = Field([], description="extra evaluation texts: .txt (one document each) or .jsonl "
+                                              "(a `text` field per line) paths, scored like the validation "
+                                              "windows, bits per byte over their own UTF-8 bytes")
+    external_max_tokens: int = Field(100_000, gt=0, description="tokens scored per external file at most "
+                                                               "(the first ones)")
+
+
+# -- scoring -----------------------------------------------------------------------------------------
 
 
 def _scores(model, windows, batch_size: int, meta: dict) -> dict:
@@ -45,6 +75,28 @@ def _scores(model, windows, batch_size: int, meta: dict) -> dict:
     loss = eval_loss(model, windows, batch_size)
     return {"val_loss": loss, "perplexity": math.exp(loss), "bpb": bits_per_byte(loss, meta),
             "seconds": round(time.monotonic() - started, 2)}
+
+
+def _delta(score: dict, base: dict) -> dict:
+    """The change against fp32 (None where a figure is missing)."""
+    if score["val_loss"] is None or base["val_loss"] is None:
+        return {"delta_loss": None, "delta_bpb": None, "delta_relative": None}
+    return {"delta_loss": score["val_loss"] - base["val_loss"],
+            "delta_bpb": score["bpb"] - base["bpb"] if score["bpb"] is not None and base["bpb"] is not None else None,
+            "delta_relative": (score["val_loss"] - base["val_loss"]) / base["val_loss"]}
+
+
+def generation_speed(model, prompt_ids: list[int], new_tokens: int) -> float | None:
+    """Tokens per second of greedy generation, batch 1, after a warm-up; the median of a few runs."""
+    if new_tokens <= 0:
+        return None
+    list(generate(model, prompt_ids, min(8, new_tokens), temperature=0))  # first calls, allocations
+    speeds = []
+    for _ in range(SPEED_REPEATS):
+        started = time.perf_counter()
+        n = sum(1 for _ in generate(model, prompt_ids, new_tokens, temperature=0))
+        speeds.append(n / (time.perf_counter() - started))
+    return round(statistics.median(speeds), 1)
 
 
 def _samples(model, tokenizer, cfg: EvaluateConfig, eos_id: int) -> list[dict]:
@@ -60,43 +112,148 @@ def _samples(model, tokenizer, cfg: EvaluateConfig, eos_id: int) -> list[dict]:
     return samples
 
 
-def _fmt(value, digits: int = 4) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
+# -- external texts ------------------------------------------------------------------------------------
+
+
+def read_texts(path: Path) -> list[str]:
+    """The documents of one external file: a .jsonl file's `text` fields, else the whole file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: evaluate.external file not found")
+    try:
+        if path.suffix != ".jsonl":
+            return [path.read_text(encoding="utf-8")]
+        texts = []
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    raise ValueError(f"{path}: line {n}: not valid JSON") from None
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise ValueError(f"{path}: line {n}: no string `text` field")
+                texts.append(record["text"])
+        return texts
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err})") from None
+
+
+def token_stream(texts: list[str], tokenizer, eos_id: int, max_tokens: int) -> tuple[list[int], int, int]:
+    """EOS, doc, EOS, doc, EOS... with at most `max_tokens` tokens after the first EOS; returns the
+    stream, the UTF-8 bytes of the text it covers and the documents it holds (a cut one included).
+    A document cut by the budget gets no EOS, and only its covered text's bytes count."""
+    stream, n_bytes, docs = [eos_id], 0, 0
+    for text in texts:
+        room = max_tokens - (len(stream) - 1)
+        if room <= 0:
+            break
+        encoding = tokenizer.encode(text, add_special_tokens=False)
+        if not encoding.ids:
+            continue
+        docs += 1
+        if len(encoding.ids) + 1 <= room:
+            stream += encoding.ids + [eos_id]
+            n_bytes += len(text.encode("utf-8"))
+        else:
+            stream += encoding.ids[:room]
+            n_bytes += len(text[:encoding.offsets[room - 1][1]].encode("utf-8"))
+            break
+    return stream, n_bytes, docs
+
+
+def stream_windows(stream: list[int], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-overlapping (inputs, targets) windows (n, seq_len) that predict every token after the
+    first once; the last window is padded (input 0, target -1, which the loss ignores)."""
+    predicted = len(stream) - 1
+    n = math.ceil(predicted / seq_len)
+    ids = torch.tensor(stream, dtype=torch.long)
+    x = torch.zeros(n * seq_len, dtype=torch.long)
+    y = torch.full((n * seq_len,), -1, dtype=torch.long)
+    x[:predicted], y[:predicted] = ids[:-1], ids[1:]
+    return x.view(n, seq_len), y.view(n, seq_len)
+
+
+@torch.no_grad()
+def total_nats(model, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
+    """Summed cross-entropy (nats) of every target that is not -1."""
+    total = 0.0
+    for start in range(0, len(x), batch_size):
+        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+        _, loss = model(xb, yb)  # the mean over the batch's scored targets
+        total += loss.item() * int((yb != -1).sum())
+    return total
+
+
+def evaluate_external(path: Path, texts: list[str], models: dict, tokenizer, eos_id: int,
+                      cfg: EvaluateConfig) -> dict:
+    seq_len = models["fp32"].config.max_seq_len
+    stream, n_bytes, docs = token_stream(texts, tokenizer, eos_id, cfg.external_max_tokens)
+    result = {"path": str(path), "docs": len(texts), "docs_scored": docs, "tokens": len(stream) - 1,
+              "bytes": n_bytes, "models": {}}
+    if len(stream) < 2 or n_bytes == 0:
+        return result
+    x, y = stream_windows(stream, seq_len)
+    for name, model in models.items():
+        nats = total_nats(model, x, y, cfg.batch_size)
+        loss = nats / (len(stream) - 1)
+        result["models"][name] = {"loss": loss, "perplexity": math.exp(loss), "bpb": nats / math.log(2) / n_bytes}
+    base = result["models"]["fp32"]["bpb"]
+    for score in result["models"].values():
+        score["delta_bpb"] = score["bpb"] - base
+    return result
+
+
+# -- the stage ---------------------------------------------------------------------------------------
 
 
 def run(cfg: EvaluateConfig, ctx: StageContext) -> dict:
-    model_dir, int8_dir = Path(ctx.inputs["train"]), Path(ctx.inputs["quantize"])
+    model_dir, quant_dir = Path(ctx.inputs["train"]), Path(ctx.inputs["quantize"])
     tokens_dir = Path(ctx.inputs["tokenize"])
+    # External files first: a missing one should fail before minutes of scoring.
+    external_texts = {Path(p): read_texts(Path(p)) for p in cfg.external}
     meta = read_meta(tokens_dir)
     _, config = read_config(model_dir)
     eos_id = int(config.get("tokenizer", {}).get("eos_id", meta.get("eos_id", 2)))
     tokenizer = load_tokenizer(Path(ctx.inputs["train_tokenizer"]))
 
     models = {"fp32": load_model(model_dir)}
-    if (int8_dir / INT8_WEIGHTS).exists():
-        models["int8"] = load_int8(int8_dir)
-    else:
-        ctx.log.warning("%s: no %s (quantization disabled); evaluating fp32 only", int8_dir, INT8_WEIGHTS)
+    files = {"fp32": model_dir / WEIGHTS}
+    absent = {}
+    for name, (file, load, what) in QUANTIZED.items():
+        if (quant_dir / file).exists():
+            models[name], files[name] = load(quant_dir), quant_dir / file
+        else:
+            absent[name] = f"no {file} in the quantize artifact ({what} not made)"
+            ctx.log.warning("%s: no %s; %s is not evaluated", quant_dir, file, name)
     seq_len = models["fp32"].config.max_seq_len
     val = TokenStream(tokens_dir / "val", meta.get("dtype"))
     windows = val.fixed_windows(cfg.eval_batches * cfg.batch_size, seq_len)
     if windows is None:
         ctx.log.warning("%s: no validation shard holds %d tokens; no loss figures", val.folder, seq_len + 1)
 
-    scores = {name: _scores(model, windows, cfg.batch_size, meta) for name, model in models.items()}
+    speed_prompt = [eos_id] + (tokenizer.encode(cfg.prompts[0], add_special_tokens=False).ids if cfg.prompts else [])
+    scores = {}
+    for name, model in models.items():
+        ctx.report.progress(len(scores), len(models), "evaluate models")
+        scores[name] = {**_scores(model, windows, cfg.batch_size, meta), "file": files[name].name,
+                        "file_bytes": files[name].stat().st_size,
+                        "tokens_per_s": generation_speed(model, speed_prompt, cfg.speed_tokens)}
+    for name in scores:
+        scores[name].update(_delta(scores[name], scores["fp32"]))
     samples = {name: _samples(model, tokenizer, cfg, eos_id) for name, model in models.items()}
-    delta = None
-    if "int8" in scores and windows is not None:
-        fp32, int8 = scores["fp32"], scores["int8"]
-        delta = {"val_loss": int8["val_loss"] - fp32["val_loss"],
-                 "bpb": int8["bpb"] - fp32["bpb"] if fp32["bpb"] is not None else None,
-                 "relative": (int8["val_loss"] - fp32["val_loss"]) / fp32["val_loss"]}
+    external = [evaluate_external(path, texts, models, tokenizer, eos_id, cfg)
+                for path, texts in external_texts.items()]
 
     report = {
         "val": {"windows": 0 if windows is None else len(windows), "seq_len": seq_len,
                 "tokens": 0 if windows is None else len(windows) * seq_len},
+        "models": list(models),
+        "absent": absent,
         **scores,
-        "int8_delta": delta,
+        "speed": {"new_tokens": cfg.speed_tokens, "batch_size": 1, "decoding": "greedy, KV cache",
+                  "threads": torch.get_num_threads(), "repeats": SPEED_REPEATS},
+        "external": external,
         "samples": samples,
         "generation": {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_k": cfg.top_k,
                        "seed": cfg.seed},
@@ -108,9 +265,13 @@ def run(cfg: EvaluateConfig, ctx: StageContext) -> dict:
     (ctx.out / "report.md").write_text(md)
     ctx.report.markdown("eval-report", md, description="Evaluation report")
 
-    metrics = {f"{name}_{key}": value for name, s in scores.items() for key, value in s.items() if key != "seconds"}
-    if delta is not None:
-        metrics.update({"int8_delta_loss": delta["val_loss"], "int8_delta_relative": delta["relative"]})
+    metrics = {}
+    for name, s in scores.items():
+        key = name.replace("-", "_")
+        metrics.update({f"{key}_{k}": v for k, v in s.items()
+                        if k not in ("seconds", "file") and not (name == "fp32" and k.startswith("delta"))})
+    if external:
+        metrics["external_bpb"] = {e["path"]: {name: s["bpb"] for name, s in e["models"].items()} for e in external}
     metrics["val_windows"] = report["val"]["windows"]
     return metrics
 
@@ -125,23 +286,51 @@ def _loss_curve(path: Path, keep: int = 12) -> list[dict]:
     return rows[::step] + ([rows[-1]] if (len(rows) - 1) % step else [])
 
 
+def _fmt(value, digits: int = 4, sign: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
+
+
 def _markdown(report: dict, curve: list[dict]) -> str:
     m, v = report["model"], report["val"]
     lines = [
         "# Evaluation report", "",
         f"Model: dim {m['dim']}, {m['n_layers']} layers, {m['n_heads']} heads ({m['n_kv_heads']} kv), "
         f"context {m['max_seq_len']}, vocab {m['vocab_size']}.",
-        f"Validation: {v['windows']} fixed windows of {v['seq_len']} tokens ({v['tokens']:,} tokens).", "",
-        "| model | val loss | perplexity | bits per byte |", "|---|---:|---:|---:|",
+        f"Validation: {v['windows']} fixed windows of {v['seq_len']} tokens ({v['tokens']:,} tokens), "
+        "the same for every model.", "",
+        "| model | file | MB | val loss | perplexity | bits per byte | bpb vs fp32 | loss vs fp32 | tokens/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name in ("fp32", "int8"):
-        if name in report:
-            s = report[name]
-            lines.append(f"| {name} | {_fmt(s['val_loss'])} | {_fmt(s['perplexity'], 2)} | {_fmt(s['bpb'])} |")
-    if report["int8_delta"]:
-        d = report["int8_delta"]
-        lines += ["", f"int8 - fp32: loss {d['val_loss']:+.4f} ({100 * d['relative']:+.2f}%), "
-                      f"bits per byte {d['bpb']:+.4f}." if d['bpb'] is not None else ""]
+    for name in report["models"]:
+        s = report[name]
+        is_base = name == "fp32"
+        relative = "" if s["delta_relative"] is None or is_base else f" ({100 * s['delta_relative']:+.2f}%)"
+        lines.append(
+            f"| {name} | {s['file']} | {s['file_bytes'] / 1e6:.2f} | {_fmt(s['val_loss'])} | "
+            f"{_fmt(s['perplexity'], 2)} | {_fmt(s['bpb'])} | {'' if is_base else _fmt(s['delta_bpb'], sign=True)} | "
+            f"{'' if is_base else _fmt(s['delta_loss'], sign=True) + relative} | {_fmt(s['tokens_per_s'], 1)} |")
+    for name, reason in report["absent"].items():
+        lines.append(f"| {name} | not evaluated: {reason} | | | | | | | |")
+    sp = report["speed"]
+    lines += ["", "int8: dynamic int8 (int8 weights, activations quantized to int8 at run time); int8-wo: "
+              "weight-only int8 (int8 weights, fp32 activations; bf16 in the CPU kernel used for generation). "
+              "tokens/s: " + (f"{sp['new_tokens']} greedy tokens, batch 1, KV cache, torch threads: "
+              f"{sp['threads']}, median of {sp['repeats']} after a warm-up; it depends on the machine and its "
+              "load." if sp["new_tokens"] else "not measured (`speed_tokens: 0`).")]
+    if report["external"]:
+        lines += ["", "## External texts", "",
+                  "| text | model | docs | tokens | bytes | loss | perplexity | bits per byte | bpb vs fp32 |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for e in report["external"]:
+            docs = f"{e['docs_scored']:,} of {e['docs']:,}"
+            if not e["models"]:
+                lines.append(f"| {e['path']} | (no text) | {docs} | 0 | 0 | | | | |")
+            for name, s in e["models"].items():
+                lines.append(f"| {e['path']} | {name} | {docs} | {e['tokens']:,} | {e['bytes']:,} | "
+                             f"{_fmt(s['loss'])} | {_fmt(s['perplexity'], 2)} | {_fmt(s['bpb'])} | "
+                             f"{'' if name == 'fp32' else _fmt(s['delta_bpb'], sign=True)} |")
     if curve:
         lines += ["", "## Training curve", "", "| step | train loss | val loss |", "|---:|---:|---:|"]
         lines += [f"| {r['step']} | {r['loss']:.4f} | {_fmt(r.get('val_loss'))} |" for r in curve]
@@ -156,4 +345,5 @@ def _markdown(report: dict, curve: list[dict]) -> str:
     return "\n".join(lines)
 
 
-STAGE = Stage(name="evaluate", version=1, run=run)
+# 2: every int8 variant (weight-only added), file sizes, generation speed, external texts.
+STAGE = Stage(name="evaluate", version=2, run=run)
