@@ -53,7 +53,7 @@ def test_first_run_runs_every_stage_and_publishes(built):
     release = Path(summary["release"])
     assert release.parent == store / "releases" and (store / "releases" / "latest").resolve() == release
     for name in ["model.safetensors", "model-int8.safetensors", "tokenizer.json", "config.json", "report.json",
-                 "release.json", "hf/config.json", "hf/model.safetensors", "model-f16.gguf", "model-q8_0.gguf"]:
+                 "release.json", "model-int8-wo.safetensors", "hf/config.json", "hf/model.safetensors", "model-f16.gguf", "model-q8_0.gguf"]:
         assert (release / name).is_file(), name
     assert set(task_state_names(flow_run_id).values()) == {"Completed"}
 

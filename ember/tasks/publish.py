@@ -52,7 +52,7 @@ REQUIRED = {
     "evaluate": ("report.json", "report.md"),
     "train_tokenizer": TOKENIZER_FILES,
 }
-OPTIONAL = {"train": ("loss.jsonl",)}
+OPTIONAL = {"train": ("loss.jsonl",), "quantize": ("model-int8-wo.safetensors",)}
 REPORT_IMAGES = (".png", ".svg")  # the evaluate report's plots, which report.md links by name
 
 
@@ -136,6 +136,8 @@ def release_sources(inputs: dict[str, Path], include_int8: bool) -> dict[str, Pa
                 raise FileNotFoundError(f"{path}: the {stage} artifact has no {name}, which a release needs")
             sources[name] = path
     for stage, names in OPTIONAL.items():
+        if stage == "quantize" and not include_int8:
+            continue
         sources.update({name: inputs[stage] / name for name in names if (inputs[stage] / name).is_file()})
     for path in sorted(inputs["evaluate"].iterdir()):
         if path.suffix in REPORT_IMAGES and path.is_file():
