@@ -60,15 +60,18 @@ def test_source_without_text_fails_naming_it(tmp_path, make_source, expected):
     assert not (tmp_path / "store").exists()
 
 
-def test_relative_source_paths_are_read_from_the_config_folder(tmp_path):
+def test_relative_paths_are_read_from_the_config_folder(tmp_path):
     from ember.flows.config import load_config
 
     (tmp_path / "configs").mkdir()
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "a.txt").write_text("some text")
     path = tmp_path / "configs" / "c.yaml"
-    path.write_text(yaml.safe_dump({**TINY, "download": {"sources": [{"path": "../data"}]}}))
-    assert load_config(path).download.sources[0].path == str(tmp_path / "data")
+    path.write_text(yaml.safe_dump({**TINY, "download": {"sources": [{"path": "../data"}]},
+                                    "evaluate": {"external": ["../data/a.txt", "/abs/b.txt"]}}))
+    config = load_config(path)
+    assert config.download.sources[0].path == str(tmp_path / "data")
+    assert config.evaluate.external == [str(tmp_path / "data" / "a.txt"), "/abs/b.txt"]
 
 
 def test_unknown_stage_for_force(tmp_path):

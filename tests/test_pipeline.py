@@ -53,9 +53,11 @@ def test_first_run_runs_every_stage_and_publishes(built):
     release = Path(summary["release"])
     assert release.parent == store / "releases" and (store / "releases" / "latest").resolve() == release
     for name in ["model.safetensors", "model-int8.safetensors", "tokenizer.json", "config.json", "report.json",
-                 "release.json", "model-int8-wo.safetensors", "hf/config.json", "hf/model.safetensors", "model-f16.gguf", "model-q8_0.gguf"]:
+                 "release.json", "model-int8-wo.safetensors", "loss.png", "hf/config.json", "hf/model.safetensors", "model-f16.gguf", "model-q8_0.gguf"]:
         assert (release / name).is_file(), name
     assert set(task_state_names(flow_run_id).values()) == {"Completed"}
+    assert "![loss curve](loss.png)" in (release / "report.md").read_text()
+    assert (release / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_second_run_is_all_cache_hits_in_prefect_too(built):

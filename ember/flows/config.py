@@ -94,8 +94,17 @@ def load_config(path: str | Path) -> PipelineConfig:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    sources = (data.get("download") or {}).get("sources") if isinstance(data.get("download"), dict) else None
+    folder = path.resolve().parent
+
+    def resolved(value):
+        is_relative = isinstance(value, str) and not os.path.isabs(os.path.expanduser(value))
+        return os.path.normpath(folder / value) if is_relative else value
+
+    download, evaluate = data.get("download"), data.get("evaluate")
+    sources = download.get("sources") if isinstance(download, dict) else None
     for source in sources if isinstance(sources, list) else []:
-        if isinstance(source, dict) and isinstance(source.get("path"), str) and not os.path.isabs(source["path"]):
-            source["path"] = os.path.normpath(path.resolve().parent / source["path"])
+        if isinstance(source, dict) and "path" in source:
+            source["path"] = resolved(source["path"])
+    if isinstance(evaluate, dict) and isinstance(evaluate.get("external"), list):
+        evaluate["external"] = [resolved(item) for item in evaluate["external"]]
     return parse_config(data, origin=str(path))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -261,7 +262,9 @@ def run(cfg: EvaluateConfig, ctx: StageContext) -> dict:
         "model": config["model"],
     }
     (ctx.out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    md = _markdown(report, _loss_curve(model_dir / "loss.jsonl"))
+    if (model_dir / "loss.png").is_file():  # the report links it; publish ships it beside report.md
+        shutil.copy2(model_dir / "loss.png", ctx.out / "loss.png")
+    md = _markdown(report, _loss_curve(model_dir / "loss.jsonl"), has_plot=(ctx.out / "loss.png").is_file())
     (ctx.out / "report.md").write_text(md)
     ctx.report.markdown("eval-report", md, description="Evaluation report")
 
@@ -292,7 +295,7 @@ def _fmt(value, digits: int = 4, sign: bool = False) -> str:
     return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
 
 
-def _markdown(report: dict, curve: list[dict]) -> str:
+def _markdown(report: dict, curve: list[dict], has_plot: bool = False) -> str:
     m, v = report["model"], report["val"]
     lines = [
         "# Evaluation report", "",
@@ -332,7 +335,8 @@ def _markdown(report: dict, curve: list[dict]) -> str:
                              f"{_fmt(s['loss'])} | {_fmt(s['perplexity'], 2)} | {_fmt(s['bpb'])} | "
                              f"{'' if name == 'fp32' else _fmt(s['delta_bpb'], sign=True)} |")
     if curve:
-        lines += ["", "## Training curve", "", "| step | train loss | val loss |", "|---:|---:|---:|"]
+        lines += ["", "## Training curve", ""] + (["![loss curve](loss.png)", ""] if has_plot else [])
+        lines += ["| step | train loss | val loss |", "|---:|---:|---:|"]
         lines += [f"| {r['step']} | {r['loss']:.4f} | {_fmt(r.get('val_loss'))} |" for r in curve]
     g = report["generation"]
     lines += ["", "## Samples", "",

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ember.model.checkpoint import load_checkpoint, save_checkpoint, save_model
 from ember.model.transformer import PRESETS, ModelConfig, Transformer
+from ember.tasks.plots import loss_curve_png
 from ember.tasks.stage import Stage, StageContext
 
 
@@ -323,6 +324,7 @@ def run(cfg: TrainConfig, ctx: StageContext) -> dict:
     with open(ctx.out / "loss.jsonl", "w") as f:
         for record in records:
             f.write(json.dumps(record) + "\n")
+    loss_curve_png(records, ctx.out / "loss.png", f"{cfg.model.preset} preset, {n_params:,} parameters")
 
     ctx.report.table("train-loss", [
         {"step": r["step"], "loss": round(r["loss"], 4),
