@@ -97,8 +97,10 @@ def load_config(path: str | Path) -> PipelineConfig:
     folder = path.resolve().parent
 
     def resolved(value):
-        is_relative = isinstance(value, str) and not os.path.isabs(os.path.expanduser(value))
-        return os.path.normpath(folder / value) if is_relative else value
+        if not isinstance(value, str):
+            return value  # the model's validation names the bad type
+        value = os.path.expanduser(value)
+        return value if os.path.isabs(value) else os.path.normpath(folder / value)
 
     download, evaluate = data.get("download"), data.get("evaluate")
     sources = download.get("sources") if isinstance(download, dict) else None
