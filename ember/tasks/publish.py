@@ -24,13 +24,13 @@ import os
 import re
 import secrets
 import shutil
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import torch
 from filelock import FileLock
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -38,7 +38,8 @@ from ember.model.checkpoint import load_model
 from ember.model.export import export_gguf, export_hf
 from ember.storage.store import MANIFEST, file_sha256
 from ember.tasks.stage import Stage, StageContext
-from ember.tasks.train import TokenStream, eval_loss
+from ember.tasks.evaluate import stream_windows, token_stream, total_nats
+from ember.tasks.train import TokenStream
 from ember.tasks.train_tokenizer import EOS_ID, TOKENIZER_FILES, load_tokenizer
 
 LATEST = "latest"
@@ -92,21 +93,13 @@ def validation_texts(tokens_dir: Path, tokenizer, max_tokens: int) -> list[str]:
 
 
 def text_bits_per_byte(model, tokenizer, texts: list[str], batch_size: int = 8) -> float:
-    """Bits per UTF-8 byte of `texts` under `model`: documents joined by EOS, cut into
-    non-overlapping windows of the model's context, every next token predicted once."""
-    stream = [EOS_ID]
-    for encoding in tokenizer.encode_batch(texts, add_special_tokens=False):
-        stream += encoding.ids + [EOS_ID]
-    seq_len = model.config.max_seq_len
-    n = (len(stream) - 1) // seq_len
-    if n == 0:
-        raise ValueError(f"the gate's validation text is shorter than one window of {seq_len} tokens")
-    windows = torch.tensor(stream[: n * seq_len + 1], dtype=torch.long)
-    windows = torch.stack([windows[i * seq_len: (i + 1) * seq_len + 1] for i in range(n)])
-    nats = eval_loss(model, windows, batch_size) * n * seq_len
-    # Only the bytes of the windows scored: the tail that did not fill a window is not counted.
-    scored = tokenizer.decode(stream[1: n * seq_len + 1], skip_special_tokens=True)
-    return nats / math.log(2) / len(scored.encode("utf-8"))
+    """Bits per UTF-8 byte of `texts` under `model` with its own tokenizer, scored as evaluate
+    scores external texts: documents joined by EOS, every token predicted once."""
+    stream, n_bytes, _ = token_stream(texts, tokenizer, EOS_ID, max_tokens=sys.maxsize)
+    if n_bytes == 0:
+        raise ValueError("the gate's validation text is empty")
+    x, y = stream_windows(stream, model.config.max_seq_len)
+    return total_nats(model, x, y, batch_size) / math.log(2) / n_bytes
 
 
 def gate_decision(ctx: StageContext, releases: Path, cfg: PublishConfig) -> dict | None:
