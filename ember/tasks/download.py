@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ember.storage.shards import ShardWriter
+from ember.storage.store import file_sha256
 from ember.tasks.stage import Stage, StageContext
 
 # Longest suffix first: ".jsonl.gz" must win over ".gz".
@@ -239,7 +240,7 @@ def fetch_url(url: str, dest_dir: Path, sha256: str | None = None, attempts: int
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / name
     partial = dest_dir / (name + ".part")
-    if sha256 and dest.exists() and _sha256_of(dest) == sha256.lower():
+    if sha256 and dest.exists() and file_sha256(dest) == sha256.lower():
         return dest  # fetched before a crash (ctx.work outlives one) and still the pinned file
     for attempt in range(1, attempts + 1):
         digest = hashlib.sha256()
@@ -265,14 +266,6 @@ def fetch_url(url: str, dest_dir: Path, sha256: str | None = None, attempts: int
                           f"got {digest.hexdigest()}; file discarded")
     os.replace(partial, dest)
     return dest
-
-
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _is_saved_dataset(folder: Path) -> bool:

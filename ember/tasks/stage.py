@@ -122,16 +122,23 @@ def run_stage(store: Store, stage: Stage, cfg: BaseModel | None, inputs: dict[st
     started = time.monotonic()
     reporter = reporter or Reporter(stage.name)
 
+    # An artifact is current only if each input still holds what it was built from: the key names
+    # inputs by ref, and an input deleted and rebuilt with other bytes (training stopped by a time
+    # budget, a forced rerun after a code change) keeps its ref but makes this artifact stale.
+    input_artifacts = {name: store.require(r) for name, r in inputs.items()}
+    input_digests = {name: a.manifest["digest"] for name, a in input_artifacts.items()}
+
+    def current(artifact) -> bool:
+        return artifact is not None and not force and artifact.manifest.get("input_digests") == input_digests
+
     existing = store.get(ref)
-    if existing is not None and not force and _inputs_unchanged(store, existing.manifest, inputs):
+    if current(existing):
         return Outcome(stage.name, ref, True, time.monotonic() - started, existing.metrics)
 
     with store.lock(ref):
-        input_artifacts = {name: store.require(r) for name, r in inputs.items()}
-        input_digests = {name: a.manifest["digest"] for name, a in input_artifacts.items()}
         # Another run may have finished this artifact while we waited for the lock.
         existing = store.get(ref)
-        if existing is not None and not force and existing.manifest.get("input_digests") == input_digests:
+        if current(existing):
             return Outcome(stage.name, ref, True, time.monotonic() - started, existing.metrics)
         if existing is not None and not force:
             reporter.log.info("an input was rebuilt with other content: rebuilding %s", ref)
@@ -145,17 +152,3 @@ def run_stage(store: Store, stage: Stage, cfg: BaseModel | None, inputs: dict[st
             manifest["metrics"] = metrics
     return Outcome(stage.name, ref, False, time.monotonic() - started, metrics)
 
-
-def _inputs_unchanged(store: Store, manifest: dict, inputs: dict[str, str]) -> bool:
-    """An artifact is current only if each input still holds what it was built from.
-
-    The key names the inputs by ref; an input deleted and rebuilt keeps its ref, and if its
-    content came out different (training stopped by a time budget, a forced rerun after a
-    code change) everything built from it is stale.
-    """
-    recorded = manifest.get("input_digests", {})
-    for name, ref in inputs.items():
-        artifact = store.get(ref)
-        if artifact is None or artifact.manifest.get("digest") != recorded.get(name):
-            return False
-    return True
