@@ -11,7 +11,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: run test install demo clean
+.PHONY: run test install demo clean server serve
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,6 +30,17 @@ test: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/ember demo
+
+# Ember under a Prefect server (README: "Run it with Prefect"): `make server` in one terminal,
+# `make serve` in another. The server keeps its runs in SQLite under ~/.prefect.
+PREFECT_PORT ?= 4200
+PREFECT_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api
+
+server: $(VENV)/.installed
+	$(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+serve: $(VENV)/.installed
+	PREFECT_API_URL=$(PREFECT_API_URL) $(PY) -m ember.deployments.serve $(CONFIG)
 
 clean:
 	rm -rf .ember

@@ -1,22 +1,104 @@
-"""The `build` deployment takes the typed pipeline config as its parameters."""
+"""The deployments of the serve process, and the corpus watcher behind the retrain trigger."""
 
 from __future__ import annotations
 
+import json
+from datetime import timedelta
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_build_deployment_parameters_are_the_typed_config():
-    from ember.deployments.serve import build_deployment
+@pytest.fixture(scope="module")
+def deployments():
+    from ember.deployments.serve import deployments
+    from ember.flows.config import load_config
 
-    deployment = build_deployment(str(REPO / "configs" / "sample.yaml"))
-    assert deployment.name == "build"
+    return {d.name: d for d in deployments(load_config(REPO / "configs" / "sample.yaml"))}
+
+
+def test_build_deployment_parameters_are_the_typed_config(deployments):
+    deployment = deployments["build"]
+    assert deployment.flow_name == "build-llm"
     config = deployment.parameters["config"]
     assert config["name"] == "sample"
     assert config["download"]["sources"][0]["path"].endswith("gutenberg_en")
+    # Runs start in subprocesses: the store is pinned to an absolute folder.
+    assert Path(config["store"]["root"]).is_absolute()
     schema = deployment._parameter_openapi_schema.model_dump()
     assert "config" in schema["required"]
     pipeline = schema["definitions"]["PipelineConfig"]
-    assert {"download", "filter", "train", "publish"} <= set(pipeline["properties"])
+    assert {"download", "filter", "train", "publish", "schedule", "runner"} <= set(pipeline["properties"])
     assert pipeline.get("additionalProperties") is False
+    assert deployment.concurrency_limit == 1 and deployment.schedules == []
+
+
+def test_retrain_runs_nightly_and_on_corpus_change_with_warm_start_through_the_gate(deployments):
+    retrain = deployments["retrain"]
+    config = retrain.parameters["config"]
+    assert config["train"]["warm_start"] is True and config["publish"]["force"] is False
+    # Otherwise the build's config: the same stage settings, so unchanged stages are cache hits.
+    build = deployments["build"].parameters["config"]
+    assert {k: v for k, v in config.items() if k != "train"} == {k: v for k, v in build.items() if k != "train"}
+    assert {**config["train"], "warm_start": False} == build["train"]
+    (schedule,) = retrain.schedules
+    assert schedule.schedule.cron == "0 3 * * *" and schedule.schedule.timezone == "UTC"
+    (trigger,) = retrain.triggers
+    assert trigger.expect == {"ember.corpus.changed"}
+    assert trigger.match.model_dump() == {"prefect.resource.id": "ember.config.sample"}
+    assert retrain.concurrency_limit == 1 and retrain.concurrency_options.collision_strategy.value == "ENQUEUE"
+
+
+def test_watcher_and_demo_deployments(deployments):
+    watch = deployments["watch"]
+    assert watch.flow_name == "watch-corpus"
+    assert watch.schedules[0].schedule.interval == timedelta(seconds=600)
+    demo = deployments["demo"]
+    assert demo.flow_name == "ember-demo" and Path(demo.parameters["store_root"]).is_absolute()
+    assert demo.entrypoint == "ember.deployments.serve.demo"
+
+
+def test_schedule_section_changes_the_deployments(tmp_path):
+    from ember.deployments.serve import deployments
+    from ember.flows.config import load_config
+
+    config = load_config(REPO / "configs" / "sample.yaml")
+    config = config.model_copy(update={"schedule": config.schedule.model_copy(
+        update={"cron": None, "interval_seconds": 30.0, "watch_seconds": None})})
+    found = {d.name: d for d in deployments(config)}
+    assert "watch" not in found
+    (schedule,) = found["retrain"].schedules
+    assert schedule.schedule.interval == timedelta(seconds=30)
+
+
+def test_serve_refuses_to_start_without_a_server(monkeypatch, capsys):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from ember.deployments.serve import main
+
+    with temporary_settings({PREFECT_API_URL: None}), pytest.raises(SystemExit) as exit_info:
+        main([str(REPO / "configs" / "sample.yaml")])
+    assert "PREFECT_API_URL is not set" in str(exit_info.value)
+
+
+@pytest.mark.slow
+def test_watcher_reports_a_change_once(prefect_api, tmp_path, corpora):
+    from ember.flows.config import parse_config
+    from ember.flows.watch import seen_path, watch_corpus
+
+    source = tmp_path / "texts"
+    source.mkdir()
+    text = (corpora / "tinystories_sample" / "tinystories_valid_head.txt").read_text(encoding="utf-8")
+    (source / "a.txt").write_text(text[:5000], encoding="utf-8")
+    config = parse_config({"name": "w", "download": {"sources": [{"path": str(source)}]}})
+    store = tmp_path / "store"
+
+    assert watch_corpus(config, str(store))["changed"] is False  # the first look records
+    first = json.loads(seen_path(store, "w").read_text())["digest"]
+    assert watch_corpus(config, str(store))["changed"] is False
+    (source / "b.txt").write_text(text[5000:8000], encoding="utf-8")
+    assert watch_corpus(config, str(store))["changed"] is True
+    assert json.loads(seen_path(store, "w").read_text())["digest"] != first
+    assert watch_corpus(config, str(store))["changed"] is False

@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ember.storage.store import ROOT_ENV, DEFAULT_ROOT, canonical_json
 from ember.tasks.dedup import DedupConfig
@@ -38,6 +40,57 @@ class StoreConfig(BaseModel):
     lock_timeout_s: float = Field(3600.0, gt=0, description="how long a run waits for another run writing the same artifact")
 
 
+class ScheduleConfig(BaseModel):
+    """When the `retrain` deployment runs by itself, and how often the corpus watcher looks."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cron: str | None = Field("0 3 * * *", description="retrain on this cron schedule (default nightly, 03:00); null = none")
+    timezone: str = Field("UTC", description="the cron schedule's time zone (IANA name)")
+    interval_seconds: float | None = Field(None, gt=0, description="also retrain every N seconds (tests, demos)")
+    watch_seconds: float | None = Field(
+        600, gt=0, description="check the sources this often and retrain when they changed; null = no watcher")
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, value: str | None) -> str | None:
+        if value is not None:
+            from prefect.schedules import Cron
+
+            Cron(value)  # ValueError: Invalid cron string
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _valid_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (an IANA name such as Europe/Paris)") from None
+        return value
+
+
+class RunnerConfig(BaseModel):
+    """How a stage's independent units (one per shard) run under Prefect. The output is the same
+    byte for byte whichever runs them; only where and how many at once changes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["sequential", "processes", "dask"] = Field(
+        "sequential", description="sequential: one after the other in the flow's process; processes: a local "
+        "process pool (Prefect's ProcessPoolTaskRunner); dask: a Dask cluster (prefect-dask's DaskTaskRunner)")
+    workers: int = Field(2, ge=1, description="units running at once (pool processes; Dask workers without an address)")
+    address: str | None = Field(
+        None, description="dask only: a scheduler address such as tcp://10.0.0.5:8786; null = a local cluster "
+        "of `workers` single-threaded processes, started for each stage that needs it")
+
+    @model_validator(mode="after")
+    def _address_needs_dask(self) -> "RunnerConfig":
+        if self.address and self.kind != "dask":
+            raise ValueError(f"address is for kind dask, not {self.kind}")
+        return self
+
+
 class PipelineConfig(BaseModel):
     """Everything one pipeline run needs. `prefect deployment run` takes the same fields."""
 
@@ -55,6 +108,9 @@ class PipelineConfig(BaseModel):
     quantize: QuantizeConfig = QuantizeConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     publish: PublishConfig = PublishConfig()
+    # How it runs, not what it makes: neither section is part of any stage's key.
+    schedule: ScheduleConfig = ScheduleConfig()
+    runner: RunnerConfig = RunnerConfig()
 
     def digest(self) -> str:
         """Short content hash of the config, to name flow runs."""

@@ -1,0 +1,138 @@
+"""The `runner` section: a stage's units under a process pool or on a Dask cluster give the same
+bytes as one after the other, and each unit is still a task run of its own."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+from prefect import flow
+
+from ember.flows.config import PipelineConfig
+from ember.storage.store import Store
+from ember.tasks import dedup, download, normalize, tokenize, train_tokenizer
+from ember.tasks import filter as quality_filter
+from ember.tasks.prefect_stage import UnitMap, stage_task
+from pipeline_configs import write_config
+
+pytestmark = pytest.mark.slow
+
+DATA_STAGES = ["download", "normalize", "filter", "dedup", "train_tokenizer", "tokenize"]
+
+
+@flow(name="ember-data-stages", persist_result=False)
+def data_stages(config: PipelineConfig, store_root: str) -> dict[str, str]:
+    """The pipeline's data stages, wired like `build_llm` (the same stage_task and mapper)."""
+    store = Store(store_root)
+    mapper = UnitMap(config.runner.kind, config.runner.workers, config.runner.address)
+    refs: dict[str, str] = {}
+
+    def run(stage, cfg, inputs, identity=None):
+        outcome = stage_task(store, stage, cfg, {name: refs[name] for name in inputs}, identity=identity,
+                             artifact_prefix=config.name, mapper=mapper)
+        refs[stage.name] = outcome.ref
+
+    run(download.STAGE, config.download, [], identity=download.preflight(config.download))
+    run(normalize.STAGE, config.normalize, ["download"])
+    run(quality_filter.STAGE, config.filter, ["normalize"])
+    run(dedup.STAGE, config.dedup, ["filter"])
+    run(train_tokenizer.STAGE, config.train_tokenizer, ["dedup"])
+    run(tokenize.STAGE, config.tokenize, ["dedup", "train_tokenizer"])
+    return refs
+
+
+def unit_task_runs(flow_run_id) -> list[str]:
+    """Names of the task runs of a flow run that are units (not the stages themselves)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    assert all(run.state.is_completed() for run in runs), [(run.name, run.state.name) for run in runs]
+    return [run.name for run in runs if run.name not in DATA_STAGES]
+
+
+@pytest.fixture(scope="module")
+def small_shards():
+    """Download writes one shard per 16 M characters; 80 K here, so that every later stage has
+    several units to spread (normalize and filter per shard, dedup per row range, tokenize per shard)."""
+    from ember.storage import shards
+
+    original = download.ShardWriter
+    download.ShardWriter = functools.partial(shards.ShardWriter, max_chars=80_000)
+    yield
+    download.ShardWriter = original
+
+
+@pytest.fixture(scope="module")
+def dask_cluster():
+    from distributed import LocalCluster
+
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory, corpora):
+    """320 KB of TinyStories as four files: a few shards, seconds per run."""
+    folder = tmp_path_factory.mktemp("runner-src")
+    text = (corpora / "tinystories_sample" / "tinystories_valid_head.txt").read_text(encoding="utf-8")[:320_000]
+    for i in range(4):
+        (folder / f"part{i}.txt").write_text(text[i * 80_000:(i + 1) * 80_000], encoding="utf-8")
+    return folder
+
+
+def run_data_stages(tmp_path: Path, source: Path, name: str, runner: dict):
+    from ember.flows.config import load_config
+
+    config = load_config(write_config(tmp_path, f"{name}.yaml", runner=runner, dedup={"unit_chars": 50_000},
+                                      download={"sources": [{"name": "plays", "path": str(source)}]}))
+    store = tmp_path / name
+    state = data_stages(config, str(store), return_state=True)
+    refs = state.result()
+    digests = {stage: file_digests(Store(store).require(ref).manifest) for stage, ref in refs.items()}
+    return digests, unit_task_runs(state.state_details.flow_run_id)
+
+
+def file_digests(manifest: dict) -> dict[str, str]:
+    """Each file's sha256, less train_tokenizer's report.*: they say how long training took."""
+    return {name: entry["sha256"] for name, entry in manifest["files"].items()
+            if not (manifest["stage"] == "train_tokenizer" and name.startswith("report."))}
+
+
+def test_processes_and_dask_give_the_sequential_bytes(prefect_api, small_shards, source, dask_cluster, tmp_path):
+    sequential, units = run_data_stages(tmp_path, source, "sequential", {"kind": "sequential"})
+    assert list(sequential) == DATA_STAGES
+    # Each shard of tokenize is a unit, whatever the other stages map today.
+    assert len([unit for unit in units if unit.startswith("tokenize-shard")]) >= 2, units
+
+    transitions = dask_cluster.scheduler.transition_counter
+    on_dask, dask_units = run_data_stages(tmp_path, source, "dask",
+                                          {"kind": "dask", "workers": 2, "address": dask_cluster.scheduler_address})
+    assert on_dask == sequential
+    assert sorted(dask_units) == sorted(units)
+    # The units went through the cluster's scheduler (a task takes several transitions); tokenize's
+    # close over the stage's context, so they stay in the run's process (with a warning).
+    shipped = [unit for unit in units if not unit.startswith("tokenize-")]
+    assert len(shipped) >= 4
+    assert dask_cluster.scheduler.transition_counter - transitions >= 2 * len(shipped)
+
+    in_processes, process_units = run_data_stages(tmp_path, source, "processes", {"kind": "processes", "workers": 2})
+    assert in_processes == sequential
+    assert sorted(process_units) == sorted(units)
+
+
+def test_runner_config_is_checked():
+    from ember.flows.config import ConfigError, parse_config
+
+    download = {"sources": [{"path": "/"}]}
+    with pytest.raises(ConfigError, match="runner.kind"):
+        parse_config({"download": download, "runner": {"kind": "threads"}})
+    with pytest.raises(ConfigError, match="address is for kind dask"):
+        parse_config({"download": download, "runner": {"kind": "processes", "address": "tcp://127.0.0.1:8786"}})
+    with pytest.raises(ConfigError, match="schedule.cron"):
+        parse_config({"download": download, "schedule": {"cron": "every night"}})
+    with pytest.raises(ConfigError, match="schedule.timezone: .*unknown time zone"):
+        parse_config({"download": download, "schedule": {"timezone": "Mars/Olympus"}})
