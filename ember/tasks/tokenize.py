@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
+from functools import partial
 from itertools import chain
 from pathlib import Path
 
@@ -29,6 +31,8 @@ from ember.storage.shards import list_shards, read_shard
 from ember.storage.store import file_sha256
 from ember.tasks.stage import Stage, StageContext
 from ember.tasks.train_tokenizer import BOS_ID, EOS_ID, PAD_ID, load_tokenizer
+
+log = logging.getLogger("ember.tokenize")
 
 SPLITS = ("train", "val")
 
@@ -118,7 +122,7 @@ def _val_masks(shards: list[Path], val_fraction: float) -> list[np.ndarray]:
 
 
 def tokenize_shard(path: Path, is_val: np.ndarray, tokenizer: Tokenizer, dtype: np.dtype, cfg: TokenizeConfig,
-                   out: Path, on_docs=None) -> dict:
+                   out: Path) -> dict:
     """One text shard to token files under `out/train` and `out/val`; returns its counts.
 
     Shards are independent: a shard's files depend on that shard alone (and the split mask,
@@ -140,12 +144,36 @@ def tokenize_shard(path: Path, is_val: np.ndarray, tokenizer: Tokenizer, dtype: 
         for split, docs in (("train", ~is_val[start:end]), ("val", is_val[start:end])):
             stats[split]["docs"] += int(docs.sum())
             stats[split]["bytes"] += int(doc_bytes[start:end][docs].sum())
-        if on_docs is not None:
-            on_docs(end - start)
     for split in SPLITS:
         writers[split].flush()
         stats[split].update(tokens=writers[split].tokens, files=[p.name for p in writers[split].paths])
     return stats
+
+
+def tokenize_unit(tokenizer_dir: str, cfg: TokenizeConfig, work: str, masks: dict[str, np.ndarray],
+                  shard: str) -> dict:
+    """One shard as a unit of `ctx.map`: plain arguments, so it can run in another process.
+
+    Its token files land in `work/shard-<name>-<identity>/`, named after what they were made from
+    (the shard's and tokenizer's bytes, the split mask, the config) and completed by renaming a
+    temporary folder, so a rerun after a crash reuses finished shards and redoes only the rest.
+    """
+    path, tokenizer_path = Path(shard), Path(tokenizer_dir) / "tokenizer.json"
+    is_val = masks[path.name]
+    identity = hashlib.sha256(json.dumps([file_sha256(path), file_sha256(tokenizer_path),
+                                          np.packbits(is_val).tobytes().hex(), cfg.model_dump()]).encode()).hexdigest()[:16]
+    done = Path(work) / f"shard-{path.stem}-{identity}"
+    if (done / "stats.json").is_file():
+        return {**json.loads((done / "stats.json").read_text()), "reused": True, "folder": str(done)}
+    tokenizer = load_tokenizer(tokenizer_dir)
+    dtype = token_dtype(tokenizer.get_vocab_size(with_added_tokens=True))
+    tmp = Path(work) / f".tmp-shard-{path.stem}-{identity}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    stats = tokenize_shard(path, is_val, tokenizer, dtype, cfg, tmp)
+    (tmp / "stats.json").write_text(json.dumps(stats))  # the completion marker, written last
+    os.rename(tmp, done)
+    log.info("tokenized %s: %d documents", path.name, len(is_val))
+    return {**stats, "reused": False, "folder": str(done)}
 
 
 def run(cfg: TokenizeConfig, ctx: StageContext) -> dict:
@@ -164,29 +192,9 @@ def run(cfg: TokenizeConfig, ctx: StageContext) -> dict:
 
     # Finished shards are kept in the work folder (which outlives a crash) under a name that
     # says what they were made from; a rerun after a crash reuses them and redoes the rest.
-    tokenizer_digest = file_sha256(Path(ctx.inputs["train_tokenizer"]) / "tokenizer.json")
-    progress = {"done": 0}
-
-    def on_docs(n: int) -> None:
-        progress["done"] += n
-        ctx.report.progress(progress["done"], total_docs, "tokenize: documents")
-
-    def one_shard(index: int) -> dict:
-        path, is_val = shards[index], masks[index]
-        identity = hashlib.sha256(json.dumps([file_sha256(path), tokenizer_digest, np.packbits(is_val).tobytes().hex(),
-                                              cfg.model_dump()]).encode()).hexdigest()[:16]
-        done = ctx.work / f"shard-{index:05d}-{identity}"
-        if (done / "stats.json").is_file():
-            on_docs(len(is_val))
-            return {**json.loads((done / "stats.json").read_text()), "reused": True, "folder": str(done)}
-        tmp = ctx.work / f".tmp-shard-{index:05d}-{identity}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        stats = tokenize_shard(path, is_val, tokenizer, dtype, cfg, tmp, on_docs)
-        (tmp / "stats.json").write_text(json.dumps(stats))  # the completion marker, written last
-        os.rename(tmp, done)
-        return {**stats, "reused": False, "folder": str(done)}
-
-    results = ctx.map(one_shard, list(range(len(shards))), name="tokenize-shard")
+    unit = partial(tokenize_unit, str(ctx.inputs["train_tokenizer"]), cfg, str(ctx.work),
+                   {path.name: mask for path, mask in zip(shards, masks)})
+    results = ctx.map(unit, [str(path) for path in shards], name="tokenize-shard")
 
     # Gather: shard i's files become part-<i>-<k>.arrow of each split, in shard order.
     totals = {split: {"docs": 0, "bytes": 0, "tokens": 0, "files": 0} for split in SPLITS}
