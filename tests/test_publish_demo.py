@@ -1,4 +1,5 @@
-"""publish (versions, latest, idempotence, no half releases) and the Gradio demo over a real server."""
+"""publish (versions, latest, idempotence, no half releases, the model card) and the Gradio demo
+over a real server: every control through gradio_client, bad input, login."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from ember.model.checkpoint import save_model
 from ember.model.quantize import quantize_int8, save_int8
@@ -17,6 +19,8 @@ from ember.model.transformer import PRESETS, ModelConfig, Transformer
 from ember.storage.shards import ShardWriter
 from ember.tasks import publish, train_tokenizer
 from ember.tasks.stage import Reporter, StageContext
+
+from demo_release import PROMPT, tiny_release_store
 
 VOCAB = 512
 
@@ -60,7 +64,8 @@ def make_inputs(root: Path, tokenizer_dir: Path, label: str, seed: int = 0) -> d
     (folders["train"] / "loss.jsonl").write_text(json.dumps({"step": 0, "loss": 6.2, "lr": 0.0}) + "\n")
     save_int8(quantize_int8(model), folders["quantize"], extra)
     folders["evaluate"].mkdir(parents=True)
-    (folders["evaluate"] / "report.json").write_text(json.dumps({"val_loss": 6.3, "bits_per_byte": 3.1}))
+    (folders["evaluate"] / "report.json").write_text(json.dumps(  # the shape of a real report, in short
+        {"models": ["fp32"], "fp32": {"val_loss": 6.3, "bpb": 3.1, "file_bytes": 1}}))
     (folders["evaluate"] / "report.md").write_text(f"# Report {label}\n\nval loss 6.3\n")
     for stage, folder in folders.items():
         write_manifest(folder, stage, f"{label}-{stage}", {"label": label})
@@ -78,7 +83,7 @@ def latest(store: Path) -> str:
 
 
 def versions(store: Path) -> list[str]:
-    return sorted(p.name for p in (store / "releases").iterdir() if not p.name.startswith("."))
+    return sorted(p.name for p in (store / "releases").iterdir() if p.name == "latest" or p.name.startswith("v0"))
 
 
 # -- publish ----------------------------------------------------------------------------------
@@ -94,7 +99,7 @@ def test_versions_latest_and_republish(tmp_path, tokenizer_dir):
     release = store / "releases" / "v0001"
     expected = {"model.safetensors", "model-int8.safetensors", "config.json", "loss.jsonl", "report.json",
                 "report.md", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "release.json",
-                "hf", "model-f16.gguf", "model-q8_0.gguf"}
+                "hf", "model-f16.gguf", "model-q8_0.gguf", "README.md", "pipeline.yaml"}
     assert {p.name for p in release.iterdir()} == expected
     assert (release / "hf" / "config.json").is_file() and (release / "hf" / "model.safetensors").is_file()
     record = json.loads((release / "release.json").read_text())
@@ -118,6 +123,38 @@ def test_versions_latest_and_republish(tmp_path, tokenizer_dir):
     assert json.loads((out / "release.json").read_text())["version"] == "v0001"
     assert versions(store) == ["latest", "v0001", "v0002"]
     assert (store / "releases" / "latest" / "model.safetensors").is_file()  # the relative link resolves
+
+
+def test_a_release_is_read_only_and_has_a_card(tmp_path, tokenizer_dir):
+    store = tmp_path / "store"
+    run_publish(tmp_path, "p1", make_inputs(tmp_path, tokenizer_dir, "a"), store)
+    release = store / "releases" / "v0001"
+    files = [p for p in release.rglob("*") if p.is_file()]
+    assert files and all(p.stat().st_mode & 0o222 == 0 for p in files)  # nobody may write
+    card = (release / "README.md").read_text()
+    assert card.startswith("# Ember model v0001") and f"- parameters: {sum(p.numel() for p in model_params(release)):,}\n" in card
+    # Stand-in artifacts have no download / curation manifests: the card says so rather than guess.
+    assert "Not recorded" in card
+    record = json.loads((release / "release.json").read_text())
+    assert record["files"]["README.md"]["sha256"] and record["lineage"]["train"] == fake_ref("train", "a-train")
+
+
+def model_params(folder: Path):
+    from ember.model.checkpoint import load_model
+
+    return list(load_model(folder).parameters())
+
+
+def test_the_same_model_in_a_new_layout_skips_the_gate(tmp_path, tokenizer_dir):
+    """A new layout (here: no GGUF) of the published weights is a new version; the gate has
+    nothing to compare (it would need the tokenize artifact, which these inputs lack)."""
+    store = tmp_path / "store"
+    a = make_inputs(tmp_path, tokenizer_dir, "a")
+    run_publish(tmp_path, "p1", a, store)
+    metrics, _ = run_publish(tmp_path, "p2", a, store, gate=True, gguf=[])
+    assert (metrics["version"], metrics["new"], latest(store)) == ("v0002", True, "v0002")
+    with pytest.raises(ValueError, match="tokenize"):  # another model does go through the gate
+        run_publish(tmp_path, "p3", make_inputs(tmp_path, tokenizer_dir, "b", seed=1), store, gate=True)
 
 
 def test_without_int8_is_another_release(tmp_path, tokenizer_dir):
@@ -180,7 +217,7 @@ def serve():
     demos = []
 
     def start(releases_root: Path):
-        demo = launch(releases_root, host="127.0.0.1", port=free_port(), prevent_thread_lock=True)
+        demo = launch(releases_root, host="127.0.0.1", port=free_port(), prevent_thread_lock=True, quiet=True)
         demos.append(demo)
         return demo
 
@@ -196,7 +233,7 @@ def test_load_release(releases):
     assert release.version == "v0001"
     assert release.model.config.vocab_size == VOCAB
     assert release.tokenizer.token_to_id("<eos>") == 2
-    assert release.report["bits_per_byte"] == 3.1
+    assert release.report["fp32"]["bpb"] == 3.1
 
 
 def test_demo_streams_generated_text(releases, serve):
@@ -214,6 +251,97 @@ def test_demo_streams_generated_text(releases, serve):
     assert text.startswith("word ") and len(text) > len("word " * 400)
 
 
+def test_every_control_through_the_api(releases, serve):
+    from gradio_client import Client
+
+    client = Client(serve(releases).local_url, verbose=False)
+    controls = dict(prompt="To be", max_new_tokens=20, temperature=0.9, top_k=40, top_p=0.9,
+                    repetition_penalty=1.3, seed=7, release="v0001", precision="fp32")
+    first = client.predict(**controls, api_name="/generate")
+    assert first.startswith("To be") and len(first) > len("To be")
+    assert client.predict(**controls, api_name="/generate") == first  # the seed makes it repeatable
+    int8 = client.predict(**{**controls, "precision": "int8"}, api_name="/generate")
+    assert int8.startswith("To be") and len(int8) > len("To be")
+    assert client.predict(api_name="/release_info")["release"] == "v0001"
+
+
+def test_bad_input_gets_a_message_or_a_clamped_value(releases, serve):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    from ember.deployments.app import EMPTY_PROMPT, MAX_PROMPT_CHARS
+
+    client = Client(serve(releases).local_url, verbose=False)
+    for prompt in ("", "   \n"):
+        with pytest.raises(AppError, match="Type a prompt first"):
+            client.predict(prompt, 8, api_name="/generate")
+    assert "提示词" in EMPTY_PROMPT
+    huge = "ab" * 500_000 + "END"  # 1 MB: only its end is used
+    text = client.predict(huge, 4, 0.0, api_name="/generate")
+    assert text.startswith(huge[-MAX_PROMPT_CHARS:]) and len(text) < MAX_PROMPT_CHARS + 200
+    with pytest.raises(AppError, match="greater than maximum value 512"):
+        client.predict("To be", 10**9, api_name="/generate")
+    for temperature in (-1, -0.5):
+        with pytest.raises(AppError, match="less than minimum value"):
+            client.predict("To be", 8, temperature, api_name="/generate")
+    greedy = client.predict("To be", 12, 0.0, 0, api_name="/generate")
+    assert greedy == client.predict("To be", 12, 0.0, 0, seed=99, api_name="/generate")  # 0 = greedy
+    with pytest.raises(AppError, match="Unknown release"):
+        client.predict("To be", 8, release="../../etc", api_name="/generate")
+    # Nothing above left the worker stuck: a normal request is answered at once.
+    job = client.submit("To be", 8, api_name="/generate")
+    assert job.result(timeout=30).startswith("To be")
+
+
+def test_direct_calls_are_clamped(releases):
+    """Beyond the sliders' own bounds (gradio checks those), the handler clamps what it is given."""
+    from ember.deployments.app import MAX_NEW_TOKENS, Releases, continue_text
+
+    status: dict = {}
+    pieces = list(continue_text(Releases(releases), "To be", max_new_tokens=10**9, temperature=-5, top_k=-3,
+                                top_p=7, repetition_penalty=0, seed=-20, status=status))
+    assert pieces[-1].startswith("To be") and 0 < status["tokens"] <= MAX_NEW_TOKENS
+
+
+def test_login(releases, tmp_path):
+    import httpx
+    from gradio_client import Client
+
+    from ember.deployments.app import launch, parse_auth
+
+    with pytest.raises(ValueError, match="USER:PASSWORD"):
+        parse_auth("no-colon")
+    demo = launch(releases, port=free_port(), prevent_thread_lock=True, auth="ember:s3cret", quiet=True)
+    try:
+        assert httpx.get(demo.local_url + "config").status_code == 401  # nothing without the login
+        client = Client(demo.local_url, auth=("ember", "s3cret"), verbose=False)
+        assert client.predict("To be", 4, 0.0, api_name="/generate").startswith("To be")
+    finally:
+        demo.close()
+
+
+@pytest.mark.slow
+def test_model_card_of_a_pipeline_release(tmp_path_factory, prefect_api):
+    """The card of a release made by the real flow: data per source with its licence, what
+    curation removed, training, eval, samples; pipeline.yaml is a config `ember run` accepts."""
+    from ember.flows.config import load_config
+
+    release = tiny_release_store(tmp_path_factory) / "releases" / "latest"
+    card = (release / "README.md").read_text()
+    for expected in ("## Model", "## Training", "## Evaluation", "## Data", "## Sample outputs", "## Provenance",
+                     "| shakespeare | 1 | ", "public domain", "tinyshakespeare/SOURCE.md", "- filter: removed ",
+                     "- dedup: removed ", "40 steps", f"> **{PROMPT}**", "| fp32 | ", "| int8 | "):
+        assert expected in card, expected
+    record = json.loads((release / "release.json").read_text())
+    assert list(record["lineage"]) == ["download", "normalize", "filter", "dedup", "train_tokenizer", "tokenize",
+                                       "train", "quantize", "evaluate"]
+    for stage, ref in record["lineage"].items():
+        assert f"| {stage} | `{ref}` |" in card
+    config = load_config(release / "pipeline.yaml")
+    assert config.train.max_steps == 40 and config.download.sources[0].name == "shakespeare"
+    assert yaml.safe_load((release / "pipeline.yaml").read_text())["train_tokenizer"]["vocab_size"] == VOCAB
+
+
 def test_demo_without_release_says_so(tmp_path, serve):
     from gradio_client import Client
 
@@ -221,5 +349,7 @@ def test_demo_without_release_says_so(tmp_path, serve):
 
     demo = serve(tmp_path / "releases")  # does not even exist yet
     assert NO_RELEASE in json.dumps(demo.config, default=str)  # the page says it too
-    answer = Client(demo.local_url, verbose=False).predict("hello", 8, 0.8, 50, api_name="/generate")
+    client = Client(demo.local_url, verbose=False)
+    answer = client.predict("hello", 8, 0.8, 50, api_name="/generate")
     assert answer == NO_RELEASE == "No release yet: run `make run` first"
+    assert client.predict(api_name="/release_info") == {"release": None, "message": NO_RELEASE}

@@ -1,17 +1,28 @@
-"""The Gradio demo: type a prompt and watch the published model continue it, token by token.
+"""The Gradio demo: type a prompt and watch a published model continue it, token by token.
 
-It serves `<releases_root>/latest` (or a named version), binds 127.0.0.1 and never shares
-unless asked, and runs one generation at a time so a 2-core machine stays usable. Before any
-release exists it still starts and says so. When `latest` moves to a new release, the next
-generation loads it: a scheduled retrain shows up without restarting the demo.
+It serves `<releases_root>/latest` (or a chosen version, in fp32 or int8), with the release's
+model card beside it. Labels are in English or Chinese (the seed's own: 提示词, 最大长度, 温度,
+Top-K), chosen by the browser's language and switched by a toggle. It binds 127.0.0.1, never
+shares unless asked, can require a login (`--auth user:pass` or $EMBER_DEMO_AUTH), caps the
+prompt and the number of new tokens, and queues requests (one generation at a time by default)
+so a 2-core machine stays usable. Before any release exists it still starts and says so. When
+`latest` moves (a new release, a rollback), the next generation uses it without a restart.
 
-    ember demo [--release v0001] [--host 127.0.0.1] [--port 7860]
+    ember demo [--release v0001] [--host 127.0.0.1] [--port 7860] [--auth user:pass]
+
+API (gradio_client): `/generate` (prompt, max_new_tokens, temperature, top_k, top_p,
+repetition_penalty, seed, release, precision) streams the prompt plus the text so far;
+`/release_info` (release) returns what that choice serves now.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import threading
+import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -22,22 +33,62 @@ from tokenizers import Tokenizer  # noqa: E402
 
 from ember.model.checkpoint import load_model  # noqa: E402
 from ember.model.generate import generate  # noqa: E402
-from ember.model.transformer import Transformer  # noqa: E402
+from ember.model.quantize import INT8_WEIGHTS, load_int8  # noqa: E402
+from ember.tasks.publish import CARD, LATEST, VERSION_RE, current_version, list_versions  # noqa: E402
 from ember.tasks.train_tokenizer import EOS_ID, load_tokenizer  # noqa: E402
 
 NO_RELEASE = "No release yet: run `make run` first"
+AUTH_ENV = "EMBER_DEMO_AUTH"
 MAX_NEW_TOKENS = 512
 MAX_PROMPT_CHARS = 8_000  # the prompt is cut to the model's context in tokens anyway
+MAX_SECONDS = 120  # one generation never holds the queue longer than this
+PRECISIONS = ("fp32", "int8")
+LOADED_KEEP = 2  # models kept in memory (release x precision)
+# The controls' starting values, for the page and for API calls that leave a control out.
+DEFAULTS = dict(max_new_tokens=128, temperature=0.8, top_k=50, top_p=1.0, repetition_penalty=1.1, seed=-1)
+EXAMPLES = ["Once upon a time", "ROMEO:", "话说天下大势，分久必合，", "床前明月光，"]
+
+# Every label in both languages; the Chinese ones of the seed's four controls are the seed's own.
+TEXT = {
+    "en": {
+        "intro": "## Ember\n\nA small language model trained from scratch by Ember. Type the start of a text "
+                 "and it writes on.",
+        "prompt": "Prompt", "prompt_hint": "Once upon a time",
+        "max_new": "Max new tokens", "temperature": "Temperature", "temperature_info": "0 = greedy (always the likeliest token)",
+        "top_k": "Top-K", "top_k_info": "0 = off", "advanced": "Advanced",
+        "top_p": "Top-P", "top_p_info": "1 = off", "repetition_penalty": "Repetition penalty",
+        "repetition_penalty_info": "1 = off; above 1 discourages repeating tokens",
+        "seed": "Seed", "seed_info": "-1 = random; the same seed and settings give the same text",
+        "release": "Release", "precision": "Weights", "generate": "Generate", "stop": "Stop",
+        "output": "Output", "examples": "Examples", "card": "### Model card",
+    },
+    "zh": {
+        "intro": "## Ember\n\n由 Ember 从零训练的小型语言模型。输入一段文字的开头，它会接着写下去。",
+        "prompt": "提示词", "prompt_hint": "话说天下大势，",
+        "max_new": "最大长度", "temperature": "温度", "temperature_info": "0 = 贪心解码（总选最可能的词元）",
+        "top_k": "Top-K", "top_k_info": "0 = 不限", "advanced": "高级选项",
+        "top_p": "Top-P", "top_p_info": "1 = 不限", "repetition_penalty": "重复惩罚",
+        "repetition_penalty_info": "1 = 不惩罚；大于 1 时减少重复",
+        "seed": "随机种子", "seed_info": "-1 = 随机；相同的种子和设置生成相同的文字",
+        "release": "版本", "precision": "权重精度", "generate": "生成", "stop": "停止",
+        "output": "输出", "examples": "示例", "card": "### 模型卡片",
+    },
+}
+LANGUAGES = {"English": "en", "中文": "zh"}
+# Runs in the browser on page load: the toggle starts at the browser's language.
+BROWSER_LANGUAGE_JS = "() => ((navigator.language || '').toLowerCase().startsWith('zh') ? '中文' : 'English')"
+EMPTY_PROMPT = "请输入提示词。 / Type a prompt first."
 
 
 @dataclass
 class Release:
     path: Path
-    model: Transformer
+    model: object  # Transformer, fp32 or int8
     tokenizer: Tokenizer
     config: dict  # config.json: model, tokenizer ids, training summary
     report: dict = field(default_factory=dict)  # report.json of the evaluate stage
     info: dict = field(default_factory=dict)  # release.json: version, refs, metrics
+    precision: str = "fp32"
 
     @property
     def version(self) -> str:
@@ -52,94 +103,282 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def load_release(release_dir: Path | str) -> Release:
-    """The model (fp32), tokenizer and reports of one release folder."""
+def load_release(release_dir: Path | str, precision: str = "fp32") -> Release:
+    """The model (fp32 or int8), tokenizer and reports of one release folder."""
     path = Path(release_dir).resolve()
-    return Release(path=path, model=load_model(path), tokenizer=load_tokenizer(path),
-                   config=_read_json(path / "config.json"), report=_read_json(path / "report.json"),
-                   info=_read_json(path / "release.json"))
+    if precision == "int8":
+        if not (path / INT8_WEIGHTS).is_file():
+            raise gr.Error(f"Release {path.name} has no int8 model (published with include_int8: false); "
+                           f"choose fp32. / 该版本没有 int8 模型，请选择 fp32。")
+        model = load_int8(path)
+    else:
+        model = load_model(path)
+    return Release(path=path, model=model, tokenizer=load_tokenizer(path), config=_read_json(path / "config.json"),
+                   report=_read_json(path / "report.json"), info=_read_json(path / "release.json"),
+                   precision=precision)
 
 
-class _ReleaseSlot:
-    """The release the demo serves: loaded on first use, reloaded when `latest` points elsewhere."""
+class Releases:
+    """The releases under one folder, and the models loaded from them (a few, least recently used
+    dropped). Names come from the browser, so only `latest` and `vNNNN` are accepted."""
 
-    def __init__(self, releases_root: Path, name: str):
-        self.link = Path(releases_root) / name
-        self.release: Release | None = None
+    def __init__(self, root: Path | str, default: str = LATEST):
+        self.root = Path(root)
+        self.default = default
+        self._loaded: OrderedDict[tuple[Path, str], Release] = OrderedDict()
+        self._lock = threading.Lock()
 
-    def get(self) -> Release | None:
-        if not (self.link / "model.safetensors").is_file():
+    def folder(self, name: str | None) -> Path | None:
+        """The release folder `name` serves now (`latest` resolved), or None when there is none."""
+        name = name or self.default
+        if name != LATEST and not VERSION_RE.match(name):
+            raise gr.Error(f"Unknown release {name!r}: choose latest or a version such as v0001.")
+        path = self.root / name
+        return path.resolve() if (path / "model.safetensors").is_file() else None
+
+    def get(self, name: str | None, precision: str = "fp32") -> Release | None:
+        if precision not in PRECISIONS:
+            raise gr.Error(f"Unknown weights {precision!r}: choose {' or '.join(PRECISIONS)}.")
+        folder = self.folder(name)
+        if folder is None:
             return None
-        target = self.link.resolve()
-        if self.release is None or self.release.path != target:
-            self.release = load_release(target)
-        return self.release
+        with self._lock:  # two sessions asking for the same model load it once
+            key = (folder, precision)
+            if key not in self._loaded:
+                self._loaded[key] = load_release(folder, precision)
+                while len(self._loaded) > LOADED_KEEP:
+                    self._loaded.popitem(last=False)
+            self._loaded.move_to_end(key)
+            return self._loaded[key]
+
+    def choices(self) -> list[tuple[str, str]]:
+        """(label, value) for the release dropdown: latest first, then the versions, newest first."""
+        versions = list_versions(self.root)
+        current = current_version(self.root)
+        latest = f"latest ({current})" if current and current in versions else "latest"
+        return [(latest, LATEST)] + [(v, v) for v in reversed(versions)]
+
+    def card(self, name: str | None) -> str:
+        try:
+            folder = self.folder(name)
+        except gr.Error as err:
+            return str(err)
+        if folder is None:
+            return f"**{NO_RELEASE}**"
+        if (folder / CARD).is_file():
+            return (folder / CARD).read_text(encoding="utf-8")
+        info = _read_json(folder / "release.json")  # a release published before model cards
+        return f"# Ember model {info.get('version', folder.name)}\n\nPublished {info.get('created', '?')}; no model card."
 
 
-def _header(release: Release | None) -> str:
-    if release is None:
-        return f"## Ember\n\n**{NO_RELEASE}**"
-    model = release.config.get("model", {})
-    info = release.info
-    shape = ", ".join(f"{k} {model[k]}" for k in ("dim", "n_layers", "n_heads", "max_seq_len") if k in model)
-    created = f"Created {info['created']}. " if "created" in info else ""
-    return f"## Ember: release {release.version}\n\n{created}" + (f"Model: {shape}." if shape else "")
+# -- generation ------------------------------------------------------------------------------------
 
 
-def continue_text(slot: _ReleaseSlot, prompt: str, max_new_tokens: float, temperature: float,
-                  top_k: float) -> Iterator[str]:
-    """The handler: yields the prompt plus the text generated so far, growing token by token."""
-    release = slot.get()
-    if release is None:
+def _bounded(value, name: str, low: float, high: float) -> float:
+    """A control's value clamped to its range; a missing or non-numeric one is a clear error."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise gr.Error(f"{name} must be a number, got {value!r}.") from None
+    if not math.isfinite(number):
+        raise gr.Error(f"{name} must be a finite number, got {value!r}.")
+    return min(max(number, low), high)
+
+
+def continue_text(releases: Releases, prompt: str, max_new_tokens: float = DEFAULTS["max_new_tokens"],
+                  temperature: float = DEFAULTS["temperature"], top_k: float = DEFAULTS["top_k"],
+                  top_p: float = DEFAULTS["top_p"], repetition_penalty: float = DEFAULTS["repetition_penalty"],
+                  seed: float = DEFAULTS["seed"], release: str = LATEST, precision: str = "fp32",
+                  status: dict | None = None) -> Iterator[str]:
+    """Yields the prompt plus the text generated so far, growing token by token.
+
+    Out-of-range values are clamped (a temperature of 0 or below is greedy decoding); `status`,
+    when given, is filled with what was served (version, weights, tokens, seconds).
+    """
+    loaded = releases.get(release, precision)
+    if loaded is None:
         yield NO_RELEASE
         return
-    prompt = (prompt or "")[:MAX_PROMPT_CHARS]
-    context = release.model.config.max_seq_len
+    prompt = "" if prompt is None else str(prompt)
+    if not prompt.strip():
+        raise gr.Error(EMPTY_PROMPT)
+    if len(prompt) > MAX_PROMPT_CHARS:
+        gr.Warning(f"提示词过长，只保留最后 {MAX_PROMPT_CHARS:,} 个字符。 / The prompt has {len(prompt):,} "
+                   f"characters; only its last {MAX_PROMPT_CHARS:,} are used.")
+        prompt = prompt[-MAX_PROMPT_CHARS:]
+    max_new = int(_bounded(max_new_tokens, "max new tokens", 1, MAX_NEW_TOKENS))
+    temperature = _bounded(temperature, "temperature", 0.0, 2.0)
+    top_k = int(_bounded(top_k, "top-k", 0, 1_000_000))
+    top_p = _bounded(top_p, "top-p", 0.0, 1.0)
+    penalty = _bounded(repetition_penalty, "repetition penalty", 1.0, 2.0)
+    seed = int(_bounded(seed, "seed", -1, 2**63 - 1))
+
+    context = loaded.model.config.max_seq_len
     # Training documents start right after an EOS, so one in front makes the prompt a document
-    # start (and gives an empty prompt something to continue). Keep the end of a long prompt.
-    ids = [release.eos_id] + release.tokenizer.encode(prompt, add_special_tokens=False).ids
+    # start. Keep the end of a long prompt: that is what the model continues.
+    ids = [loaded.eos_id] + loaded.tokenizer.encode(prompt, add_special_tokens=False).ids
     ids = ids[-max(1, context - 1):]
+    started = time.monotonic()
     new: list[int] = []
-    for token in generate(release.model, ids, max_new_tokens=max(1, min(int(max_new_tokens), MAX_NEW_TOKENS)),
-                          temperature=max(0.0, float(temperature)), top_k=int(top_k) or None,
-                          eos_id=release.eos_id):
+    text = prompt
+    for token in generate(loaded.model, ids, max_new_tokens=max_new, temperature=temperature,
+                          top_k=top_k or None, top_p=top_p if 0 < top_p < 1 else None, eos_id=loaded.eos_id,
+                          seed=None if seed < 0 else seed, repetition_penalty=penalty):
         new.append(token)
-        piece = release.tokenizer.decode(new)
+        piece = loaded.tokenizer.decode(new)
         if not piece.endswith("\ufffd"):  # else half of a multi-byte character: wait for the rest
-            yield prompt + piece
-    yield prompt + release.tokenizer.decode(new)
+            text = prompt + piece
+            yield text
+        if time.monotonic() - started > MAX_SECONDS:
+            break
+    # A last token that ends inside a character (cut by max_new_tokens) shows nothing of it.
+    final = prompt + loaded.tokenizer.decode(new).rstrip("\ufffd")
+    if status is not None:
+        status.update(version=loaded.version, precision=loaded.precision, tokens=len(new),
+                      seconds=time.monotonic() - started)
+    if final != text or not new:
+        yield final
 
 
-def build_app(releases_root: Path | str, release: str = "latest") -> gr.Blocks:
-    """The demo's Blocks, queued one generation at a time; `launch()` or mount it."""
-    slot = _ReleaseSlot(Path(releases_root), release)
-    current = slot.get()
+def _status_line(status: dict | None) -> str:
+    if not status:
+        return ""
+    rate = status["tokens"] / status["seconds"] if status["seconds"] > 0 else 0.0
+    return (f"{status['version']} · {status['precision']} · {status['tokens']} tokens · "
+            f"{status['seconds']:.1f} s ({rate:.0f} tokens/s)")
 
-    def handler(prompt: str, max_new_tokens: float, temperature: float, top_k: float) -> Iterator[str]:
-        yield from continue_text(slot, prompt, max_new_tokens, temperature, top_k)
+
+# -- the app ---------------------------------------------------------------------------------------
+
+
+def build_app(releases_root: Path | str, release: str = LATEST, concurrency: int = 1,
+              max_queue: int = 32) -> gr.Blocks:
+    """The demo's Blocks, queued `concurrency` generations at a time; `launch()` or mount it."""
+    releases = Releases(releases_root, release)
+    served = releases.get(release) if releases.folder(release) else None  # load now: the first answer is quick
+    prompts = [s["prompt"] for s in (served.report.get("samples", {}).get("fp32", []) if served else [])]
+    examples = list(dict.fromkeys(prompts + EXAMPLES))[:8]
+    en = TEXT["en"]
+
+    def handler(prompt: str, max_new_tokens: float = DEFAULTS["max_new_tokens"],
+                temperature: float = DEFAULTS["temperature"], top_k: float = DEFAULTS["top_k"],
+                top_p: float = DEFAULTS["top_p"], repetition_penalty: float = DEFAULTS["repetition_penalty"],
+                seed: float = DEFAULTS["seed"], release: str = release,
+                precision: str = "fp32") -> Iterator[tuple[str, dict]]:
+        status: dict = {}
+        for text in continue_text(releases, prompt, max_new_tokens, temperature, top_k, top_p,
+                                  repetition_penalty, seed, release, precision, status):
+            yield text, status
+
+    def release_info(release: str = release) -> dict:
+        folder = releases.folder(release)
+        if folder is None:
+            return {"release": None, "message": NO_RELEASE}
+        info = _read_json(folder / "release.json")
+        return {"release": info.get("version", folder.name), "created": info.get("created"),
+                "folder": str(folder), "latest": current_version(releases.root)}
 
     with gr.Blocks(title="Ember demo") as demo:
-        gr.Markdown(_header(current))
-        prompt = gr.Textbox(label="提示词 / Prompt", lines=4, max_length=MAX_PROMPT_CHARS,
-                            placeholder="Once upon a time")
         with gr.Row():
-            max_new = gr.Slider(1, MAX_NEW_TOKENS, value=128, step=1, label="最大长度 / Max length")
-            temperature = gr.Slider(0.0, 2.0, value=0.8, step=0.05, label="温度 / Temperature",
-                                    info="0 = greedy")
-            top_k = gr.Slider(0, 200, value=50, step=1, label="Top-K", info="0 = off")
-        button = gr.Button("Generate", variant="primary")
-        output = gr.Textbox(label="输出 / Output", lines=12, interactive=False)
-        if current is not None and (current.path / "report.md").is_file():
-            with gr.Accordion("Evaluation report", open=False):
-                gr.Markdown((current.path / "report.md").read_text())
-        button.click(handler, inputs=[prompt, max_new, temperature, top_k], outputs=output, api_name="generate")
-    return demo.queue(default_concurrency_limit=1)
+            intro = gr.Markdown(en["intro"])
+            language = gr.Radio(list(LANGUAGES), value="English", label="Language / 语言", scale=0, min_width=200)
+        with gr.Row():
+            with gr.Column(scale=3):
+                prompt = gr.Textbox(label=en["prompt"], lines=4, max_length=MAX_PROMPT_CHARS,
+                                    placeholder=en["prompt_hint"], elem_id="prompt")
+                with gr.Row():
+                    max_new = gr.Slider(1, MAX_NEW_TOKENS, value=DEFAULTS["max_new_tokens"], step=1,
+                                        label=en["max_new"])
+                    temperature = gr.Slider(0.0, 2.0, value=DEFAULTS["temperature"], step=0.05,
+                                            label=en["temperature"], info=en["temperature_info"])
+                    top_k = gr.Slider(0, 200, value=DEFAULTS["top_k"], step=1, label=en["top_k"],
+                                      info=en["top_k_info"])
+                with gr.Accordion(en["advanced"], open=False) as advanced:
+                    with gr.Row():
+                        top_p = gr.Slider(0.05, 1.0, value=DEFAULTS["top_p"], step=0.05, label=en["top_p"],
+                                          info=en["top_p_info"])
+                        penalty = gr.Slider(1.0, 2.0, value=DEFAULTS["repetition_penalty"], step=0.05,
+                                            label=en["repetition_penalty"], info=en["repetition_penalty_info"])
+                        seed = gr.Number(value=DEFAULTS["seed"], precision=0, minimum=-1, label=en["seed"],
+                                         info=en["seed_info"])
+                    with gr.Row():
+                        # Versions published after start are valid too (checked in Releases.folder).
+                        choice = gr.Dropdown(releases.choices(), value=release, label=en["release"],
+                                             allow_custom_value=True)
+                        precision = gr.Radio(list(PRECISIONS), value="fp32", label=en["precision"])
+                with gr.Row():
+                    button = gr.Button(en["generate"], variant="primary", elem_id="generate")
+                    stop = gr.Button(en["stop"], variant="secondary")
+                output = gr.Textbox(label=en["output"], lines=12, interactive=False, elem_id="output")
+                status_line = gr.Markdown("", elem_id="status")
+                status = gr.State({})
+                sample_prompts = gr.Examples([[p] for p in examples], inputs=[prompt], label=en["examples"])
+            with gr.Column(scale=2):
+                card_title = gr.Markdown(en["card"])
+                card = gr.Markdown(releases.card(release), max_height=720, elem_id="card")
+
+        controls = [prompt, max_new, temperature, top_k, top_p, penalty, seed, choice, precision]
+        event = button.click(handler, inputs=controls, outputs=[output, status], api_name="generate",
+                             time_limit=MAX_SECONDS + 30)
+        event.then(_status_line, inputs=status, outputs=status_line, api_visibility="private")
+        stop.click(None, cancels=[event])
+        choice.change(releases.card, inputs=choice, outputs=card, api_visibility="private")
+
+        labelled = [intro, prompt, max_new, temperature, top_k, advanced, top_p, penalty, seed, choice, precision,
+                    button, stop, output, sample_prompts.dataset, card_title]
+
+        def relabel(name: str) -> list:
+            t = TEXT[LANGUAGES.get(name, "en")]
+            return [gr.update(value=t["intro"]), gr.update(label=t["prompt"], placeholder=t["prompt_hint"]),
+                    gr.update(label=t["max_new"]), gr.update(label=t["temperature"], info=t["temperature_info"]),
+                    gr.update(label=t["top_k"], info=t["top_k_info"]), gr.update(label=t["advanced"]),
+                    gr.update(label=t["top_p"], info=t["top_p_info"]),
+                    gr.update(label=t["repetition_penalty"], info=t["repetition_penalty_info"]),
+                    gr.update(label=t["seed"], info=t["seed_info"]), gr.update(label=t["release"]),
+                    gr.update(label=t["precision"]), gr.update(value=t["generate"]), gr.update(value=t["stop"]),
+                    gr.update(label=t["output"]), gr.update(label=t["examples"]), gr.update(value=t["card"])]
+
+        language.change(relabel, inputs=language, outputs=labelled, api_visibility="private", queue=False)
+        # On page load: the browser's language, and the releases published since the app started.
+        demo.load(lambda name: name, inputs=language, outputs=language, js=BROWSER_LANGUAGE_JS,
+                  api_visibility="private", queue=False)
+
+        def refresh(name: str):
+            names = [value for _, value in releases.choices()]
+            return gr.update(choices=releases.choices(), value=name if name in names else LATEST), releases.card(name)
+
+        demo.load(refresh, inputs=choice, outputs=[choice, card], api_visibility="private", queue=False)
+        gr.api(release_info, api_name="release_info")
+    return demo.queue(default_concurrency_limit=concurrency, max_size=max_queue)
 
 
-def launch(releases_root: Path | str, release: str = "latest", host: str = "127.0.0.1", port: int = 7860,
-           share: bool = False, prevent_thread_lock: bool = False) -> gr.Blocks:
-    """Serve the demo (blocking unless `prevent_thread_lock`); returns the Blocks, to `close()` it."""
-    demo = build_app(releases_root, release)
+def parse_auth(value: str | tuple[str, str] | None) -> tuple[str, str] | None:
+    """`user:pass` (or a pair) -> (user, pass); None or "" -> no login."""
+    if not value:
+        return None
+    if isinstance(value, (tuple, list)):
+        user, password = value
+    else:
+        user, sep, password = str(value).partition(":")
+        if not sep:
+            raise ValueError(f"auth must be USER:PASSWORD, got {value!r} (no ':')")
+    if not user or not password:
+        raise ValueError("auth needs both a user name and a password (USER:PASSWORD)")
+    return str(user), str(password)
+
+
+def launch(releases_root, release: str = LATEST, host: str = "127.0.0.1", port: int | None = 7860,
+           share: bool = False, prevent_thread_lock: bool = False, auth: str | tuple[str, str] | None = None,
+           concurrency: int = 1, quiet: bool = False) -> gr.Blocks:
+    """Serve the demo (blocking unless `prevent_thread_lock`); returns the Blocks, to `close()` it.
+
+    `releases_root` is a releases folder or a Store (its `releases_dir`). `auth` is USER:PASSWORD
+    or a pair; by default $EMBER_DEMO_AUTH, else no login. `port=None` picks a free one.
+    """
+    root = getattr(releases_root, "releases_dir", releases_root)
+    credentials = parse_auth(auth if auth is not None else os.environ.get(AUTH_ENV))
+    demo = build_app(root, release, concurrency=concurrency)
     demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=prevent_thread_lock,
-                inbrowser=False, show_error=True)
+                inbrowser=False, show_error=True, auth=credentials, quiet=quiet,
+                auth_message="Ember demo: log in / 请登录" if credentials else None)
     return demo

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -114,6 +115,24 @@ def show(ref: str = typer.Argument(..., help="a ref or key prefix, as `ember ls`
     console.print_json(json.dumps({"path": str(artifact.path), **artifact.manifest}, default=str))
 
 
+@app.command("audit")
+def audit_document(
+    doc_id: str = typer.Argument(..., help="a document id (`source/file:record`, with or without `#chunkN`)"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+    store: Optional[Path] = StoreOption,
+) -> None:
+    """Tell what happened to a document: download, normalize, filter (rule), dedup, and which runs."""
+    from ember.tasks.audit import audit_document as audit, format_audit
+
+    report = audit(_store(store), doc_id)
+    if as_json:
+        console.print_json(json.dumps(report, default=str))
+    else:
+        console.print(format_audit(report), highlight=False, markup=False)
+    if not report["found"]:
+        raise typer.Exit(1)
+
+
 @app.command()
 def verify(store: Optional[Path] = StoreOption) -> None:
     """Check every artifact's files against the sizes and checksums in its manifest."""
@@ -138,17 +157,72 @@ def gc(dry_run: bool = typer.Option(False, "--dry-run", help="only list what wou
 
 
 @app.command()
+def releases(store: Optional[Path] = StoreOption) -> None:
+    """List published releases with their eval figures; the one `latest` points to is marked."""
+    from ember.tasks.publish import list_releases
+
+    s = _store(store)
+    rows = list_releases(s.releases_dir)
+    if not rows:
+        console.print(f"no releases in {s.releases_dir}; `ember run CONFIG` publishes one")
+        return
+    table = Table(title=f"releases in {s.releases_dir}")
+    for column in ("version", "created (UTC)", "bits/byte", "val loss", "int8 bpb", "tokens", "size", "latest"):
+        table.add_column(column, no_wrap=True,
+                         justify="left" if column in ("version", "created (UTC)", "latest") else "right")
+
+    def fig(value, digits=4):
+        return "n/a" if value is None else f"{value:.{digits}f}"
+
+    for row in rows:
+        table.add_row(row["version"], row["created"].replace("T", " ")[:16], fig(row["bpb"]), fig(row["val_loss"]),
+                      fig(row["int8_bpb"]), f"{row['tokens'] or 0:,}", _size(row["size_bytes"]),
+                      "[bold green]← latest[/]" if row["latest"] else "")
+    console.print(table)
+
+
+@app.command()
+def publish(
+    version: Optional[str] = typer.Argument(None, metavar="[VERSION]", help="release to point latest at"),
+    rollback: bool = typer.Option(False, "--rollback", help="point latest back: to VERSION, default the one "
+                                                             "before the current latest"),
+    store: Optional[Path] = StoreOption,
+) -> None:
+    """Point `latest` at another release (`--rollback [VERSION]`); `ember run` publishes new ones."""
+    from ember.tasks.publish import rollback as point_back
+
+    if not rollback and version is None:
+        _fail("nothing to do: `ember publish --rollback [VERSION]` points latest back; "
+              "`ember run CONFIG` publishes a new release")
+    try:
+        was, now = point_back(_store(store).releases_dir, version)
+    except ValueError as err:
+        _fail(str(err))
+    console.print(f"latest: {was or '(none)'} → [bold]{now}[/]" + ("  (unchanged)" if was == now else ""))
+
+
+@app.command()
 def demo(
     release: str = typer.Option("latest", help="release version to serve"),
     host: str = typer.Option("127.0.0.1", help="address to bind; 0.0.0.0 exposes it to your network"),
     port: int = typer.Option(7860),
+    auth: Optional[str] = typer.Option(None, "--auth", metavar="USER:PASSWORD",
+                                       help="require this login (default: $EMBER_DEMO_AUTH, else none)"),
+    concurrency: int = typer.Option(1, min=1, help="generations running at once; others wait in the queue"),
     share: bool = typer.Option(False, "--share", help="ask Gradio for a public link (off by default)"),
     store: Optional[Path] = StoreOption,
 ) -> None:
     """Launch the Gradio demo on a published release."""
-    from ember.deployments.app import launch
+    from ember.deployments.app import AUTH_ENV, launch, parse_auth
 
-    launch(_store(store).releases_dir, release=release, host=host, port=port, share=share)
+    try:
+        login = parse_auth(auth if auth is not None else os.environ.get(AUTH_ENV))
+    except ValueError as err:
+        _fail(str(err))
+    if host not in ("127.0.0.1", "localhost", "::1") and login is None:
+        err_console.print(f"[yellow]warning:[/] serving on {host} without a login; pass --auth USER:PASSWORD")
+    launch(_store(store).releases_dir, release=release, host=host, port=port, share=share, auth=login,
+           concurrency=concurrency)
 
 
 if __name__ == "__main__":

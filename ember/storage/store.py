@@ -302,7 +302,16 @@ class Store:
             latest[record["name"]] = record
         refs = {ref for record in latest.values() for ref in record["refs"].values()}
         for release in self.releases_dir.glob("*/release.json"):
-            refs.update(json.loads(release.read_text()).get("refs", {}).values())
+            if release.parent.name.startswith("."):  # a release being built (.tmp-*): not one yet
+                continue
+            try:
+                record = json.loads(release.read_text())
+            except json.JSONDecodeError as err:  # stop rather than delete what that release came from
+                raise StoreError(f"{release}: unreadable ({err}); gc keeps every release's artifacts, "
+                                 "so it stops here") from None
+            # `lineage` names every artifact behind a published model, `refs` the ones it copied.
+            refs.update(record.get("refs", {}).values())
+            refs.update(record.get("lineage", {}).values())
         # Keep what kept artifacts were made from, so `ember show` can explain them.
         pending = list(refs)
         while pending:

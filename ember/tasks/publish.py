@@ -12,6 +12,16 @@ per byte are lower than the published model's, both scored on the candidate's va
 (each model with its own tokenizer, so a changed tokenizer still compares fairly); `force`
 overrides. The first release always publishes.
 
+A release is immutable: its files are made read-only once it is in place, and publishing
+never writes into an existing version (a changed model, card or layout is a new version). Besides
+the copied files it holds a model card (`README.md`, see model_card.py), `pipeline.yaml` (the
+settings of every stage behind it) and `release.json` (version, date, the store key of every
+artifact behind it under `lineage`, each file's size and sha256); `ember gc` keeps every
+artifact a release names.
+
+`rollback` points `latest` at an older version (`ember publish --rollback`); `releases/history.jsonl`
+records each switch of `latest`. `list_releases` is what `ember releases` prints.
+
 The stage's artifact is a copy of `release.json`, which records which version it made, or a
 `decision.json` saying why nothing was published.
 """
@@ -36,7 +46,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ember.model.checkpoint import load_model
 from ember.model.export import export_gguf, export_hf
-from ember.storage.store import MANIFEST, file_sha256
+from ember.storage.store import MANIFEST, Store, file_sha256
+from ember.tasks import model_card
 from ember.tasks.stage import Stage, StageContext
 from ember.tasks.evaluate import stream_windows, token_stream, total_nats
 from ember.tasks.train import TokenStream
@@ -44,6 +55,10 @@ from ember.tasks.train_tokenizer import EOS_ID, TOKENIZER_FILES, load_tokenizer
 
 LATEST = "latest"
 RELEASE_JSON = "release.json"
+CARD = "README.md"
+PIPELINE_YAML = "pipeline.yaml"
+HISTORY = "history.jsonl"
+CARD_FORMAT = 1  # in a release's layout: a new card format makes a new version, never a rewrite
 VERSION_RE = re.compile(r"^v(\d{4,})$")
 
 # stage -> files a release takes from its artifact (all required).
@@ -69,6 +84,9 @@ class PublishConfig(BaseModel):
     export_hf: bool = Field(True, description="Also write hf/: a LlamaForCausalLM folder transformers loads.")
     gguf: list[Literal["f32", "f16", "q8_0"]] = Field(["f16", "q8_0"], description="GGUF files to write for "
                                                       "llama.cpp / Ollama (model-<type>.gguf); [] for none.")
+    licenses: dict[str, str] = Field({}, description="source name -> licence, for the model card; a source not "
+                                     "named here gets the `Licence:` line of a SOURCE.md / README.md beside its "
+                                     "files, else \"unknown\".")
 
 
 # -- the gate --------------------------------------------------------------------------------------
@@ -107,6 +125,10 @@ def gate_decision(ctx: StageContext, releases: Path, cfg: PublishConfig) -> dict
     latest = releases / LATEST
     if not (latest / "model.safetensors").is_file():
         return None
+    published_files = _read_json(latest / RELEASE_JSON).get("files", {})
+    if published_files.get("model.safetensors", {}).get("sha256") == file_sha256(
+            Path(ctx.inputs["train"]) / "model.safetensors"):
+        return None  # the same weights (republished with a new card or layout): nothing to compare
     if "tokenize" not in ctx.inputs:
         raise ValueError("publish.gate needs the tokenize artifact (the validation text) among its inputs")
     candidate_tokenizer = load_tokenizer(ctx.inputs["train_tokenizer"])
@@ -171,15 +193,94 @@ def next_version(releases: Path) -> str:
     return f"v{last + 1:04d}"
 
 
-def point_latest(releases: Path, version: str) -> None:
-    """Switch `latest` to `version` atomically (a relative link, so the folder can move)."""
+def point_latest(releases: Path, version: str, why: str = "publish") -> None:
+    """Switch `latest` to `version` atomically (a relative link, so the folder can move), and
+    note the switch in history.jsonl. Callers hold the publish lock."""
+    previous = current_version(releases)
     tmp = releases / f".latest-{secrets.token_hex(4)}"
     os.symlink(version, tmp)
     os.replace(tmp, releases / LATEST)
+    if previous != version:
+        with open(releases / HISTORY, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                                "latest": version, "was": previous, "why": why}) + "\n")
+
+
+def current_version(releases: Path) -> str | None:
+    """The version `latest` points to, or None."""
+    try:
+        return os.readlink(releases / LATEST)
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def publish_lock(releases: Path) -> FileLock:
+    """One publisher (or rollback) at a time: picking a version and switching `latest` must not interleave."""
+    releases.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(releases / ".publish.lock"))
+
+
+def rollback(releases: Path, version: str | None = None) -> tuple[str | None, str]:
+    """Point `latest` at `version`, by default the release before the current one. Returns (was, now)."""
+    releases = Path(releases)
+    with publish_lock(releases):
+        versions = list_versions(releases)
+        if not versions:
+            raise ValueError(f"no releases in {releases}; `ember run CONFIG` publishes one")
+        current = current_version(releases)
+        if version is None:
+            number = _number(current) if current and VERSION_RE.match(current) else None
+            older = [v for v in versions if number is not None and _number(v) < number]
+            if not older:
+                raise ValueError(f"latest is {current}, the oldest release: nothing older to roll back to "
+                                 f"(releases: {', '.join(versions)})")
+            version = older[-1]
+        if version not in versions:
+            raise ValueError(f"no release {version!r} in {releases} (releases: {', '.join(versions)})")
+        if not (releases / version / "model.safetensors").is_file():
+            raise ValueError(f"{releases / version} has no model.safetensors; not a usable release")
+        point_latest(releases, version, why="rollback")
+    return current, version
+
+
+def _number(version: str) -> int:
+    return int(VERSION_RE.match(version).group(1))
+
+
+def list_releases(releases: Path) -> list[dict]:
+    """One row per release, oldest first: version, date, eval figures, size, whether it is latest."""
+    releases = Path(releases)
+    latest = current_version(releases)
+    rows = []
+    for version in list_versions(releases):
+        folder = releases / version
+        record, report = _read_json(folder / RELEASE_JSON), _read_json(folder / "report.json")
+        fp32, int8 = report.get("fp32", {}), report.get("int8", {})
+        train = _read_json(folder / "config.json").get("train", {})
+        rows.append({"version": version, "created": record.get("created", ""),
+                     "bpb": fp32.get("bpb"), "val_loss": fp32.get("val_loss"), "int8_bpb": int8.get("bpb"),
+                     "steps": train.get("steps"), "tokens": train.get("tokens"),
+                     "size_bytes": sum(f.get("size", 0) for f in record.get("files", {}).values()),
+                     "latest": version == latest})
+    return rows
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _make_read_only(folder: Path) -> None:
+    """Files r--r--r--: a release is never edited in place (a new version is published instead)."""
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o444)
 
 
 def _build_release(releases: Path, version: str, sources: dict[str, Path], record: dict, cfg: PublishConfig,
-                   inputs: dict[str, Path]) -> Path:
+                   inputs: dict[str, Path], stages: dict[str, dict], source_rows: list[dict]) -> Path:
     tmp = releases / f".tmp-{version}-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
@@ -190,12 +291,17 @@ def _build_release(releases: Path, version: str, sources: dict[str, Path], recor
             export_hf(inputs["train"], inputs["train_tokenizer"], tmp / "hf")
         for outtype in cfg.gguf:
             export_gguf(inputs["train"], inputs["train_tokenizer"], tmp / f"model-{outtype}.gguf", outtype=outtype)
+        (tmp / PIPELINE_YAML).write_text(model_card.pipeline_yaml(stages, cfg.model_dump(mode="json")),
+                                         encoding="utf-8")
+        (tmp / CARD).write_text(model_card.render(version, record["created"], tmp, stages, source_rows),
+                                encoding="utf-8")
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         record["files"] = {p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
                            for p in files}
         (tmp / RELEASE_JSON).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
         final = releases / version
         os.rename(tmp, final)  # fails rather than merge if the version exists
+        _make_read_only(final)
         return final
     finally:
         if tmp.exists():
@@ -221,11 +327,14 @@ def run(cfg: PublishConfig, ctx: StageContext) -> dict:
     releases.mkdir(parents=True, exist_ok=True)
     sources = release_sources(ctx.inputs, cfg.include_int8)
     refs = {stage: artifact_ref(ctx.inputs[stage]) for stage in REQUIRED if stage in ctx.inputs}
+    # What the card says about the data: read before the lock, it may take a few seconds.
+    stages = model_card.lineage(ctx.store_root, ctx.inputs)
+    source_rows = model_card.source_rows(stages, _dedup_dir(ctx, stages), cfg.licenses)
 
-    # One publisher at a time: picking a version number and switching `latest` must not interleave.
-    with FileLock(str(releases / ".publish.lock")):
+    with publish_lock(releases):
         gate = None
-        layout = {"files": sorted(sources), "hf": cfg.export_hf, "gguf": sorted(cfg.gguf)}
+        layout = {"files": sorted(sources), "hf": cfg.export_hf, "gguf": sorted(cfg.gguf), "card": CARD_FORMAT,
+                  "licenses": {row["source"]: row["licence"] for row in source_rows}}
         if cfg.gate and find_release(releases, refs, layout) is None:
             gate = gate_decision(ctx, releases, cfg)
         if gate is not None and not gate["better"] and not cfg.force:
@@ -253,14 +362,15 @@ def run(cfg: PublishConfig, ctx: StageContext) -> dict:
                 "version": version,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 "refs": refs,
+                "lineage": model_card.store_keys(stages),
                 "layout": layout,
                 "metrics": {stage: _manifest_metrics(ctx.inputs[stage]) for stage in refs},
             }
-            _build_release(releases, version, sources, record, cfg, ctx.inputs)
+            _build_release(releases, version, sources, record, cfg, ctx.inputs, stages, source_rows)
         point_latest(releases, version)
 
     record = json.loads((releases / version / RELEASE_JSON).read_text())
-    shutil.copy2(releases / version / RELEASE_JSON, ctx.out / RELEASE_JSON)
+    shutil.copyfile(releases / version / RELEASE_JSON, ctx.out / RELEASE_JSON)  # not its read-only mode
     size = sum(f["size"] for f in record["files"].values())
     ctx.report.table("release", [{"file": name, "bytes": f["size"]} for name, f in record["files"].items()],
                      f"Release {version} ({'new' if created else 'already published; latest points to it'})")
@@ -273,6 +383,17 @@ def run(cfg: PublishConfig, ctx: StageContext) -> dict:
     return metrics
 
 
+def _dedup_dir(ctx: StageContext, stages: dict[str, dict]) -> Path | None:
+    """The dedup artifact (the training text, for the card's per-source counts), if reachable."""
+    if "dedup" in ctx.inputs:
+        return Path(ctx.inputs["dedup"])
+    ref = stages.get("dedup", {}).get("ref")
+    if ref:
+        path = Store(ctx.store_root).path(ref)
+        return path if (path / MANIFEST).is_file() else None
+    return None
+
+
 def _manifest_metrics(folder: Path) -> dict:
     try:
         return json.loads((folder / MANIFEST).read_text()).get("metrics", {})
@@ -280,4 +401,5 @@ def _manifest_metrics(folder: Path) -> dict:
         return {}
 
 
-STAGE = Stage(name="publish", version=2, run=run)
+# 3: a model card, pipeline.yaml and the lineage's store keys in every release; files read-only.
+STAGE = Stage(name="publish", version=3, run=run)
