@@ -27,7 +27,9 @@ def start_run(config: Path, store: Path, api_url: str) -> subprocess.Popen:
 def test_sigkill_during_training_then_resume(tmp_path, prefect_api):
     from ember.storage.store import Store
 
-    config = write_config(tmp_path, train={"max_steps": 400, "checkpoint_every": 20, "eval_every": 200})
+    # Steps of 8 windows accumulated from micro-batches of 4: the resumed run must carry on mid-schedule.
+    config = write_config(tmp_path, train={"max_steps": 400, "checkpoint_every": 20, "eval_every": 200,
+                                           "batch_size": 4, "tokens_per_step": 8 * 64})
     store_root = tmp_path / "store"
     proc = start_run(config, store_root, prefect_api)
     try:
@@ -52,5 +54,5 @@ def test_sigkill_during_training_then_resume(tmp_path, prefect_api):
     assert proc.returncode == 0, output
     (train,) = store.ls("train")
     assert train.metrics["resumed_from"] >= killed_at, json.dumps(train.metrics)
-    assert train.metrics["steps"] == 400
+    assert train.metrics["steps"] == 400 and train.metrics["tokens_per_step"] == 8 * 64
     assert [a.stage for a in store.ls("publish")] == ["publish"]

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from ember.model.checkpoint import load_model
+from ember.model.transformer import Transformer
 from ember.tasks import evaluate, quantize, train
 from ember.tasks.stage import Reporter, StageContext
 from ember.tasks.train_tokenizer import SPECIAL_TOKENS, load_tokenizer
@@ -80,8 +81,11 @@ def context(tmp: Path, name: str, inputs: dict[str, Path], work: Path | None = N
 
 
 def tiny_train(**overrides) -> train.TrainConfig:
-    values = dict(model={"preset": "tiny"}, batch_size=8, max_steps=40, lr=3e-3, min_lr=3e-4, warmup_steps=5,
-                  eval_every=20, eval_batches=2, checkpoint_every=10, log_every=5, device="cpu")
+    """40 steps of 8 windows, accumulated from 2 micro-batches of 4. fp32 set, not probed: runs
+    compared with each other must not depend on a timing."""
+    values = dict(model={"preset": "tiny"}, batch_size=4, tokens_per_step=8 * 64, max_steps=40, lr=3e-3,
+                  min_lr=3e-4, warmup_steps=5, eval_every=20, eval_batches=4, checkpoint_every=10, log_every=5,
+                  device="cpu", precision="fp32")
     return train.TrainConfig(**{**values, **overrides})
 
 
@@ -123,7 +127,9 @@ def test_training_lowers_the_loss_and_writes_the_contract_files(trained):
     assert config["tokenizer"] == {"bos_id": 1, "eos_id": 2, "pad_id": 0}
     assert config["train"]["steps"] == 40 and config["train"]["val_loss"] == metrics["val_loss"]
     assert metrics["resumed_from"] is None and metrics["tokens"] == 40 * 8 * 64
+    assert metrics["tokens_per_step"] == 8 * 64 and metrics["precision"] == "fp32"
     assert 0 < metrics["val_bpb"] < 8
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_resumed_run_equals_uninterrupted_run(artifacts, trained, tmp_path):
@@ -133,6 +139,9 @@ def test_resumed_run_equals_uninterrupted_run(artifacts, trained, tmp_path):
     with pytest.raises(Crash):
         train.run(cfg, context(tmp_path, "first", artifacts, work=work, reporter=CrashingReporter(at=25)))
     assert (work / "LATEST").read_text().strip() == "ckpt-00000020"
+    state = torch.load(work / "ckpt-00000020" / "state.pt", weights_only=True)
+    assert state["step"] == 20 and state["config"] == cfg.model_dump(mode="json")
+    assert state["extra"]["precision"] == "fp32" and state["optimizer"]["state"]
     ctx = context(tmp_path, "second", artifacts, work=work)
     metrics = train.run(cfg, ctx)
     assert metrics["resumed_from"] == 20
@@ -197,17 +206,85 @@ def test_empty_val_split_skips_validation(tmp_path):
     ({"batch_size": 0}, "greater than 0"),
     ({"model": {"preset": "tiny"}, "seq_len": 65}, "exceeds the model's max_seq_len 64"),
     ({"epochs": 3}, "Extra inputs"),
+    ({"grad_accum": 2}, "Extra inputs"),
+    ({"batch_size": 1, "nproc": 2}, "a step of 1 windows cannot be shared by nproc = 2 processes"),
+    ({"precision": "fp16"}, "Input should be 'auto', 'fp32' or 'bf16'"),
 ], ids=["unknown_preset", "heads_do_not_divide", "min_lr_above_lr", "zero_batch", "seq_len_above_context",
-         "unknown_key"])
+         "unknown_key", "v1_grad_accum_is_now_tokens_per_step", "step_smaller_than_nproc", "unknown_precision"])
 def test_bad_train_config_is_refused(section, message):
     with pytest.raises(ValidationError, match=message):
         train.TrainConfig(**section)
 
 
-def test_unkeyed_fields_are_only_intervals():
-    assert set(train.STAGE.unkeyed) == {"log_every", "eval_every", "checkpoint_every"}
+def test_unkeyed_fields_are_intervals_and_how_the_batch_is_computed():
+    assert set(train.STAGE.unkeyed) == {"log_every", "eval_every", "checkpoint_every", "nproc", "compile"}
     params = train.STAGE.params(train.TrainConfig())
     assert "lr" in params and "model" in params and "log_every" not in params
+    assert {"precision", "tokens_per_step", "warm_start"} <= params.keys()
+
+
+@pytest.mark.parametrize("batch_size, tokens_per_step, windows", [
+    (16, None, 16), (4, 8 * 64, 8), (4, 8 * 64 + 1, 12), (8, 100, 8),
+], ids=["one_micro_batch", "two_micro_batches", "rounded_up_to_whole_micro_batches", "at_least_one"])
+def test_tokens_per_step_sets_the_accumulation(batch_size, tokens_per_step, windows):
+    cfg = tiny_train(batch_size=batch_size, tokens_per_step=tokens_per_step)
+    assert cfg.windows_per_step(64) == windows
+
+
+def test_time_budget_stops_training_and_is_logged(artifacts, tmp_path, caplog):
+    ctx = context(tmp_path, "train", artifacts)
+    with caplog.at_level("INFO", logger="ember.train"):
+        metrics = train.run(tiny_train(max_steps=10_000, max_minutes=0.02), ctx)
+    assert 0 < metrics["steps"] < 10_000 and metrics["seconds"] >= 1.2
+    assert f"time budget of 0.02 min reached at step {metrics['steps']}" in caplog.text
+    assert json.loads((ctx.out / "config.json").read_text())["train"]["steps"] == metrics["steps"]
+
+
+@pytest.mark.parametrize("fp32_s, bf16_s, expected", [
+    ([0.010], [0.300], "fp32"), ([0.010, 0.010], [0.009, 0.009], "fp32"),
+    ([0.010, 0.010], [0.005, 0.012], "fp32"), ([0.010, 0.011], [0.005, 0.006], "bf16"),
+], ids=["bf16_much_slower", "bf16_barely_faster", "rounds_disagree", "bf16_clearly_faster_in_every_round"])
+def test_auto_precision_follows_the_probe(monkeypatch, fp32_s, bf16_s, expected):
+    model = Transformer(train.TrainConfig(model={"preset": "tiny"}).model.build(vocab_size=512))
+    monkeypatch.setattr(train, "probe_precision", lambda *args: {"fp32": fp32_s, "bf16": bf16_s})
+    precision, why = train.resolve_precision("auto", model, 4, 64, torch.device("cpu"))
+    assert precision == expected and f"{fp32_s[0] * 1e3:.1f}" in why and "ms in fp32" in why
+    assert train.resolve_precision("bf16", model, 4, 64, torch.device("cpu")) == ("bf16", "set in the config")
+
+
+def test_precision_probe_times_both_and_leaves_no_trace():
+    model = Transformer(train.TrainConfig(model={"preset": "tiny"}).model.build(vocab_size=512))
+    rng = torch.get_rng_state()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    times = train.probe_precision(model, 4, 64, torch.device("cpu"))
+    assert times.keys() == {"fp32", "bf16"} and len(times["fp32"]) == len(times["bf16"]) in (1, 2)
+    assert all(t > 0 for ts in times.values() for t in ts)
+    assert torch.equal(torch.get_rng_state(), rng) and all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_compile_failure_says_how_to_turn_it_off(artifacts, tmp_path, monkeypatch):
+    def broken_compile(model, **kwargs):
+        def compiled(*args, **kw):
+            raise RuntimeError("InductorError: CppCompileError: C++ compile error\n(no compiler)")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    ctx = context(tmp_path, "train", artifacts)
+    with pytest.raises(RuntimeError, match=r"train.compile: torch.compile failed on cpu \(RuntimeError: "
+                                           r"InductorError.*set train.compile: false"):
+        train.run(tiny_train(compile=True, max_steps=3), ctx)
+    assert list(ctx.out.iterdir()) == []
+
+
+def test_optimizer_decays_matrices_only_and_is_fused_on_cpu():
+    model = Transformer(train.TrainConfig(model={"preset": "tiny"}).model.build(vocab_size=512))
+    optimizer = train.build_optimizer(model, tiny_train(weight_decay=0.1), torch.device("cpu"))
+    decayed, plain = optimizer.param_groups
+    assert decayed["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decayed["params"])
+    assert plain["weight_decay"] == 0.0 and all(p.dim() == 1 for p in plain["params"]) and plain["params"]
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+    assert optimizer.defaults["fused"] is True
 
 
 # -- int8 variants and external texts -------------------------------------------------------------

@@ -7,6 +7,8 @@ and everything after it.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
@@ -15,7 +17,7 @@ from ember.flows.config import PipelineConfig
 from ember.storage.store import Store
 from ember.tasks import dedup, download, evaluate, normalize, publish, quantize, tokenize, train, train_tokenizer
 from ember.tasks import filter as quality_filter
-from ember.tasks.prefect_stage import artifact_key, stage_task
+from ember.tasks.prefect_stage import UnitMap, artifact_key, stage_task
 from ember.tasks.stage import Outcome
 
 STAGES = [download.STAGE, normalize.STAGE, quality_filter.STAGE, dedup.STAGE, train_tokenizer.STAGE,
@@ -31,6 +33,25 @@ def stages_to_force(force: list[str] | None, from_stage: str | None) -> set[str]
     if from_stage:
         forced.update(STAGE_NAMES[STAGE_NAMES.index(from_stage):])
     return forced
+
+
+# Where `ember demo` and the `demo` deployment listen unless told otherwise.
+DEMO_URL = "http://127.0.0.1:7860"
+
+
+def release_markdown(release: str, reason: str, store_root: Path) -> str:
+    """The run's release artifact: links to the release folder and to the demo, and how to start it."""
+    latest = store_root / "releases" / "latest"
+    if release:
+        head = f"**Release:** [{Path(release).name}]({Path(release).as_uri()}) (`{release}`)"
+    elif latest.exists():
+        head = (f"**{reason}**\n\nStill published: [{latest.resolve().name}]({latest.resolve().as_uri()}) "
+                f"(`{latest.resolve()}`)")
+    else:
+        return f"**{reason}**"
+    return (f"{head}\n\n**Demo:** [{DEMO_URL}]({DEMO_URL}), which serves `releases/latest` once started: "
+            f"`prefect deployment run 'ember-demo/demo'` (with `make serve` running) or "
+            f"`ember demo --store {store_root}`")
 
 
 def _run_name() -> str:
@@ -52,11 +73,12 @@ def build_llm(config: PipelineConfig, force: list[str] | None = None, from_stage
     store = Store(config.store_root(store_root), lock_timeout_s=config.store.lock_timeout_s)
     logger.info("store: %s", store.root)
     outcomes: dict[str, Outcome] = {}
+    mapper = UnitMap(config.runner.kind, config.runner.workers, config.runner.address)
 
     def run(stage, cfg, inputs: list[str], identity=None) -> str:
         state = stage_task(store, stage, cfg, {name: outcomes[name].ref for name in inputs},
                            force=stage.name in forced, identity=identity,
-                           artifact_prefix=config.name, return_state=True)
+                           artifact_prefix=config.name, mapper=mapper, return_state=True)
         outcome: Outcome = state.result()
         outcomes[stage.name] = outcome
         how = "cache hit" if outcome.cached else f"ran in {outcome.seconds:.1f}s"
@@ -69,10 +91,12 @@ def build_llm(config: PipelineConfig, force: list[str] | None = None, from_stage
     run(dedup.STAGE, config.dedup, ["filter"])
     run(train_tokenizer.STAGE, config.train_tokenizer, ["dedup"])
     run(tokenize.STAGE, config.tokenize, ["dedup", "train_tokenizer"])
-    run(train.STAGE, config.train, ["tokenize", "train_tokenizer"])
+    run(train.STAGE, config.train, ["tokenize", "train_tokenizer"],
+        identity=train.warm_start_identity(config.train, store.root))  # a new release re-keys a warm start
     run(quantize.STAGE, config.quantize, ["train"])
     run(evaluate.STAGE, config.evaluate, ["train", "quantize", "tokenize", "train_tokenizer"])
-    run(publish.STAGE, config.publish, ["train", "quantize", "evaluate", "train_tokenizer", "tokenize"])
+    run(publish.STAGE, config.publish, ["train", "quantize", "evaluate", "train_tokenizer", "tokenize",
+                                        "download", "normalize", "filter", "dedup"])  # the card's data section
 
     refs = {name: outcome.ref for name, outcome in outcomes.items()}
     store.record_run(config.name, refs, {"flow_run_id": str(flow_run.id or ""), "config_digest": config.digest()})
@@ -86,8 +110,7 @@ def build_llm(config: PipelineConfig, force: list[str] | None = None, from_stage
     )
     create_markdown_artifact(
         key=artifact_key(config.name, "release"),
-        markdown=(f"**Release:** `{release}`\n\nLaunch the demo: `ember demo --store {store.root}`" if release
-                  else f"**{published.get('reason', 'not published')}**"),
+        markdown=release_markdown(release, published.get("reason", "not published"), store.root),
         description="The published model and how to try it",
     )
     return {

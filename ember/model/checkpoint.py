@@ -5,8 +5,9 @@ output projection reuses `tok_embeddings.weight` rather than holding a copy) and
 = `{"model": ModelConfig fields, **extra}`.
 
 A training checkpoint is a folder `ckpt-<step>/` with the weights as safetensors and
-`state.pt` (optimizer state, RNG states, step, elapsed seconds, whatever the trainer adds),
-written as `ckpt-<step>.tmp/` and renamed, so a folder named `ckpt-<step>` is always complete.
+`state.pt` (optimizer state, RNG states, step, elapsed seconds, the training config, whatever
+the trainer adds; the data loader needs no state of its own because the trainer draws each
+step's batch from (seed, step) alone), written as `ckpt-<step>.tmp/` and renamed, so a folder named `ckpt-<step>` is always complete.
 `LATEST` then names it (os.replace), and older checkpoints are deleted last: after a crash at
 any point there is one complete checkpoint to resume from. `state.pt` is a torch pickle, but it
 only ever holds tensors, numbers, strings, lists and dicts, so it loads with
@@ -84,8 +85,12 @@ def _set_rng_states(states: dict) -> None:
 
 
 def save_checkpoint(work: Path | str, step: int, model: Transformer, optimizer: torch.optim.Optimizer,
-                    elapsed_s: float, extra: dict | None = None) -> Path:
-    """Write `work/ckpt-<step>` atomically, point LATEST at it, delete older checkpoints."""
+                    elapsed_s: float, extra: dict | None = None, config: dict | None = None) -> Path:
+    """Write `work/ckpt-<step>` atomically, point LATEST at it, delete older checkpoints.
+
+    `model` is the plain module (not a DDP or torch.compile wrapper, whose parameter names
+    carry a prefix); `config` is the training config as JSON-able values.
+    """
     work = Path(work)
     final = work / f"ckpt-{step:08d}"
     tmp = work / f"ckpt-{step:08d}.tmp"
@@ -93,7 +98,7 @@ def save_checkpoint(work: Path | str, step: int, model: Transformer, optimizer: 
     tmp.mkdir(parents=True)
     save_file(_state_dict(model), tmp / WEIGHTS)
     state = {"step": step, "elapsed_s": elapsed_s, "optimizer": optimizer.state_dict(),
-             "rng": _rng_states(), "extra": extra or {}}
+             "rng": _rng_states(), "config": config or {}, "extra": extra or {}}
     torch.save(state, tmp / STATE)
     if final.exists():  # the same step saved before a crash: the new one replaces it
         shutil.rmtree(final)
@@ -123,7 +128,7 @@ def latest_checkpoint(work: Path | str) -> Path | None:
 def load_checkpoint(work: Path | str, model: Transformer, optimizer: torch.optim.Optimizer) -> dict | None:
     """Restore model, optimizer and RNG states from the latest checkpoint in `work`.
 
-    Returns {"step", "elapsed_s", "extra"}, or None when there is no checkpoint.
+    Returns {"step", "elapsed_s", "config", "extra", "path"}, or None when there is no checkpoint.
     """
     folder = latest_checkpoint(work)
     if folder is None:
@@ -133,4 +138,5 @@ def load_checkpoint(work: Path | str, model: Transformer, optimizer: torch.optim
     state = torch.load(folder / STATE, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     _set_rng_states(state["rng"])
-    return {"step": state["step"], "elapsed_s": state["elapsed_s"], "extra": state["extra"], "path": folder}
+    return {"step": state["step"], "elapsed_s": state["elapsed_s"], "config": state.get("config", {}),
+            "extra": state["extra"], "path": folder}

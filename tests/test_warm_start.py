@@ -1,0 +1,104 @@
+"""Warm start: training starts from `releases/latest` when its tokenizer and shape are this run's."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ember.storage.store import file_sha256
+from ember.tasks import train
+from ember.tasks.publish import point_latest
+from test_train_stages import context, make_artifacts, tiny_train
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def first_loss(folder: Path) -> float:
+    return json.loads((folder / "loss.jsonl").read_text().splitlines()[0])["loss"]
+
+
+def publish_by_hand(store: Path, version: str, model_dir: Path, tokenizer_dir: Path) -> Path:
+    """A release folder in publish's layout (the files train reads, and release.json's digests)."""
+    folder = store / "releases" / version
+    folder.mkdir(parents=True)
+    for source in (model_dir / "model.safetensors", model_dir / "config.json", tokenizer_dir / "tokenizer.json"):
+        shutil.copy2(source, folder / source.name)
+    files = {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in folder.iterdir()}
+    (folder / "release.json").write_text(json.dumps({"version": version, "files": files}))
+    point_latest(store / "releases", version)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory) -> tuple[Path, dict[str, Path], Path]:
+    """A store whose latest release is a tiny model trained for 40 steps, and its artifacts."""
+    tmp = tmp_path_factory.mktemp("warm")
+    artifacts = make_artifacts(tmp / "artifacts", chars=60_000)
+    ctx = context(tmp, "first", artifacts)
+    train.run(tiny_train(), ctx)
+    store = tmp / "store"
+    publish_by_hand(store, "v0001", ctx.out, artifacts["train_tokenizer"])
+    scratch = context(tmp, "scratch", artifacts)
+    train.run(tiny_train(max_steps=3, log_every=1), scratch)
+    return store, artifacts, scratch.out
+
+
+def warm_context(tmp_path: Path, store: Path, inputs: dict[str, Path]):
+    ctx = context(tmp_path, "warm", inputs)
+    ctx.store_root = store
+    return ctx
+
+
+def test_warm_start_begins_where_the_release_left_off(published, tmp_path, caplog):
+    store, artifacts, scratch = published
+    ctx = warm_context(tmp_path, store, artifacts)
+    with caplog.at_level("INFO", logger="ember.train"):
+        metrics = train.run(tiny_train(max_steps=3, log_every=1, warm_start=True), ctx)
+    assert "warm start: started from the weights of release v0001" in caplog.text
+    assert metrics["warm_start"] == "v0001"
+    # The release was trained 40 steps: its first loss is far below a fresh model's (ln 512 = 6.24).
+    assert first_loss(ctx.out) < first_loss(scratch) - 0.5
+
+
+def test_changed_tokenizer_falls_back_to_scratch_and_says_why(published, tmp_path, caplog):
+    store, artifacts, scratch = published
+    other = tmp_path / "other_tokenizer"
+    other.mkdir()
+    tokenizer = json.loads((artifacts["train_tokenizer"] / "tokenizer.json").read_text())
+    tokenizer["model"]["merges"] = tokenizer["model"]["merges"][:-1]  # one merge fewer: another tokenizer
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    ctx = warm_context(tmp_path, store, {**artifacts, "train_tokenizer": other})
+    with caplog.at_level("INFO", logger="ember.train"):
+        metrics = train.run(tiny_train(max_steps=3, log_every=1, warm_start=True), ctx)
+    assert ("warm start not possible: release v0001's tokenizer differs from this run's; training from scratch"
+            in caplog.text)
+    assert metrics["warm_start"] is None
+    assert first_loss(ctx.out) == first_loss(scratch)  # the same seeded initialisation as a fresh run
+
+
+def test_other_model_shape_falls_back_to_scratch(published, tmp_path, caplog):
+    store, artifacts, _ = published
+    ctx = warm_context(tmp_path, store, artifacts)
+    with caplog.at_level("INFO", logger="ember.train"):
+        metrics = train.run(tiny_train(model={"preset": "tiny", "n_layers": 1}, max_steps=1, warm_start=True), ctx)
+    assert "release v0001's model shape differs (n_layers 2 vs 1)" in caplog.text and metrics["warm_start"] is None
+
+
+def test_identity_names_the_release_and_its_weights(published, tmp_path):
+    store, _, _ = published
+    release = store / "releases" / "v0001"
+    digest = file_sha256(release / "model.safetensors")
+    assert train.warm_start_identity(tiny_train(warm_start=True), store) == f"v0001 sha256:{digest}"
+    assert train.warm_start_identity(tiny_train(), store) is None  # not warm-starting: nothing read
+    assert train.warm_start_identity(tiny_train(warm_start=True), tmp_path / "empty-store") is None
+
+    # A new release changes the identity, hence the train stage's key.
+    copy = tmp_path / "store"
+    shutil.copytree(store / "releases" / "v0001", copy / "releases" / "v0002")
+    point_latest(copy / "releases", "v0002")
+    assert train.warm_start_identity(tiny_train(warm_start=True), copy) == f"v0002 sha256:{digest}"
+    (copy / "releases" / "v0002" / "release.json").unlink()  # digest then read from the file itself
+    assert train.warm_start_identity(tiny_train(warm_start=True), copy) == f"v0002 sha256:{digest}"
