@@ -87,18 +87,43 @@ def test_other_model_shape_falls_back_to_scratch(published, tmp_path, caplog):
     assert "release v0001's model shape differs (n_layers 2 vs 1)" in caplog.text and metrics["warm_start"] is None
 
 
-def test_identity_names_the_release_and_its_weights(published, tmp_path):
-    store, _, _ = published
-    release = store / "releases" / "v0001"
-    digest = file_sha256(release / "model.safetensors")
-    assert train.warm_start_identity(tiny_train(warm_start=True), store) == f"v0001 sha256:{digest}"
-    assert train.warm_start_identity(tiny_train(), store) is None  # not warm-starting: nothing read
-    assert train.warm_start_identity(tiny_train(warm_start=True), tmp_path / "empty-store") is None
+def release_json(folder: Path, tokens_ref: str) -> None:
+    record = json.loads((folder / "release.json").read_text())
+    (folder / "release.json").write_text(json.dumps({**record, "refs": {"tokenize": tokens_ref}}))
 
-    # A new release changes the identity, hence the train stage's key.
+
+def test_plan_names_the_release_and_its_weights(published, tmp_path):
+    store, _, _ = published
+    digest = file_sha256(store / "releases" / "v0001" / "model.safetensors")
+    cfg, identity = train.plan_warm_start(tiny_train(warm_start=True), store, "tokenize/new")
+    assert (cfg.warm_start, identity) == ("v0001", f"v0001 sha256:{digest}")
+    assert train.plan_warm_start(tiny_train(), store, "tokenize/new") == (tiny_train(), None)  # nothing read
+    cfg, identity = train.plan_warm_start(tiny_train(warm_start=True), tmp_path / "empty-store", "tokenize/new")
+    assert (cfg, identity) == (tiny_train(), None)  # no release: a cold start, the same key as a build's
+    with pytest.raises(ValueError, match="v0009 has no model.safetensors"):
+        train.plan_warm_start(tiny_train(warm_start="v0009"), store, "tokenize/new")
+    with pytest.raises(ValueError, match="not a release version"):
+        tiny_train(warm_start="latest")
+
+
+def test_a_retrain_over_the_same_tokens_resolves_to_the_same_release(published, tmp_path):
+    """Night after night over an unchanged corpus the plan, hence the train key, stays put; a new
+    corpus moves it to the newest release."""
+    store, _, _ = published
     copy = tmp_path / "store"
-    shutil.copytree(store / "releases" / "v0001", copy / "releases" / "v0002")
+    shutil.copytree(store / "releases" / "v0001", copy / "releases" / "v0001")
+    release_json(copy / "releases" / "v0001", "tokenize/old")
+    point_latest(copy / "releases", "v0001")
+    # New tokens: start from v0001, which learned from the old ones.
+    assert train.plan_warm_start(tiny_train(warm_start=True), copy, "tokenize/new")[0].warm_start == "v0001"
+    # That retrain published v0002 from the new tokens; the next night has the same tokens.
+    shutil.copytree(copy / "releases" / "v0001", copy / "releases" / "v0002")
+    release_json(copy / "releases" / "v0002", "tokenize/new")
     point_latest(copy / "releases", "v0002")
-    assert train.warm_start_identity(tiny_train(warm_start=True), copy) == f"v0002 sha256:{digest}"
-    (copy / "releases" / "v0002" / "release.json").unlink()  # digest then read from the file itself
-    assert train.warm_start_identity(tiny_train(warm_start=True), copy) == f"v0002 sha256:{digest}"
+    assert train.plan_warm_start(tiny_train(warm_start=True), copy, "tokenize/new")[0].warm_start == "v0001"
+    # Then the corpus changes again: v0002 is the one to continue from.
+    assert train.plan_warm_start(tiny_train(warm_start=True), copy, "tokenize/newer")[0].warm_start == "v0002"
+    # Every release learned from these tokens already: nothing to continue from, a cold start (as a build).
+    for version in ("v0001", "v0002"):
+        release_json(copy / "releases" / version, "tokenize/newer")
+    assert train.plan_warm_start(tiny_train(warm_start=True), copy, "tokenize/newer")[0].warm_start is False

@@ -68,7 +68,7 @@ def build_llm(config: PipelineConfig, force: list[str] | None = None, from_stage
     logger = get_run_logger()
     forced = stages_to_force(force, from_stage)
     # Fails before any work when a source is missing or has no text; its fingerprint
-    # (files, sizes, mtimes) joins the download key so that a changed corpus reruns it.
+    # (each file's content hash, a url's checksum or ETag) joins the download key so that a changed corpus reruns it.
     identity = download.preflight(config.download)
     store = Store(config.store_root(store_root), lock_timeout_s=config.store.lock_timeout_s)
     logger.info("store: %s", store.root)
@@ -90,9 +90,10 @@ def build_llm(config: PipelineConfig, force: list[str] | None = None, from_stage
     run(quality_filter.STAGE, config.filter, ["normalize"])
     run(dedup.STAGE, config.dedup, ["filter"])
     run(train_tokenizer.STAGE, config.train_tokenizer, ["dedup"])
-    run(tokenize.STAGE, config.tokenize, ["dedup", "train_tokenizer"])
-    run(train.STAGE, config.train, ["tokenize", "train_tokenizer"],
-        identity=train.warm_start_identity(config.train, store.root))  # a new release re-keys a warm start
+    tokens = run(tokenize.STAGE, config.tokenize, ["dedup", "train_tokenizer"])
+    # `warm_start: true` becomes one release (config) and its weights' digest (identity): both key the run.
+    train_cfg, init_weights = train.plan_warm_start(config.train, store.root, tokens)
+    run(train.STAGE, train_cfg, ["tokenize", "train_tokenizer"], identity=init_weights)
     run(quantize.STAGE, config.quantize, ["train"])
     run(evaluate.STAGE, config.evaluate, ["train", "quantize", "tokenize", "train_tokenizer"])
     run(publish.STAGE, config.publish, ["train", "quantize", "evaluate", "train_tokenizer", "tokenize",

@@ -3,8 +3,9 @@
 One loop in the nanoGPT manner: AdamW (decay on matrices only), linear warmup then cosine
 decay to min_lr, gradient accumulation up to `tokens_per_step`, clipping, and a step count as
 well as a time budget. Precision: bf16 autocast on CUDA; elsewhere `precision: auto` times the
-model's matmul shapes in fp32 and in bf16 at start and keeps the faster (on CPUs without bf16
-units, such as this project's 2-core AVX2 machine, fp32 by a wide margin). `compile: true`
+model's forward and backward in fp32 and in bf16 at start and keeps the clearly faster (fp32 on
+CPUs without bf16 units, where bf16 is 30-40x slower; bf16 on this project's 2-core machine,
+which turned out to have AVX512-BF16). `compile: true`
 runs the model through torch.compile.
 
 Resuming is exact. The batch of step s is a pure function of (seed, s): windows are drawn
@@ -21,8 +22,9 @@ gradients, so the global batch, and the loss up to float rounding, are those of 
 Only rank 0 evaluates and writes checkpoints and the artifact. `nproc: N` makes the stage
 launch `python -m torch.distributed.run --nproc_per_node N -m ember.tasks.train_ddp` itself.
 
-Warm start: `warm_start: true` starts from the weights of `<store_root>/releases/latest`
-when that release has this run's tokenizer and model shape, else from scratch (saying why).
+Warm start: `warm_start: true` starts from the weights of the newest published release not
+already trained on this run's tokens (see `plan_warm_start`), `warm_start: v0003` from that
+release, when the release has this run's tokenizer and model shape, else from scratch (saying why).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -50,6 +53,10 @@ from ember.model.transformer import PRESETS, ModelConfig, Transformer
 from ember.storage.store import file_sha256
 from ember.tasks.plots import loss_curve_png
 from ember.tasks.stage import Stage, StageContext
+
+# The release layout is the publish stage's (ember/tasks/publish.py, which imports this module).
+RELEASES, LATEST_RELEASE, WEIGHTS, TOKENIZER = "releases", "latest", "model.safetensors", "tokenizer.json"
+RELEASE_NAME = re.compile(r"v\d{4,}")
 
 
 class ModelSection(BaseModel):
@@ -113,8 +120,17 @@ class TrainConfig(BaseModel):
     compile: bool = Field(False, description="run the model through torch.compile (a C compiler is needed on CPU)")
     nproc: int = Field(1, ge=1, description="processes on this machine; >1 launches torchrun (DistributedDataParallel, "
                                            "gloo on CPU, nccl on CUDA) with the same global batch")
-    warm_start: bool = Field(False, description="start from the weights of <store>/releases/latest when its "
-                                                "tokenizer and model shape are this run's; else from scratch")
+    warm_start: bool | str = Field(
+        False, description="start from a release's weights when its tokenizer and model shape are this run's, else "
+        "from scratch: a version (v0003), or true = the newest published release not already trained on this "
+        "run's tokens (what the scheduled retrain uses)")
+
+    @field_validator("warm_start")
+    @classmethod
+    def _release_name(cls, value: bool | str) -> bool | str:
+        if isinstance(value, str) and not RELEASE_NAME.fullmatch(value):
+            raise ValueError(f"{value!r} is not a release version such as v0003 (or true / false)")
+        return value
 
     @model_validator(mode="after")
     def _lr_range(self) -> "TrainConfig":
@@ -449,37 +465,71 @@ def _report_message(line: str) -> dict | None:
 
 # -- warm start -----------------------------------------------------------------------------------------
 
-# The release layout is the publish stage's (ember/tasks/publish.py, which imports this module).
-RELEASES, LATEST_RELEASE, WEIGHTS, TOKENIZER = "releases", "latest", "model.safetensors", "tokenizer.json"
-
-
 def latest_release(store_root: Path | str) -> Path | None:
     """The release folder `releases/latest` points to, if it holds weights."""
     latest = Path(store_root) / RELEASES / LATEST_RELEASE
     return latest.resolve() if (latest / WEIGHTS).is_file() else None
 
 
-def warm_start_identity(cfg: TrainConfig, store_root: Path | str) -> str | None:
-    """What a warm-started run reads from outside the store: the release's version and weights
-    digest (None without warm_start or without a release). It joins the train stage's key, so a
-    new release makes a new training run."""
-    if not cfg.warm_start:
+def _release_tokens(release: Path) -> str | None:
+    """The tokenize ref a release was trained on (release.json's refs), if it says."""
+    try:
+        return json.loads((release / "release.json").read_text())["refs"]["tokenize"]
+    except (OSError, KeyError, TypeError, json.JSONDecodeError):
         return None
-    release = latest_release(store_root)
-    if release is None:
+
+
+def pick_release(store_root: Path | str, tokens_ref: str | None) -> Path | None:
+    """For `warm_start: true`: the newest release up to `latest` not trained on these very tokens."""
+    latest = latest_release(store_root)
+    if latest is None:
         return None
+    candidates = sorted((p for p in latest.parent.iterdir()
+                         if RELEASE_NAME.fullmatch(p.name) and p.name <= latest.name and (p / WEIGHTS).is_file()),
+                        key=lambda p: p.name, reverse=True)
+    for release in candidates:
+        if tokens_ref is None or _release_tokens(release) != tokens_ref:
+            return release
+    return None
+
+
+def plan_warm_start(cfg: TrainConfig, store_root: Path | str, tokens_ref: str | None) -> tuple[TrainConfig, str | None]:
+    """The config and identity a run trains with: `warm_start: true` resolved to one release.
+
+    The release's version goes into the config and its weights' digest into the identity, so both
+    join the train stage's key. A release already trained on these very tokens has nothing new to
+    learn from them: a retrain over an unchanged corpus resolves to the release its current model
+    started from (or, with none, to a cold start, as a build) and so finds that artifact in the
+    store instead of training again every night. A new corpus resolves to the newest release.
+    """
+    if cfg.warm_start is False:
+        return cfg, None
+    if isinstance(cfg.warm_start, str):
+        release = Path(store_root) / RELEASES / cfg.warm_start
+        if not (release / WEIGHTS).is_file():
+            raise ValueError(f"train.warm_start: {release} has no {WEIGHTS}; `ember releases` lists the releases")
+    else:
+        release = pick_release(store_root, tokens_ref)
+        if release is None:
+            return cfg.model_copy(update={"warm_start": False}), None
     try:
         digest = json.loads((release / "release.json").read_text())["files"][WEIGHTS]["sha256"]
-    except (FileNotFoundError, KeyError, TypeError, json.JSONDecodeError):
+    except (OSError, KeyError, TypeError, json.JSONDecodeError):
         digest = file_sha256(release / WEIGHTS)
-    return f"{release.name} sha256:{digest}"
+    return cfg.model_copy(update={"warm_start": release.name}), f"{release.name} sha256:{digest}"
 
 
-def warm_start_weights(ctx: StageContext, model_cfg: ModelConfig) -> tuple[dict | None, str, str | None]:
+def warm_start_weights(ctx: StageContext, model_cfg: ModelConfig,
+                       warm_start: bool | str) -> tuple[dict | None, str, str | None]:
     """(state dict, what happened, release version) for a warm start; a None state dict says why not."""
-    release = latest_release(ctx.store_root)
-    if release is None:
-        return None, f"no release at {Path(ctx.store_root) / RELEASES / LATEST_RELEASE}", None
+    if isinstance(warm_start, str):
+        release = Path(ctx.store_root) / RELEASES / warm_start
+    else:  # called without the flow's plan: resolve it here the same way
+        manifest = Path(ctx.inputs["tokenize"]) / "manifest.json"
+        tokens_ref = json.loads(manifest.read_text()).get("ref") if manifest.is_file() else None
+        release = pick_release(ctx.store_root, tokens_ref)
+    if release is None or not (release / WEIGHTS).is_file():
+        return None, f"no release to start from in {Path(ctx.store_root) / RELEASES}", None
     tokenizer_dir = ctx.inputs.get("train_tokenizer")
     if tokenizer_dir is None or not (Path(tokenizer_dir) / TOKENIZER).is_file():
         return None, "the train stage has no train_tokenizer input to compare the release's tokenizer with", None
@@ -549,7 +599,7 @@ def train_model(cfg: TrainConfig, ctx: StageContext, dist: Dist = Dist(), device
         if main:
             log.info("resuming from step %d (%s, %.0f s trained before)", step, state["path"].name, elapsed_before)
     elif cfg.warm_start:
-        weights, why, warm = warm_start_weights(ctx, model_cfg)
+        weights, why, warm = warm_start_weights(ctx, model_cfg, cfg.warm_start)
         if weights is not None:
             model.load_state_dict(weights, strict=True)
             if main:
