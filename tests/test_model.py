@@ -291,20 +291,66 @@ def test_weight_only_runs_on_cuda(tmp_path):
     assert len(list(generate(on_gpu, [1, 2], 20, temperature=0))) == 20
 
 
-# Exact parameter counts at vocab 32000 (tied embedding counted once).
+# Exact parameter counts at vocab 32000 (tied embedding counted once), as README's "The model"
+# table states them. The seed guide's "about 110M / 700M / 1.3B" are not what these shapes give
+# with SwiGLU; see PRESETS in ember/model/transformer.py.
 PRESET_PARAMS = {
+    "tiny": 2_146_624,
     "cpu": 11_340_032,
+    "cpu-base": 43_655_680,
     "small": 137_841_408,
     "medium": 435_471_360,
     "large": 2_213_152_768,
 }
 
 
+def llama_param_count(vocab: int, dim: int, n_layers: int, n_heads: int, hidden_dim: int,
+                      n_kv_heads: int | None = None, **_) -> int:
+    """Counted from the architecture on paper, not from the module tree."""
+    head = dim // n_heads
+    kv = (n_kv_heads or n_heads) * head
+    attention = dim * dim + 2 * dim * kv + dim * dim  # q, k, v, o
+    mlp = 3 * dim * hidden_dim  # SwiGLU: gate, up, down
+    norms = 2 * dim
+    return vocab * dim + n_layers * (attention + mlp + norms) + dim  # tied embedding + final norm
+
+
 @pytest.mark.parametrize("name", list(PRESET_PARAMS))
 def test_preset_parameter_counts(name):
-    with torch.device("meta"):
-        model = Transformer(ModelConfig(vocab_size=32000, **PRESETS[name]))
-    assert model.num_params() == PRESET_PARAMS[name]
+    assert set(PRESET_PARAMS) == set(PRESETS)
+    for vocab in (32000, 8192):
+        with torch.device("meta"):  # no memory: the 2.2B preset builds in a blink
+            model = Transformer(ModelConfig(vocab_size=vocab, **PRESETS[name]))
+        assert next(model.parameters()).is_meta
+        assert model.num_params() == llama_param_count(vocab, **PRESETS[name])
+    assert llama_param_count(32000, **PRESETS[name]) == PRESET_PARAMS[name]
+
+
+def test_seed_guide_figures_are_two_matrix_mlp_counts():
+    """Where the guide's "about 110M" for small comes from: GPT-2's MLP (two dim x hidden matrices)
+    at the same shape; SwiGLU's third matrix is what adds the other 28M. Llama-style SwiGLU
+    width 8/3 * dim (2048) would give the same 110M."""
+    small = PRESETS["small"]
+    gpt2_mlp = llama_param_count(32000, **small) - small["n_layers"] * small["dim"] * small["hidden_dim"]
+    assert round(gpt2_mlp / 1e6) == 110
+    assert round(llama_param_count(32000, **{**small, "hidden_dim": 2048}) / 1e6) == 110
+
+
+def test_initialization_is_scaled_by_depth():
+    """GPT-2's scheme: std 0.02, and 0.02 / sqrt(2 * n_layers) for the projections that add into
+    the residual stream (attention output, MLP down), so the stream's variance does not grow with
+    depth; norm gains start at 1."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=4096, **PRESETS["cpu"]))
+    residual = 0.02 / math.sqrt(2 * model.config.n_layers)
+    for name, p in model.named_parameters():
+        if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+            assert p.std().item() == pytest.approx(residual, rel=0.03), name
+        elif p.dim() == 2:
+            assert p.std().item() == pytest.approx(0.02, rel=0.03), name
+        else:
+            assert torch.equal(p, torch.ones_like(p)), name
+    assert abs(model.tok_embeddings.weight.mean().item()) < 1e-3
 
 
 def test_training_checkpoint_resume_state(tmp_path):
