@@ -14,15 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.events import emit_event
 
 from ember.flows.config import PipelineConfig
-from ember.storage.store import canonical_json
+from ember.storage.store import canonical_json, write_json_atomic
 from ember.tasks import download
 
 EVENT = "ember.corpus.changed"
@@ -35,14 +33,6 @@ def resource_id(config_name: str) -> str:
 
 def seen_path(store_root: Path, config_name: str) -> Path:
     return Path(store_root) / "watch" / f"{config_name}.json"
-
-
-def _write_atomically(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
 
 
 def _run_name() -> str:
@@ -75,5 +65,6 @@ def watch_corpus(config: PipelineConfig, store_root: str | None = None) -> dict:
     else:
         logger.info("%s's sources unchanged (%s)", config.name, digest[:12])
     if previous is None or changed:
-        _write_atomically(path, {"digest": digest, "identity": identity})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, {"digest": digest, "identity": identity})
     return {"digest": digest, "changed": changed}

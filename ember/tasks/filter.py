@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
-from ember.storage.shards import TEXT_SCHEMA, input_shards, read_shard
+from ember.storage.shards import TEXT_SCHEMA, input_shards
 from ember.tasks import langid
 from ember.tasks.stage import Stage, StageContext
 
@@ -84,6 +84,9 @@ class FilterConfig(BaseModel):
     langid_chars: int = Field(500, ge=50, description="the language is judged on this many leading characters")
     langid_min_letters: int = Field(
         20, ge=0, description="documents with fewer letters in that prefix are kept (language 'unknown')")
+    langid_low_accuracy: bool = Field(
+        True, description="lingua's trigram-only mode (about 60 MB and 0.3 s to load per process, against 1 GB "
+                          "and 7 s; same decisions on the sample corpora, weaker under ~120 characters)")
     # C4 line rules, judged per paragraph (wrapped lines joined)
     join_wrapped_lines: bool = Field(True, description="judge hard-wrapped paragraphs, not single lines")
     # 25, not the ~70 of a typical wrap: verse goes on in lines of 25-40 characters (judged
@@ -184,7 +187,6 @@ NON_ASCII_RUN = re.compile(r"[^\x00-\x7f]+")
 PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 ASCII_NON_LETTERS = bytes(c for c in range(128) if not chr(c).isalpha())
 _MIX = np.uint64(0x9E3779B97F4A7C15)
-_BUCKET_MASK = np.uint64((1 << 16) - 1)
 
 
 class Doc:
@@ -353,7 +355,8 @@ def alpha_words(doc: Doc, cfg: FilterConfig) -> Drop | None:
 def stop_words(doc: Doc, cfg: FilterConfig) -> Drop | None:
     if cfg.min_stop_words is None or doc.is_cjk or not doc.is_english:
         return None
-    count = sum(map(STOP_WORDS.__contains__, doc.words))
+    # Counted up to the minimum only: the value matters only when the rule fires.
+    count = sum(1 for _ in islice(filter(STOP_WORDS.__contains__, doc.words), cfg.min_stop_words))
     if count < cfg.min_stop_words:
         return Drop("min_stop_words", count, cfg.min_stop_words)
 
@@ -377,20 +380,31 @@ def repeated_paragraphs_and_lines(doc: Doc, cfg: FilterConfig) -> Drop | None:
 def repeated_ngrams(doc: Doc, cfg: FilterConfig) -> Drop | None:
     n_chars = max(1, len(doc.text))
     joiner = 0 if doc.is_cjk else 1  # a space between words, none between CJK characters
+    # A document is ~700 words: sorting its n-gram keys (a few microseconds) is cheaper than a
+    # hashed bound. An n-gram occurs at most as often as its first n-1 units do, so the top count
+    # found for a shorter n bounds the longer ones (most documents need a single sort), and once
+    # no n-gram repeats no longer one does, so every rule for that n and above is cleared.
+    unique_from: int | None = None
+    top_bound: int | None = None
     for n, limit in sorted((cfg.top_ngram_chars or {}).items()):
-        if doc.n_words < n:
+        if doc.n_words < n or (unique_from is not None and n >= unique_from):
+            continue
+        longest = int((doc.length_sums[n:] - doc.length_sums[:-n]).max()) + joiner * (n - 1)
+        if top_bound is not None and top_bound * longest / n_chars <= limit:
             continue
         keys = doc.ngram_keys(n)
-        # Sorting is the cost here; a hashed count first gives an upper bound on every n-gram's
-        # count (collisions only add), and most documents are cleared by it without a sort.
-        buckets = np.bincount((keys & _BUCKET_MASK).astype(np.intp), minlength=1)
-        longest = int((doc.length_sums[n:] - doc.length_sums[:-n]).max()) + joiner * (n - 1)
-        if int(buckets.max()) * longest / n_chars <= limit:
+        ordered = np.sort(keys)
+        ends = np.flatnonzero(ordered[1:] != ordered[:-1])  # the last index of each run but the last
+        if len(ends) == len(keys) - 1:  # every n-gram occurs once
+            unique_from = n
+            continue
+        top = int(ends[0]) + 1 if len(ends) else len(keys)
+        if len(ends):
+            top = max(top, len(keys) - 1 - int(ends[-1]), int((ends[1:] - ends[:-1]).max(initial=0)))
+        top_bound = top
+        if top * longest / n_chars <= limit:
             continue
         _, first, counts = np.unique(keys, return_index=True, return_counts=True)
-        top = int(counts.max())
-        if top < 2:
-            continue
         # Among equally frequent n-grams take the longest: the answer must not depend on hash order.
         starts = first[counts == top]
         gram_chars = int((doc.length_sums[starts + n] - doc.length_sums[starts]).max()) + joiner * (n - 1)
@@ -399,23 +413,18 @@ def repeated_ngrams(doc: Doc, cfg: FilterConfig) -> Drop | None:
             return Drop(f"top_{n}gram_chars", value, limit)
     dup_limits = sorted((cfg.dup_ngram_chars or {}).items())
     for i, (n, limit) in enumerate(dup_limits):
-        if doc.n_words < n:
+        if doc.n_words < n or (unique_from is not None and n >= unique_from):
             break
         keys = doc.ngram_keys(n)
-        # Upper bound first (as above): positions whose hash bucket holds 2 or more n-grams.
-        bucket = (keys & _BUCKET_MASK).astype(np.intp)
-        maybe = np.bincount(bucket, minlength=1)[bucket] > 1
-        if not maybe.any():
+        order = np.argsort(keys, kind="stable")
+        ordered = keys[order]
+        again = ordered[1:] == ordered[:-1]
+        if not again.any():
             break
-        bound = np.convolve(maybe.astype(np.int32), np.ones(n, dtype=np.int32))[: doc.n_words] > 0
-        if (int(doc.unit_lengths[bound].sum()) + joiner * int(bound.sum())) / n_chars <= min(
-                later for _, later in dup_limits[i:]):
-            break
-        _, first = np.unique(keys, return_index=True)
-        repeated = np.ones(len(keys), dtype=bool)
-        repeated[first] = False  # the first occurrence of an n-gram is not a repetition
-        if not repeated.any():
-            break
+        # In a run of equal keys the stable sort keeps positions in order, so all but the run's
+        # first are later occurrences: the repetitions (the first occurrence is not one).
+        repeated = np.zeros(len(keys), dtype=bool)
+        repeated[order[1:][again]] = True
         # A unit is covered when any repeated n-gram spans it; overlapping n-grams count once.
         covered = np.convolve(repeated.astype(np.int32), np.ones(n, dtype=np.int32))[: doc.n_words] > 0
         value = (int(doc.unit_lengths[covered].sum()) + joiner * int(covered.sum())) / n_chars
@@ -658,7 +667,7 @@ def judge(text: str, cfg: FilterConfig) -> Verdict:
         return Verdict(text, drop, [], no_language)
     language = no_language
     if cfg.languages is not None:
-        language = langid.detect(text, cfg.langid_chars, cfg.langid_min_letters)
+        language = langid.detect(text, cfg.langid_chars, cfg.langid_min_letters, cfg.langid_low_accuracy)
         if language.code != "unknown":
             if language.code not in cfg.languages:
                 return Verdict(text, Drop("language", language.score, cfg.min_language_score, language.code), [],
@@ -666,7 +675,14 @@ def judge(text: str, cfg: FilterConfig) -> Verdict:
             if language.score < cfg.min_language_score:
                 return Verdict(text, Drop("min_language_score", language.score, cfg.min_language_score,
                                           language.code), [], language)
-    kept, dropped_lines = line_rules(text, cfg, doc.is_cjk, doc.words, doc.c4_units)
+    # The words only serve line_rules' longest-word gate (not for CJK), and the words of a text
+    # whose lines change are never used again (the rules below judge the kept text). Without a
+    # whitespace token of half that length (str.lower can double a token: 'İ' is two code points
+    # lowercased) no word is that long, and a plain split is a fifth of the cost of the words.
+    limit = cfg.line_max_word_chars
+    long_token = (limit is not None and not doc.is_cjk and len(text) > limit
+                  and max(map(len, text.split()), default=0) > limit // 2)
+    kept, dropped_lines = line_rules(text, cfg, doc.is_cjk, doc.words if long_token else [], doc.c4_units)
     if (drop := c4_document(kept, cfg, doc.is_cjk)) is not None:
         return Verdict(kept, drop, dropped_lines, language)
     drop = check(kept, cfg) if kept is not text else next(
@@ -677,10 +693,46 @@ def judge(text: str, cfg: FilterConfig) -> Verdict:
 # ---------------------------------------------------------------------------------------------
 # The stage: one unit of work per input shard.
 
-def _write(table_rows: dict[str, list], schema: pa.Schema, path: Path) -> None:
-    if table_rows[schema.names[0]]:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.Table.from_pydict(table_rows, schema=schema), path, compression="zstd")
+# A shard is read and written in batches of about this many characters, so a worker holds a
+# few MB of text rather than a whole 16 M-character shard (and its Python copies) at once.
+BATCH_CHARS = 2_000_000
+
+
+class _Output:
+    """Rows of one output file, written a batch at a time; the file appears (renamed from its
+    temporary name) only when the unit finishes, and not at all when it has no rows."""
+
+    def __init__(self, schema: pa.Schema, path: Path):
+        self.schema, self.path = schema, path
+        self.rows: dict[str, list] = {k: [] for k in schema.names}
+        self.count = 0
+        self._writer: pq.ParquetWriter | None = None
+        self._tmp = path.with_name(path.name + ".partial")
+
+    def flush(self) -> None:
+        if not self.rows[self.schema.names[0]]:
+            return
+        if self._writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
+        self._writer.write_table(pa.Table.from_pydict(self.rows, schema=self.schema))
+        self.count += len(self.rows[self.schema.names[0]])
+        self.rows = {k: [] for k in self.schema.names}
+
+    def close(self) -> None:
+        self.flush()
+        if self._writer is not None:
+            self._writer.close()
+            self._tmp.replace(self.path)
+
+
+def _batches(path: Path, columns: list[str]):
+    """The shard's rows in record batches of about BATCH_CHARS characters."""
+    shard = pq.ParquetFile(path)
+    meta = shard.metadata
+    size = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    rows = max(1, round(meta.num_rows * BATCH_CHARS / max(1, size)))
+    return shard.iter_batches(batch_size=rows, columns=columns)
 
 
 def filter_shard(cfg: FilterConfig, src_dir: str, out_dir: str, name: str) -> dict:
@@ -689,45 +741,48 @@ def filter_shard(cfg: FilterConfig, src_dir: str, out_dir: str, name: str) -> di
     Runs in a worker process under a parallel `ctx.map`: plain arguments, a small dict back.
     """
     started = time.monotonic()
-    table = read_shard(Path(src_dir) / name, columns=["id", "text", "source"])
-    kept = {k: [] for k in TEXT_SCHEMA.names}
-    removed = {k: [] for k in REMOVED_SCHEMA.names}
-    removed_lines = {k: [] for k in REMOVED_LINES_SCHEMA.names}
+    out = Path(out_dir)
+    kept = _Output(TEXT_SCHEMA, out / "shards" / name)
+    removed = _Output(REMOVED_SCHEMA, out / "removed" / name)
+    removed_lines = _Output(REMOVED_LINES_SCHEMA, out / "removed_lines" / name)
     rules: dict[str, list] = {}  # rule -> [docs, chars, threshold, example id, example value]
     line_rules_seen: dict[str, list] = {}  # rule -> [lines, chars, docs]
     languages: dict[str, int] = {}
-    chars_in = kept_chars = 0
-    for doc_id, text, source in zip(*(table.column(c).to_pylist() for c in ("id", "text", "source"))):
-        text = text or ""
-        chars_in += len(text)
-        verdict = judge(text, cfg)
-        languages[verdict.language.code] = languages.get(verdict.language.code, 0) + 1
-        for line in verdict.lines:
-            for key, value in zip(REMOVED_LINES_SCHEMA.names, (doc_id, line.line, line.text, source, line.rule,
-                                                               float(line.value), float(line.threshold))):
-                removed_lines[key].append(value)
-            row = line_rules_seen.setdefault(line.rule, [0, 0, set()])
+    docs = chars_in = kept_chars = 0
+    for batch in _batches(Path(src_dir) / name, ["id", "text", "source"]):
+        for doc_id, text, source in zip(*(batch.column(c).to_pylist() for c in ("id", "text", "source"))):
+            docs += 1
+            text = text or ""
+            chars_in += len(text)
+            verdict = judge(text, cfg)
+            languages[verdict.language.code] = languages.get(verdict.language.code, 0) + 1
+            for line in verdict.lines:
+                for key, value in zip(REMOVED_LINES_SCHEMA.names, (doc_id, line.line, line.text, source, line.rule,
+                                                                   float(line.value), float(line.threshold))):
+                    removed_lines.rows[key].append(value)
+                row = line_rules_seen.setdefault(line.rule, [0, 0, set()])
+                row[0] += 1
+                row[1] += len(line.text) + 1
+                row[2].add(doc_id)
+            if verdict.drop is None:
+                kept.rows["id"].append(doc_id)
+                kept.rows["text"].append(verdict.text)
+                kept.rows["source"].append(source)
+                kept_chars += len(verdict.text)
+                continue
+            drop = verdict.drop
+            for key, value in zip(REMOVED_SCHEMA.names, (doc_id, text, source, drop.rule, float(drop.value),
+                                                         float(drop.threshold), drop.detail)):
+                removed.rows[key].append(value)
+            row = rules.setdefault(drop.rule, [0, 0, float(drop.threshold), doc_id, round(float(drop.value), 4)])
             row[0] += 1
-            row[1] += len(line.text) + 1
-            row[2].add(doc_id)
-        if verdict.drop is None:
-            kept["id"].append(doc_id)
-            kept["text"].append(verdict.text)
-            kept["source"].append(source)
-            kept_chars += len(verdict.text)
-            continue
-        drop = verdict.drop
-        for key, value in zip(REMOVED_SCHEMA.names, (doc_id, text, source, drop.rule, float(drop.value),
-                                                     float(drop.threshold), drop.detail)):
-            removed[key].append(value)
-        row = rules.setdefault(drop.rule, [0, 0, float(drop.threshold), doc_id, round(float(drop.value), 4)])
-        row[0] += 1
-        row[1] += len(text)
-    out = Path(out_dir)
-    _write(kept, TEXT_SCHEMA, out / "shards" / name)
-    _write(removed, REMOVED_SCHEMA, out / "removed" / name)
-    _write(removed_lines, REMOVED_LINES_SCHEMA, out / "removed_lines" / name)
-    return {"shard": name, "docs": len(table), "kept": len(kept["id"]), "chars_in": chars_in,
+            row[1] += len(text)
+        for output in (kept, removed, removed_lines):
+            output.flush()
+        del batch
+    for output in (kept, removed, removed_lines):
+        output.close()
+    return {"shard": name, "docs": docs, "kept": kept.count, "chars_in": chars_in,
             "kept_chars": kept_chars, "rules": rules, "languages": languages,
             "line_rules": {k: [v[0], v[1], len(v[2])] for k, v in line_rules_seen.items()},
             "seconds": round(time.monotonic() - started, 3)}
@@ -795,4 +850,4 @@ def run(cfg: FilterConfig, ctx: StageContext) -> dict:
     }
 
 
-STAGE = Stage(name="filter", version=2, run=run)
+STAGE = Stage(name="filter", version=3, run=run)
