@@ -41,8 +41,11 @@ def test_two_overlapping_runs_of_one_config_share_the_store(prefect_api, tmp_pat
     (source / "stories.txt").write_text(text[:250_000], encoding="utf-8")
     config = write_config(tmp_path, "overlap.yaml",
                           download={"sources": [{"name": "stories", "path": str(source)}]},
-                          train={"batch_size": 4, "max_steps": 6, "warmup_steps": 1, "eval_every": 6,
-                                 "eval_batches": 1, "checkpoint_every": 3, "log_every": 2},
+                          # Training lasts about 25 s (0.15 s a step on one thread), longer than the
+                          # second process can lag behind the first in starting up on a busy machine.
+                          train={"model": {"preset": "cpu"}, "seq_len": 128, "batch_size": 4, "max_steps": 150,
+                                 "warmup_steps": 1, "eval_every": 150, "eval_batches": 1, "checkpoint_every": 50,
+                                 "log_every": 10, "precision": "fp32"},
                           evaluate={"eval_batches": 1, "batch_size": 4, "prompts": ["Once"], "max_new_tokens": 8})
     store = tmp_path / "store"
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
