@@ -70,6 +70,16 @@ def test_second_run_is_all_cache_hits_in_prefect_too(built):
     assert summary["release"] == first["release"]
 
 
+def test_a_warm_start_retrain_over_the_same_corpus_is_all_cache_hits(built):
+    """The retrain deployment's config (`warm_start: true`) over an unchanged corpus: the published
+    release learned from these very tokens, so nothing trains again."""
+    folder, config, store, first, _ = built
+    retrain = write_config(folder, "retrain.yaml", train={"warm_start": True})
+    summary, _ = run_pipeline(retrain, store)
+    assert ran(summary) == []
+    assert summary["release"] == first["release"]
+
+
 def test_changing_a_training_setting_reruns_only_training_and_after(built):
     folder, config, store, _, _ = built
     changed = write_config(folder, "tiny-lr.yaml", train={"lr": 0.003})

@@ -89,7 +89,7 @@ def test_other_model_shape_falls_back_to_scratch(published, tmp_path, caplog):
 
 def release_json(folder: Path, tokens_ref: str) -> None:
     record = json.loads((folder / "release.json").read_text())
-    (folder / "release.json").write_text(json.dumps({**record, "refs": {"tokenize": tokens_ref}}))
+    (folder / "release.json").write_text(json.dumps({**record, "lineage": {"tokenize": tokens_ref}}))  # as publish
 
 
 def test_plan_names_the_release_and_its_weights(published, tmp_path):

@@ -472,10 +472,11 @@ def latest_release(store_root: Path | str) -> Path | None:
 
 
 def _release_tokens(release: Path) -> str | None:
-    """The tokenize ref a release was trained on (release.json's refs), if it says."""
+    """The tokenize ref a release was trained on (release.json's lineage), if it says."""
     try:
-        return json.loads((release / "release.json").read_text())["refs"]["tokenize"]
-    except (OSError, KeyError, TypeError, json.JSONDecodeError):
+        record = json.loads((release / "release.json").read_text())
+        return (record.get("lineage") or {}).get("tokenize") or (record.get("refs") or {}).get("tokenize")
+    except (OSError, AttributeError, json.JSONDecodeError):
         return None
 
 
