@@ -13,6 +13,7 @@ import ember.model.generate as gen
 from ember.model.generate import generate, generate_text, penalize_repeats
 from ember.model.transformer import PRESETS, ModelConfig, Transformer
 from ember.tasks.train_tokenizer import EOS_ID, SPECIAL_TOKENS, build_tokenizer
+from test_model import lively
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -32,13 +33,7 @@ def byte_tokenizer(texts: list[str] = (), vocab_size: int = 256 + len(SPECIAL_TO
 def lively_model(vocab_size: int) -> Transformer:
     """Tiny model with weights large enough that greedy decoding does not just repeat one token."""
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=vocab_size, **PRESETS["tiny"])).eval()
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0.0, 0.3)
-    return model
+    return lively(Transformer(ModelConfig(vocab_size=vocab_size, **PRESETS["tiny"])).eval())
 
 
 @pytest.fixture
