@@ -90,6 +90,15 @@ def content_digest(files: dict) -> str:
     return hashlib.sha256(canonical_json(files).encode()).hexdigest()
 
 
+def read_json_or_none(path: Path) -> Any:
+    """A JSON file's value, or None when it is missing or not valid JSON (a reader that can go on
+    without it: a folder that is not an artifact, a release from before a file existed)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
 def write_json_atomic(path: Path, value: Any) -> None:
     """Write JSON so that a reader sees the old file or the new one, never half of one."""
     path = Path(path)

@@ -23,7 +23,7 @@ import yaml
 from safetensors import safe_open
 
 from ember.storage.shards import list_shards, read_shard
-from ember.storage.store import MANIFEST, Store, StoreError
+from ember.storage.store import MANIFEST, Store, StoreError, read_json_or_none
 
 # The pipeline's stages in order (the card lists them so), without importing the flow layer.
 STAGE_ORDER = ("download", "normalize", "filter", "dedup", "train_tokenizer", "tokenize", "train", "quantize",
@@ -34,13 +34,6 @@ LICENCE_MAX_CHARS = 300
 UNKNOWN = "unknown"
 
 
-def _manifest(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
 def lineage(store_root: Path, inputs: dict[str, Path]) -> dict[str, dict]:
     """stage -> manifest of every artifact the inputs were made from (the inputs included).
 
@@ -49,7 +42,7 @@ def lineage(store_root: Path, inputs: dict[str, Path]) -> dict[str, dict]:
     """
     store = Store(store_root)
     found: dict[str, dict] = {}
-    pending: list[tuple[str, dict | None]] = [(name, _manifest(Path(folder) / MANIFEST))
+    pending: list[tuple[str, dict | None]] = [(name, read_json_or_none(Path(folder) / MANIFEST))
                                               for name, folder in inputs.items()]
     while pending:
         name, manifest = pending.pop()

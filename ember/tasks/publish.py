@@ -46,7 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ember.model.checkpoint import load_model
 from ember.model.export import export_gguf, export_hf
-from ember.storage.store import MANIFEST, Store, file_sha256
+from ember.storage.store import MANIFEST, Store, file_sha256, read_json_or_none
 from ember.tasks import model_card
 from ember.tasks.stage import Stage, StageContext
 from ember.tasks.evaluate import stream_windows, token_stream, total_nats
@@ -125,7 +125,7 @@ def gate_decision(ctx: StageContext, releases: Path, cfg: PublishConfig) -> dict
     latest = releases / LATEST
     if not (latest / "model.safetensors").is_file():
         return None
-    published_files = _read_json(latest / RELEASE_JSON).get("files", {})
+    published_files = (read_json_or_none(latest / RELEASE_JSON) or {}).get("files", {})
     if published_files.get("model.safetensors", {}).get("sha256") == file_sha256(
             Path(ctx.inputs["train"]) / "model.safetensors"):
         return None  # the same weights (republished with a new card or layout): nothing to compare
@@ -254,22 +254,16 @@ def list_releases(releases: Path) -> list[dict]:
     rows = []
     for version in list_versions(releases):
         folder = releases / version
-        record, report = _read_json(folder / RELEASE_JSON), _read_json(folder / "report.json")
+        record = read_json_or_none(folder / RELEASE_JSON) or {}
+        report = read_json_or_none(folder / "report.json") or {}
         fp32, int8 = report.get("fp32", {}), report.get("int8", {})
-        train = _read_json(folder / "config.json").get("train", {})
+        train = (read_json_or_none(folder / "config.json") or {}).get("train", {})
         rows.append({"version": version, "created": record.get("created", ""),
                      "bpb": fp32.get("bpb"), "val_loss": fp32.get("val_loss"), "int8_bpb": int8.get("bpb"),
                      "steps": train.get("steps"), "tokens": train.get("tokens"),
                      "size_bytes": sum(f.get("size", 0) for f in record.get("files", {}).values()),
                      "latest": version == latest})
     return rows
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
 
 
 def _make_read_only(folder: Path) -> None:
@@ -395,10 +389,7 @@ def _dedup_dir(ctx: StageContext, stages: dict[str, dict]) -> Path | None:
 
 
 def _manifest_metrics(folder: Path) -> dict:
-    try:
-        return json.loads((folder / MANIFEST).read_text()).get("metrics", {})
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
+    return (read_json_or_none(folder / MANIFEST) or {}).get("metrics", {})
 
 
 # 3: a model card, pipeline.yaml and the lineage's store keys in every release; files read-only.
