@@ -4,9 +4,15 @@ The same shapes on both sides: a `LlamaConfig` built from Ember's `ModelConfig` 
 embeddings, same vocabulary, no biases, SDPA attention), random tokens, the same batch, the
 same fused AdamW (decay on matrices only, as Ember's train stage), gradient clipping and the
 same torch thread count. Training runs in rounds: one step of each side per round, the order
-alternating, so load from other processes on a shared machine falls on both alike; medians.
+rotating, so load from other processes on a shared machine falls on all alike; medians.
 Each step is timed by the wall clock and by the process's CPU time (which time-slicing by other
-processes leaves alone; on a quiet machine it is threads x wall). Reported:
+processes leaves alone; on a quiet machine it is threads x wall).
+
+Precision. Ember trains as its train stage would here: `--precision auto` is the stage's
+`precision: auto` (bf16 on CUDA; on CPU a short probe picks bf16 autocast only where it measures
+faster). transformers runs in fp32, what it does on CPU unless told otherwise; when Ember picked
+bf16, transformers under bf16 autocast (its Trainer's `bf16=True`) and Ember in fp32 run too, so
+each precision is also compared like for like. Reported:
 
 - the machine's matmul GFLOP/s (fp32 on CPU, bf16 on CUDA) on the model's own shapes (every
   projection's forward product and its two backward products), with the same threads; the best
@@ -20,9 +26,12 @@ processes leaves alone; on a quiet machine it is threads x wall). Reported:
   causal mask; PaLM's appendix B counts 12 * n_layers * seq * dim, without the halving: ours is
   the stricter figure);
 - generation, batch 1, greedy, `--new-tokens` after an 8-token prompt: Ember with its KV cache,
+  its weights in `use_decoding_layout` as the demo and the evaluate stage load them;
   `transformers`' `generate()` (KV cache, greedy) on the very same weights (`export_hf` writes
-  them, `from_pretrained` reads them back, and the logits are checked to agree first), and Ember
-  recomputing the whole sequence for every token (no cache; timed once, it is slow).
+  them, `from_pretrained` reads them back, and the logits are checked to agree first); for
+  reference, the same `generate()` after `use_decoding_layout` restrides its weights too
+  (no fusion: its projections are not Ember's modules), which shows how much of the gap is the
+  memory layout; and Ember recomputing the whole sequence for every token (no cache; timed once).
 
 On CUDA (when present) the same script runs unchanged: bf16 autocast, fused AdamW, SDPA picks
 flash attention for bf16 causal attention, `--compile` compiles both models for training, and
@@ -36,13 +45,13 @@ flash attention for bf16 causal attention, `--compile` compiles both models for 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import statistics
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -56,7 +65,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ember.model.checkpoint import save_model  # noqa: E402
 from ember.model.export import export_hf  # noqa: E402
 from ember.model.generate import generate  # noqa: E402
-from ember.model.transformer import PRESETS, ModelConfig, Transformer  # noqa: E402
+from ember.model.transformer import (  # noqa: E402
+    PRESETS,
+    ModelConfig,
+    Transformer,
+    use_decoding_layout,
+)
+from ember.tasks.train import autocast, resolve_precision  # noqa: E402
 
 PROMPT = [2, 464, 1174, 286, 318, 257, 1332, 13]  # EOS then a few ids, as evaluate's prompts start
 
@@ -115,15 +130,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
-def train_step(model, opt, loss_fn, x, y, device) -> tuple[float, float]:
+def train_step(model, opt, loss_fn, x, y, device, precision: str) -> tuple[float, float]:
     """(wall seconds, process CPU seconds) of one optimizer step."""
     sync(device)
     wall, cpu = time.perf_counter(), time.process_time()
-    with autocast(device):
+    with autocast(device, precision):
         loss = loss_fn(model, x, y)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -204,6 +215,8 @@ def main(argv: list[str] | None = None) -> None:
                         "are --steps x --repeat")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="Ember's training precision, as the train stage's `precision` (auto: a probe decides)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--skip-generation", action="store_true")
@@ -235,14 +248,29 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_training(args, cfg: ModelConfig, ember: Transformer, n_params: int, device: torch.device) -> None:
+    # Ember trains in the precision its train stage would pick here (`--precision auto`: bf16
+    # on CUDA; on CPU whichever a short probe measures faster). transformers is measured in
+    # fp32, what it does on CPU unless told otherwise (its Trainer's default), and, when Ember
+    # picked bf16, also under bf16 autocast (Trainer's `bf16=True`), with Ember in fp32 beside
+    # it: so each precision is compared like for like as well.
+    precision, why = resolve_precision(args.precision, ember, args.batch, args.seq, device)
     hf = hf_model(cfg, device)
     assert sum(p.numel() for p in hf.parameters()) == n_params, "the two models' parameter counts differ"
-    ember.train()
-    hf.train()
-    sides = {"ember": (ember, ember_loss), "transformers": (hf, hf_loss)}
+    # name -> (model, loss function, precision); every model starts from its own copy of the weights
+    sides = {f"ember {precision}": (ember, ember_loss, precision)}
+    if device.type == "cpu":
+        sides["transformers fp32"] = (hf, hf_loss, "fp32")
+        if precision == "bf16":
+            sides["ember fp32"] = (copy.deepcopy(ember), ember_loss, "fp32")
+            sides["transformers bf16"] = (copy.deepcopy(hf), hf_loss, "bf16")
+    else:
+        sides["transformers bf16"] = (hf, hf_loss, "bf16")
+    baseline = "transformers fp32" if device.type == "cpu" else "transformers bf16"
+    for model, _, _ in sides.values():
+        model.train()
     if args.compile:
-        sides = {name: (torch.compile(m), fn) for name, (m, fn) in sides.items()}
-    opts = {name: adamw(m) for name, (m, _) in sides.items()}
+        sides = {name: (torch.compile(m), fn, p) for name, (m, fn, p) in sides.items()}
+    opts = {name: adamw(m) for name, (m, _, _) in sides.items()}
     g = torch.Generator().manual_seed(0)
 
     def batch():
@@ -250,61 +278,64 @@ def run_training(args, cfg: ModelConfig, ember: Transformer, n_params: int, devi
         return x[:, :-1].to(device), x[:, 1:].to(device)
 
     tokens = args.batch * args.seq
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtypes = {p: torch.bfloat16 if p == "bf16" else torch.float32 for _, _, p in sides.values()}
     shapes = model_matmul_shapes(cfg, tokens)
-    sweep = {shape: matmul_gflops(*shape, device, dtype) for shape in shapes}
-    peak_shape = max(sweep, key=lambda s: sweep[s][1])
-    for name, (model, loss_fn) in sides.items():  # warm-up: allocations, optimizer state, compile
+    sweeps = {p: {shape: matmul_gflops(*shape, device, dtype) for shape in shapes} for p, dtype in dtypes.items()}
+    peak_shapes = {p: max(sweep, key=lambda s: sweep[s][1]) for p, sweep in sweeps.items()}
+    for name, (model, loss_fn, p) in sides.items():  # warm-up: allocations, optimizer state, compile
         for _ in range(2 if args.compile else 1):
-            train_step(model, opts[name], loss_fn, *batch(), device)
+            train_step(model, opts[name], loss_fn, *batch(), device, p)
 
-    # Rounds of: the peak matmul shape, then one step of each side (order alternating), so a
-    # burst of load from other processes falls on all three alike.
+    # Rounds of: the peak matmul shape of each precision, then one step of each side (the order
+    # rotating), so a burst of load from other processes falls on all alike.
     rounds = []
+    names = list(sides)
     for r in range(args.repeat * args.steps):
-        row = {"matmul": matmul_gflops(*peak_shape, device, dtype, seconds=0.1)}
-        for name in (list(sides) if r % 2 == 0 else list(reversed(sides))):
-            model, loss_fn = sides[name]
-            row[name] = train_step(model, opts[name], loss_fn, *batch(), device)
+        row = {f"matmul {p}": matmul_gflops(*peak_shapes[p], device, dtypes[p], seconds=0.1) for p in dtypes}
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            model, loss_fn, p = sides[name]
+            row[name] = train_step(model, opts[name], loss_fn, *batch(), device, p)
         rounds.append(row)
     del opts
 
     flops_step = train_flops_per_token(cfg, n_params, args.seq) * tokens
-    lo, hi = min(v[0] for v in sweep.values()), max(v[0] for v in sweep.values())
     print(f"\n## Training: batch {args.batch} x seq {args.seq} = {tokens} tokens per step, fused AdamW, "
-          f"grad clipping, {'bf16 autocast' if device.type == 'cuda' else 'fp32'}"
-          f"{', compiled' if args.compile else ''}; {len(rounds)} rounds, one step of each side per round "
-          f"(alternating order), medians")
-    print(f"matmul {'bf16' if dtype == torch.bfloat16 else 'fp32'} at the model's {len(shapes)} shapes (forward "
-          f"and both backward products of each projection, same threads): {lo:.0f}-{hi:.0f} GFLOP/s; the best, "
-          f"{peak_shape} (m, k, n), re-measured in every round: median "
-          f"{statistics.median(r['matmul'][0] for r in rounds):.0f} GFLOP/s "
-          f"({statistics.median(r['matmul'][1] for r in rounds):.0f} GFLOP per CPU-second)")
+          f"grad clipping{', compiled' if args.compile else ''}; {len(rounds)} rounds, one step of each side per "
+          f"round (rotating order), medians")
+    print(f"Ember's precision: {precision} ({why})")
+    for p, sweep in sweeps.items():
+        lo, hi = min(v[0] for v in sweep.values()), max(v[0] for v in sweep.values())
+        print(f"matmul {p} at the model's {len(shapes)} shapes (forward and both backward products of each "
+              f"projection, same threads): {lo:.0f}-{hi:.0f} GFLOP/s; the best, {peak_shapes[p]} (m, k, n), "
+              f"re-measured in every round: median {statistics.median(r[f'matmul {p}'][0] for r in rounds):.0f} "
+              f"GFLOP/s ({statistics.median(r[f'matmul {p}'][1] for r in rounds):.0f} GFLOP per CPU-second)")
     print(f"training FLOPs per token = 6 * N + 6 * n_layers * seq * dim = 6 * {n_params:,} + 6 * {cfg.n_layers} * "
           f"{args.seq} * {cfg.dim} = {flops_step / tokens / 1e6:.1f} MFLOP")
-    print("MFU = FLOPs per step / median s per step / median matmul FLOP/s of the same rounds; 'by CPU time' "
-          "uses the process's CPU seconds on both sides, which time-slicing by other processes leaves alone")
-    print("\n| model | s/step (median) | tokens/s | MFU | CPU s/step | MFU by CPU time | speed vs transformers "
-          "(wall / CPU time) |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("MFU = FLOPs per step / median s per step / median matmul FLOP/s of the side's precision in the same "
+          "rounds; 'by CPU time' uses the process's CPU seconds, which time-slicing by other processes leaves "
+          "alone")
     med = {}
-    for name in sides:
+    for name, (_, _, p) in sides.items():
         wall = statistics.median(r[name][0] for r in rounds)
         cpu = statistics.median(r[name][1] for r in rounds)
         # Medians first, then the ratio: a median of per-round ratios would not match the
         # tokens/s column when the load swings between rounds.
-        mfu = flops_step / wall / 1e9 / statistics.median(r["matmul"][0] for r in rounds)
-        mfu_cpu = flops_step / cpu / 1e9 / statistics.median(r["matmul"][1] for r in rounds)
+        mfu = flops_step / wall / 1e9 / statistics.median(r[f"matmul {p}"][0] for r in rounds)
+        mfu_cpu = flops_step / cpu / 1e9 / statistics.median(r[f"matmul {p}"][1] for r in rounds)
         med[name] = (wall, cpu, mfu, mfu_cpu)
+    on_cpu = device.type == "cpu"
+    print(f"\n| side | s/step (median) | tokens/s | MFU | CPU s/step | MFU by CPU time | vs {baseline} "
+          f"(wall / CPU time) | vs transformers in the same precision (wall) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, (wall, cpu, mfu, mfu_cpu) in med.items():
-        if device.type == "cpu":
-            ratio = f"{med['transformers'][0] / wall:.2f}x / {med['transformers'][1] / cpu:.2f}x"
-            cpu_cols = f"{cpu:.3f} | {mfu_cpu:.1%}"
-        else:  # the host's CPU time says nothing about GPU work
-            ratio, cpu_cols = f"{med['transformers'][0] / wall:.2f}x / -", "- | -"
-        print(f"| {name} | {wall:.3f} | {fmt(tokens / wall)} | {mfu:.1%} | {cpu_cols} | {ratio} |")
-    print("\nper-round wall seconds (ember / transformers): "
-          + ", ".join(f"{r['ember'][0]:.2f}/{r['transformers'][0]:.2f}" for r in rounds))
+        base, same = med[baseline], med.get(f"transformers {sides[name][2]}")
+        # the host's CPU time says nothing about GPU work
+        ratio = f"{base[0] / wall:.2f}x / {base[1] / cpu:.2f}x" if on_cpu else f"{base[0] / wall:.2f}x / -"
+        cpu_cols = f"{cpu:.3f} | {mfu_cpu:.1%}" if on_cpu else "- | -"
+        print(f"| {name} | {wall:.3f} | {fmt(tokens / wall)} | {mfu:.1%} | {cpu_cols} | {ratio} | "
+              f"{same[0] / wall:.2f}x |")
+    print("\nper-round wall seconds (" + " / ".join(names) + "): "
+          + ", ".join("/".join(f"{r[name][0]:.2f}" for name in names) for r in rounds))
     del sides, hf
 
 
@@ -325,9 +356,10 @@ def run_generation(args, cfg: ModelConfig, ember: Transformer, device: torch.dev
         ours, theirs = ember(prompt, prompt)[0], hf(prompt).logits
     diff = (ours - theirs).abs().max().item()
     assert diff < 1e-3, f"exported model's logits differ from Ember's by {diff}"
+    use_decoding_layout(ember)  # as the demo and the evaluate stage load a model for generation
 
     def run_ember(n=args.new_tokens):
-        with autocast(device):
+        with autocast(device):  # the device's default: bf16 on CUDA, fp32 elsewhere
             return list(generate(ember, PROMPT, n, temperature=0))
 
     def run_hf(n=args.new_tokens):
@@ -340,14 +372,23 @@ def run_generation(args, cfg: ModelConfig, ember: Transformer, device: torch.dev
         with autocast(device):
             return ember_uncached(ember, PROMPT, n)
 
-    runs = {"ember (KV cache)": run_ember, "transformers generate() (KV cache)": run_hf}
+    hf_relaid = use_decoding_layout(copy.deepcopy(hf))
+
+    def run_hf_relaid(n=args.new_tokens):
+        with torch.inference_mode(), autocast(device):
+            out = hf_relaid.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
+                                     pad_token_id=0)
+        return out[0, len(PROMPT):].tolist()
+
+    runs = {"ember (KV cache)": run_ember, "transformers generate() (KV cache)": run_hf,
+            "transformers generate(), Ember's decoding layout (reference)": run_hf_relaid}
     for fn in runs.values():  # warm-up: first calls, allocations
         fn(16)
     times = {name: [] for name in runs}
     outputs = {}
+    order = list(runs)
     for r in range(args.repeat):
-        names = list(runs) if r % 2 == 0 else list(reversed(runs))
-        for name in names:
+        for name in order[r % len(order):] + order[:r % len(order)]:
             seconds, outputs[name] = timed(runs[name])
             times[name].append(seconds)
     if not args.skip_uncached:  # once: it is slow, and its gap to the cached run is wide
@@ -358,7 +399,7 @@ def run_generation(args, cfg: ModelConfig, ember: Transformer, device: torch.dev
     same = outputs["ember (KV cache)"] == outputs["transformers generate() (KV cache)"]
     same_uncached = outputs.get("ember (no cache)", outputs["ember (KV cache)"]) == outputs["ember (KV cache)"]
     print(f"\n## Generation: batch 1, greedy, {len(PROMPT)}-token prompt + {args.new_tokens} new tokens, "
-          f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}; {args.repeat} alternating runs each "
+          f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}; {args.repeat} runs each in rotating order "
           f"(the no-cache run once), medians. The HF model is `export_hf` of Ember's weights: logits agree "
           f"to {diff:.1e}; greedy tokens {'identical' if same else 'differ'} between the two"
           f"{'' if same_uncached else '; the no-cache run differs from the cached one'}")
@@ -379,7 +420,11 @@ def write_dummy_tokenizer(folder: Path, vocab_size: int) -> None:
     (the benchmark feeds ids, never text)."""
     from tokenizers import pre_tokenizers, trainers
 
-    from ember.tasks.train_tokenizer import SPECIAL_TOKENS, build_tokenizer, write_transformers_files
+    from ember.tasks.train_tokenizer import (
+        SPECIAL_TOKENS,
+        build_tokenizer,
+        write_transformers_files,
+    )
 
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()

@@ -34,6 +34,7 @@ from tokenizers import Tokenizer  # noqa: E402
 from ember.model.checkpoint import load_model  # noqa: E402
 from ember.model.generate import generate  # noqa: E402
 from ember.model.quantize import INT8_WEIGHTS, load_int8  # noqa: E402
+from ember.model.transformer import use_decoding_layout  # noqa: E402
 from ember.tasks.publish import CARD, LATEST, VERSION_RE, current_version, list_versions  # noqa: E402
 from ember.tasks.train_tokenizer import EOS_ID, load_tokenizer  # noqa: E402
 
@@ -113,6 +114,7 @@ def load_release(release_dir: Path | str, precision: str = "fp32") -> Release:
         model = load_int8(path)
     else:
         model = load_model(path)
+    use_decoding_layout(model)  # about 1.5x faster decoding on CPU (see its docstring)
     return Release(path=path, model=model, tokenizer=load_tokenizer(path), config=_read_json(path / "config.json"),
                    report=_read_json(path / "report.json"), info=_read_json(path / "release.json"),
                    precision=precision)
