@@ -235,11 +235,12 @@ def use_decoding_layout(model: nn.Module) -> nn.Module:
     the tied embedding / output projection included, and the others stay row-major. Each
     attention's wq, wk and wv become column blocks of one wider matrix (`Attention.wqkv_t`),
     and each MLP's w1 and w3 likewise (`FeedForward.w13_t`): one product instead of three or
-    two, and a wider one, which MKL reads faster still. Prompts (32 rows and more) run at the same speed in either order;
-    gathering embedding rows gets slower (0.8 ms for a 256-token prompt instead of 16 us), paid
-    once per prompt. For inference: gradients skip the fused matrix, so the fused path is off
-    whenever grad mode is on; saving writes the usual row-major files. GPU weights are left alone
-    (their kernels read either order at full speed). Returns `model`.
+    two, and a wider one, which MKL reads faster still. Prompts (32 rows and more) run at the
+    same speed in either order; gathering embedding rows gets slower (0.8 ms for a 256-token
+    prompt instead of 16 us), paid once per prompt. For inference: gradients would skip the
+    fused matrices, so they are used only with grad mode off; saving writes the usual row-major
+    files. GPU weights are left alone (their kernels read either order at full speed).
+    Returns `model`.
     """
     def on_cpu_float(w: torch.Tensor) -> bool:
         return w.device.type == "cpu" and w.is_floating_point() and w.dim() == 2
