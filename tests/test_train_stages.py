@@ -99,6 +99,11 @@ class CrashingReporter(Reporter):
     def __init__(self, at: int):
         super().__init__("train")
         self.at = at
+        self.tables = []
+
+    def table(self, key, rows, description=""):
+        self.tables.append((key, rows, description))
+        super().table(key, rows, description)
 
     def progress(self, done, total, what=""):
         if done >= self.at:
@@ -136,9 +141,16 @@ def test_resumed_run_equals_uninterrupted_run(artifacts, trained, tmp_path):
     reference, _ = trained
     cfg = tiny_train(eval_every=7, log_every=3)  # other unkeyed intervals: same weights expected
     work = tmp_path / "work"
+    crashing = CrashingReporter(at=25)
     with pytest.raises(Crash):
-        train.run(cfg, context(tmp_path, "first", artifacts, work=work, reporter=CrashingReporter(at=25)))
+        train.run(cfg, context(tmp_path, "first", artifacts, work=work, reporter=crashing))
     assert (work / "LATEST").read_text().strip() == "ckpt-00000020"
+    # Each checkpoint published the loss table so far and left the curve beside its weights.
+    # (records at steps 1, 3, 6, 7, 9, ...: every 3rd step and the evaluations at 7 and 14)
+    assert [(key, rows[-1]["step"]) for key, rows, _ in crashing.tables] == [("train-loss", 9), ("train-loss", 18)]
+    assert crashing.tables[-1][1][3]["val loss"] != "" and crashing.tables[-1][1][2]["val loss"] == ""
+    assert (work / "ckpt-00000020" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert not list(work.rglob("*.partial.png"))
     state = torch.load(work / "ckpt-00000020" / "state.pt", weights_only=True)
     assert state["step"] == 20 and state["config"] == cfg.model_dump(mode="json")
     assert state["extra"]["precision"] == "fp32" and state["optimizer"]["state"]

@@ -649,9 +649,16 @@ def train_model(cfg: TrainConfig, ctx: StageContext, dist: Dist = Dist(), device
         return {"val_loss": loss, "val_bpb": bits_per_byte(loss, meta)}
 
     def checkpoint(at: int, seconds: float) -> None:
-        save_checkpoint(ctx.work, at, model, optimizer, seconds,
-                        {"records": records, "precision": precision, "warm_start": warm},
-                        config=cfg.model_dump(mode="json"))
+        folder = save_checkpoint(ctx.work, at, model, optimizer, seconds,
+                                 {"records": records, "precision": precision, "warm_start": warm},
+                                 config=cfg.model_dump(mode="json"))
+        # How the run is going, beside the weights it would resume from and in the Prefect UI
+        # (the final table, with the same key, replaces this one when training ends).
+        partial = folder / ".loss.partial.png"  # renamed only once whole
+        if loss_curve_png(records, partial, f"{cfg.model.preset} preset, step {at} of {cfg.max_steps}"):
+            os.replace(partial, folder / "loss.png")
+        ctx.report.table("train-loss", _loss_rows(_thin(records, 12)),
+                         description=f"Training loss by step (step {at} of {cfg.max_steps})")
 
     model.train()
     last_saved = step
@@ -765,12 +772,7 @@ def write_artifact(cfg: TrainConfig, ctx: StageContext, model: Transformer, meta
             f.write(json.dumps(record) + "\n")
     loss_curve_png(records, ctx.out / "loss.png", f"{cfg.model.preset} preset, {n_params:,} parameters")
 
-    ctx.report.table("train-loss", [
-        {"step": r["step"], "loss": round(r["loss"], 4),
-         "val loss": round(r["val_loss"], 4) if r.get("val_loss") is not None else "",
-         "tokens/s": round(r["tokens_per_s"]) if r.get("tokens_per_s") else ""}
-        for r in _thin(records, 60)
-    ], description="Training loss by step")
+    ctx.report.table("train-loss", _loss_rows(_thin(records, 60)), description="Training loss by step")
     val_text = (f"val loss **{metrics['val_loss']:.4f}**, {metrics['val_bpb']:.3f} bits per byte"
                 if metrics["val_loss"] is not None and metrics["val_bpb"] is not None
                 else "no validation (the val split is empty or too short)")
@@ -786,6 +788,13 @@ def write_artifact(cfg: TrainConfig, ctx: StageContext, model: Transformer, meta
         + (f", {metrics['tokens_per_s']:,.0f} tokens/s" if metrics["tokens_per_s"] else ""),
         f"- final train loss {metrics['loss']:.4f}; {val_text}",
     ]), description="Training summary")
+
+
+def _loss_rows(records: list[dict]) -> list[dict]:
+    """loss.jsonl records as the rows of the step / loss / val loss / tokens/s table."""
+    return [{"step": r["step"], "loss": round(r["loss"], 4),
+             "val loss": round(r["val_loss"], 4) if r.get("val_loss") is not None else "",
+             "tokens/s": round(r["tokens_per_s"]) if r.get("tokens_per_s") else ""} for r in records]
 
 
 def _thin(rows: list[dict], keep: int) -> list[dict]:
