@@ -99,6 +99,10 @@ def test_deleted_artifact_is_rebuilt(built):
     # Tokenization is deterministic: the rebuilt artifact has the same digest, so what was
     # trained on it is still current (see the store's input digests).
     assert ran(summary) == ["tokenize"]
+    # So is tokenizer training, and its files hold no timings: the same digest again.
+    shutil.rmtree(Store(store).path(refs["train_tokenizer"]))
+    summary, _ = run_pipeline(config, store)
+    assert ran(summary) == ["train_tokenizer"]
     assert Store(store).verify() == []
 
 
