@@ -313,9 +313,10 @@ def link(name: str, target: str, kind=tarfile.SYMTYPE) -> tarfile.TarInfo:
     return info
 
 
-def zip_bytes(entries: list[tuple[str, bytes]], symlink: tuple[str, str] | None = None) -> bytes:
+def zip_bytes(entries: list[tuple[str, bytes]], symlink: tuple[str, str] | None = None,
+              compression: int = zipfile.ZIP_STORED) -> bytes:
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
+    with zipfile.ZipFile(buf, "w", compression=compression) as zf:
         for name, data in entries:
             zf.writestr(name, data)
         if symlink:
@@ -370,6 +371,22 @@ def test_unsafe_archive_url_fails_the_stage(tmp_path, server):
     with pytest.raises(SourceError, match=r"download.sources\[0\].url: .*slip.tar.gz: entry '../evil.txt'"):
         run_download(tmp_path, [{"url": f"{base}/slip.tar.gz"}])
     assert not (tmp_path / "work" / "downloads" / "evil.txt").exists()
+
+
+@pytest.mark.parametrize("name", ["bomb.zip", "bomb.tar.gz"])
+def test_archive_larger_than_the_room_is_refused_before_writing(tmp_path, name):
+    zeros = b"\0" * (20 << 20)  # 20 MB that compress to some kilobytes
+    data = zip_bytes([("a.txt", b"fine"), ("zeros.txt", zeros)], compression=zipfile.ZIP_DEFLATED) \
+        if name.endswith(".zip") \
+        else tar_bytes([("a.txt", b"fine"), ("zeros.txt", zeros)])
+    assert len(data) < 100_000
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(FetchError, match=rf"{name}: its entries unpack to 20,971,524 bytes, more than the "
+                                         r"10,000,000 bytes free"):
+        fetch.unpack(path, tmp_path / "out", room=10_000_000)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # nothing unpacked, no leftovers
+    assert (fetch.unpack(path, tmp_path / "out", room=30_000_000) / "zeros.txt").stat().st_size == 20 << 20
 
 
 def test_symlink_inside_the_archive_is_allowed(tmp_path):

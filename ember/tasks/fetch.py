@@ -212,18 +212,22 @@ def archive_suffix(name: str) -> str | None:
     return next((s for s in ARCHIVE_SUFFIXES if name.endswith(s)), None)
 
 
-def unpack(archive: Path, target: Path) -> Path:
+def unpack(archive: Path, target: Path, room: int | None = None) -> Path:
     """Unpack a .tar(.gz)/.tgz/.zip into `target` (made afresh), refusing any entry that would
-    land outside it: an absolute path, a `..` component, a link pointing out, a device file."""
+    land outside it (an absolute path, a `..` component, a link pointing out, a device file) and
+    an archive whose entries add up to more than `room` bytes (default: the free space where
+    `target` goes), as a zip bomb would, before anything is written."""
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(target, ignore_errors=True)
     tmp.mkdir(parents=True)
+    if room is None:
+        room = shutil.disk_usage(tmp).free
     try:
         if archive.name.lower().endswith(".zip"):
-            _unzip(archive, tmp)
+            _unzip(archive, tmp, room)
         else:
-            _untar(archive, tmp)
+            _untar(archive, tmp, room)
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise FetchError(f"{archive.name}: not a readable archive: {err}") from None
@@ -257,9 +261,19 @@ def _check_link(archive: Path, name: str, target: str, relative_to_entry: bool) 
                              "refusing to unpack the archive")
 
 
-def _untar(archive: Path, folder: Path) -> None:
+def _check_room(archive: Path, folder: Path, sizes: list[int], room: int) -> None:
+    """Entry sizes are what extraction writes: a tar's are exact, and zipfile refuses an entry
+    whose data inflates past its declared size. So the sum is checked before a byte is written."""
+    total = sum(sizes)
+    if total > room:
+        raise FetchError(f"{archive.name}: its entries unpack to {total:,} bytes, more than the {room:,} bytes "
+                         f"free at {folder.parent}; refusing to unpack (a zip bomb, or too little disk space)")
+
+
+def _untar(archive: Path, folder: Path, room: int) -> None:
     with tarfile.open(archive) as tar:  # compression detected from the content
         members = tar.getmembers()
+        _check_room(archive, folder, [m.size for m in members if m.isfile()], room)
         for member in members:
             _check_name(archive, member.name)
             if member.issym() or member.islnk():
@@ -270,9 +284,10 @@ def _untar(archive: Path, folder: Path) -> None:
         tar.extractall(folder, members=members, filter="data")
 
 
-def _unzip(archive: Path, folder: Path) -> None:
+def _unzip(archive: Path, folder: Path, room: int) -> None:
     with zipfile.ZipFile(archive) as zf:
         entries = zf.infolist()
+        _check_room(archive, folder, [info.file_size for info in entries], room)
         for info in entries:
             _check_name(archive, info.filename)
             if stat.S_ISLNK(info.external_attr >> 16):
