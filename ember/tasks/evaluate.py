@@ -189,8 +189,6 @@ def total_nats(model, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> floa
 
 def evaluate_external(path: Path, texts: list[str], models: dict, tokenizer, eos_id: int,
                       cfg: EvaluateConfig) -> dict:
-    for model in models.values():  # as the demo serves them: the speed figure is the demo's
-        use_decoding_layout(model)
     seq_len = models["fp32"].config.max_seq_len
     stream, n_bytes, docs = token_stream(texts, tokenizer, eos_id, cfg.external_max_tokens)
     result = {"path": str(path), "docs": len(texts), "docs_scored": docs, "tokens": len(stream) - 1,
@@ -230,6 +228,8 @@ def run(cfg: EvaluateConfig, ctx: StageContext) -> dict:
         else:
             absent[name] = f"no {file} in the quantize artifact ({what} not made)"
             ctx.log.warning("%s: no %s; %s is not evaluated", quant_dir, file, name)
+    for model in models.values():  # as the demo serves them: the speed figure is the demo's
+        use_decoding_layout(model)
     seq_len = models["fp32"].config.max_seq_len
     val = TokenStream(tokens_dir / "val", meta.get("dtype"))
     windows = val.fixed_windows(cfg.eval_batches * cfg.batch_size, seq_len)
