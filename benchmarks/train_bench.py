@@ -263,9 +263,9 @@ def run_training(args, cfg: ModelConfig, ember: Transformer, n_params: int, devi
         if precision == "bf16":
             sides["ember fp32"] = (copy.deepcopy(ember), ember_loss, "fp32")
             sides["transformers bf16"] = (copy.deepcopy(hf), hf_loss, "bf16")
-    else:
-        sides["transformers bf16"] = (hf, hf_loss, "bf16")
-    baseline = "transformers fp32" if device.type == "cpu" else "transformers bf16"
+    else:  # a GPU: both in Ember's precision (bf16 wherever the device has it)
+        sides[f"transformers {precision}"] = (hf, hf_loss, precision)
+    baseline = "transformers fp32" if device.type == "cpu" else f"transformers {precision}"
     for model, _, _ in sides.values():
         model.train()
     if args.compile:
