@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 from pathlib import Path
 
 import yaml
@@ -39,3 +40,16 @@ def write_config(folder: Path, name: str = "tiny.yaml", **sections) -> Path:
     path = Path(folder) / name
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def settled_task_runs(client, flow_run_id, timeout_s: float = 60.0) -> list:
+    """The task runs of a flow run, once each has a final state. Task runs report their states
+    to the API in the background, so right after the flow returns one can still be without one."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        if all(run.state is not None and run.state.is_final() for run in runs) or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.5)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline_configs import write_config
+from pipeline_configs import settled_task_runs, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -30,11 +30,10 @@ def ran(summary) -> list[str]:
 
 def task_state_names(flow_run_id) -> dict[str, str]:
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {run.name: run.state.name for run in runs}
+        runs = settled_task_runs(client, flow_run_id)
+    return {run.name: run.state.name if run.state else None for run in runs}
 
 
 @pytest.fixture(scope="module")

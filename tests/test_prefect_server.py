@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pipeline_configs import write_config
+from pipeline_configs import settled_task_runs, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -159,11 +159,9 @@ class Served:
                                          sort=FlowRunSort.START_TIME_ASC, limit=200)
 
     def task_states(self, flow_run_id) -> dict[str, str]:
-        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
         with self.client() as client:
-            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-        return {run.name: run.state.name for run in runs if run.name in STAGES}
+            runs = settled_task_runs(client, flow_run_id)
+        return {run.name: run.state.name if run.state else None for run in runs if run.name in STAGES}
 
     def log(self, name: str) -> str:
         return (self.tmp / name).read_text(errors="replace")[-4000:]

@@ -14,7 +14,7 @@ from ember.storage.store import Store
 from ember.tasks import dedup, download, normalize, tokenize, train_tokenizer
 from ember.tasks import filter as quality_filter
 from ember.tasks.prefect_stage import UnitMap, stage_task
-from pipeline_configs import write_config
+from pipeline_configs import settled_task_runs, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -45,11 +45,11 @@ def data_stages(config: PipelineConfig, store_root: str) -> dict[str, str]:
 def unit_task_runs(flow_run_id) -> list[str]:
     """Names of the task runs of a flow run that are units (not the stages themselves)."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    assert all(run.state.is_completed() for run in runs), [(run.name, run.state.name) for run in runs]
+        runs = settled_task_runs(client, flow_run_id)
+    assert all(run.state is not None and run.state.is_completed() for run in runs), \
+        [(run.name, run.state and run.state.name) for run in runs]
     return [run.name for run in runs if run.name not in DATA_STAGES]
 
 
