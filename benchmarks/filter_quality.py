@@ -28,7 +28,6 @@ import time
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ember.tasks.download import chunk_text
 from ember.tasks.filter import FilterConfig, judge, line_rules

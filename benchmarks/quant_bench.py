@@ -34,7 +34,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ember.model.checkpoint import load_model, save_model  # noqa: E402
 from ember.model.generate import generate  # noqa: E402
 from ember.model.quantize import (  # noqa: E402

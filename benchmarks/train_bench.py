@@ -61,7 +61,6 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ember.model.checkpoint import save_model  # noqa: E402
 from ember.model.export import export_hf  # noqa: E402
 from ember.model.generate import generate  # noqa: E402

@@ -1,23 +1,29 @@
-"""The layers of DESIGN.md: imports point down only, and stage logic never needs Prefect."""
+"""The layout of DESIGN.md: one top-level folder per layer, imported as `ember.<layer>`, imports
+pointing down only, and stage logic that never needs Prefect."""
 
 from __future__ import annotations
 
 import ast
+import tomllib
 from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "ember"
+ROOT = Path(__file__).resolve().parents[1]
+LAYERS = ("storage", "model", "tasks", "flows", "deployments")
 
-# What each layer may not import. `tasks/prefect_stage.py` is the one Prefect wrapper of tasks/.
+# What each layer may not import. The CLI (flows/cli.py) is the top layer: `ember demo` launches
+# the app of deployments/, and nothing imports the CLI.
 FORBIDDEN = {
-    "storage": ("prefect", "gradio", "ember.model", "ember.tasks", "ember.flows", "ember.deployments"),
+    "storage": ("prefect", "gradio", "torch", "ember.model", "ember.tasks", "ember.flows", "ember.deployments"),
     "model": ("prefect", "gradio", "ember.storage", "ember.tasks", "ember.flows", "ember.deployments"),
     "tasks": ("prefect", "gradio", "ember.flows", "ember.deployments"),
-    "flows": ("ember.deployments",),
+    "flows": ("gradio", "ember.deployments", "ember.flows.cli"),
+    "deployments": ("ember.flows.cli",),
 }
-# The CLI is the entry point above every layer: `ember demo` launches the app of deployments/.
-ALLOWED = {"tasks/prefect_stage.py": ("prefect",), "flows/cli.py": ("ember.deployments",)}
+# The demo serves releases: it needs the model and the release registry, never a stage or a flow.
+FORBIDDEN_FILES = {"deployments/app.py": ("prefect", "ember.tasks", "ember.flows")}
+ALLOWED = {"flows/cli.py": ("ember.deployments",)}
 
 
 def imports_of(path: Path) -> set[str]:
@@ -30,21 +36,67 @@ def imports_of(path: Path) -> set[str]:
     return names
 
 
+def python_files() -> list[Path]:
+    return sorted(p for folder in (*LAYERS, "tests", "benchmarks") for p in (ROOT / folder).rglob("*.py"))
+
+
+def banned_in(rel: str, names: set[str], banned: tuple[str, ...]) -> list[str]:
+    allowed = ALLOWED.get(rel, ())
+    return [f"{rel} imports {name}" for name in sorted(names) for ban in banned
+            if (name == ban or name.startswith(ban + ".")) and ban not in allowed]
+
+
 @pytest.mark.parametrize("layer", sorted(FORBIDDEN))
 def test_layer_imports_point_down(layer):
     offending = []
-    for path in sorted((PACKAGE / layer).rglob("*.py")):
-        rel = path.relative_to(PACKAGE).as_posix()
-        allowed = ALLOWED.get(rel, ())
-        for name in imports_of(path):
-            for banned in FORBIDDEN[layer]:
-                if (name == banned or name.startswith(banned + ".")) and banned not in allowed:
-                    offending.append(f"{rel} imports {name}")
+    for path in sorted((ROOT / layer).rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        names = imports_of(path)
+        offending += banned_in(rel, names, FORBIDDEN[layer] + FORBIDDEN_FILES.get(rel, ()))
     assert not offending, "\n".join(offending)
 
 
-def test_every_stage_module_declares_a_stage():
-    from ember.flows.pipeline import STAGES
+def test_layers_are_imported_only_with_the_ember_prefix():
+    # The repository root is on sys.path under `python -m`, where `import tasks` would load a
+    # second copy of a module beside `ember.tasks` (two STAGE objects, two loggers).
+    offending = []
+    for path in python_files():
+        for name in imports_of(path):
+            if name.split(".")[0] in LAYERS:
+                offending.append(f"{path.relative_to(ROOT)} imports {name}; write ember.{name}")
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level > 0:
+                offending.append(f"{path.relative_to(ROOT)}:{node.lineno}: a relative import; write ember.<layer>...")
+    assert not offending, "\n".join(offending)
+
+
+def test_pyproject_lists_every_package_folder():
+    # A package folder missing from pyproject.toml would work in the editable install and be
+    # missing from a wheel.
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    expected = sorted("ember." + init.parent.relative_to(ROOT).as_posix().replace("/", ".")
+                      for layer in LAYERS for init in (ROOT / layer).rglob("__init__.py"))
+    assert sorted(setuptools["packages"]) == expected
+    assert setuptools["package-dir"] == {f"ember.{layer}": layer for layer in LAYERS}
+
+
+def test_the_stage_order_is_one_list():
+    from ember.tasks.stages import STAGES
 
     assert [s.name for s in STAGES] == ["download", "normalize", "filter", "dedup", "train_tokenizer", "tokenize",
                                         "train", "quantize", "evaluate", "publish"]
+    # Each stage reads only stages before it.
+    seen: set[str] = set()
+    for stage in STAGES:
+        assert set(stage.inputs) <= seen, f"{stage.name} reads {set(stage.inputs) - seen}, which come later"
+        seen.add(stage.name)
+
+
+def test_no_file_is_long_without_a_reason():
+    # About 500 lines: past that a file is split by topic, or says at its top why it is not.
+    long = []
+    for path in python_files():
+        lines = path.read_text().splitlines()
+        if len(lines) > 520 and not any("over 500 lines" in line.lower() for line in lines[:40]):
+            long.append(f"{path.relative_to(ROOT)}: {len(lines)} lines")
+    assert not long, "\n".join(long)
