@@ -54,10 +54,9 @@ import torch
 from safetensors.torch import save_file
 
 from ember.model.checkpoint import load_model, read_config
+from ember.model.tokenizer import SPECIAL_IDS, TOKENIZER_FILES
 from ember.model.transformer import ModelConfig, Transformer
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-DEFAULT_SPECIAL_IDS = {"bos_id": 1, "eos_id": 2, "pad_id": 0}  # Ember's fixed ids (train_tokenizer)
 LLAMA_CPP_PRE_TOKENIZER = "gpt-2"  # the closest name llama.cpp knows; see the module docstring
 
 # Ember parameter (inside `layers.N.`) -> Hugging Face Llama parameter (inside `model.layers.N.`)
@@ -98,8 +97,8 @@ def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
 def special_ids(model_dir: Path) -> dict[str, int]:
     """bos/eos/pad ids from the checkpoint's config.json ("tokenizer" section), else Ember's."""
     _, config = read_config(model_dir)
-    return {**DEFAULT_SPECIAL_IDS, **{k: int(v) for k, v in config.get("tokenizer", {}).items()
-                                      if k in DEFAULT_SPECIAL_IDS}}
+    return {**SPECIAL_IDS, **{k: int(v) for k, v in config.get("tokenizer", {}).items()
+                                      if k in SPECIAL_IDS}}
 
 
 def hf_config(cfg: ModelConfig, ids: dict[str, int]) -> dict:

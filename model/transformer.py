@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ember.model.decoding import usable_fused
+
 
 @dataclass
 class ModelConfig:
@@ -128,17 +130,6 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.T
     return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
-def usable_fused(fused: torch.Tensor | None, *linears: nn.Module) -> torch.Tensor | None:
-    """`fused` (from use_decoding_layout) when it may stand in for `linears`: no gradients wanted
-    (it is not a parameter) and their weights still live in its storage (not replaced or moved)."""
-    if fused is None or torch.is_grad_enabled():
-        return None
-    storage = fused.untyped_storage().data_ptr()
-    if any(lin.weight.untyped_storage().data_ptr() != storage for lin in linears):
-        return None
-    return fused
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -147,9 +138,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
-        # Set by use_decoding_layout: wq, wk and wv side by side, column-major, as one
-        # (dim, (nh + 2 nkv) hs) matrix whose column blocks the three weights are views of, so
-        # a decode step reads them with one wider product. Derived, not state: never saved.
+        # wq, wk and wv as one matrix for decoding on CPU; set by model/decoding.py, never saved.
         self.wqkv_t: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -217,59 +206,6 @@ class Block(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
-def use_decoding_layout(model: nn.Module) -> nn.Module:
-    """Lay out `model`'s float weight matrices in memory for decoding on CPU, in place.
-
-    Shapes and values stay the same; only the memory order changes. Decoding multiplies one
-    activation row by each matrix, a product bound by reading the weights, and MKL's one-row
-    product reads some orders much faster than others. Measured on this project's CPU (1 thread,
-    GB/s, weights out of cache; `benchmarks/RESULTS.md`):
-
-        out x in      row-major (nn.Linear's)   column-major
-        512 x 512              9.8                  11.1
-        1536 x 512             9.7                  16.1
-        8192 x 512            10.1 (as 2048)        20.9
-        512 x 1536            13.3                  11.9
-
-    So a matrix at least as wide as it is deep is stored column-major (`w.t().contiguous().t()`),
-    the tied embedding / output projection included, and the others stay row-major. Each
-    attention's wq, wk and wv become column blocks of one wider matrix (`Attention.wqkv_t`),
-    and each MLP's w1 and w3 likewise (`FeedForward.w13_t`): one product instead of three or
-    two, and a wider one, which MKL reads faster still. Prompts (32 rows and more) run at the
-    same speed in either order; gathering embedding rows gets slower (0.8 ms for a 256-token
-    prompt instead of 16 us), paid once per prompt. For inference: gradients would skip the
-    fused matrices, so they are used only with grad mode off; saving writes the usual row-major
-    files. GPU weights are left alone (their kernels read either order at full speed).
-    Returns `model`.
-    """
-    def on_cpu_float(w: torch.Tensor) -> bool:
-        return w.device.type == "cpu" and w.is_floating_point() and w.dim() == 2
-
-    def fuse(linears: tuple[nn.Module, ...]) -> torch.Tensor | None:
-        """One column-major (in, sum of outs) matrix whose column blocks become the weights."""
-        if not all(isinstance(lin, nn.Linear) and on_cpu_float(lin.weight) for lin in linears):
-            return None
-        fused = torch.cat([lin.weight.data for lin in linears]).t().contiguous()
-        start = 0
-        for lin in linears:
-            width = lin.weight.size(0)
-            lin.weight.data = fused[:, start:start + width].t()  # a view: (out, in), column-major
-            start += width
-            fused_linears.add(id(lin))
-        return fused
-
-    fused_linears: set[int] = set()
-    for module in model.modules():  # a block comes before its own projections
-        if isinstance(module, Attention):
-            module.wqkv_t = fuse((module.wq, module.wk, module.wv))
-        elif isinstance(module, FeedForward):
-            module.w13_t = fuse((module.w1, module.w3))
-        elif (isinstance(module, (nn.Linear, nn.Embedding)) and id(module) not in fused_linears
-              and on_cpu_float(module.weight) and module.weight.size(0) >= module.weight.size(1)):
-            module.weight.data = module.weight.data.t().contiguous().t()
-    return model
-
-
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -326,16 +262,21 @@ class Transformer(nn.Module):
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def configure_optimizer(self, weight_decay: float, lr: float, betas: tuple[float, float]) -> torch.optim.AdamW:
-        """AdamW that decays matrices (linear weights, embedding) but not norm gains."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        # The fused kernel where torch has one (CUDA, and CPU since torch 2.4): on a 2-core CPU it
-        # steps a 31M-parameter model about 4x faster than the default multi-tensor one.
-        try:
-            return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
-        except (RuntimeError, ValueError):  # no fused kernel for this device or dtype
-            return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+def configure_optimizer(model: nn.Module, weight_decay: float, lr: float,
+                        betas: tuple[float, float]) -> torch.optim.AdamW:
+    """AdamW that decays matrices (linear weights, the embedding) and not norm gains.
+
+    The fused kernel wherever torch has one for the device (CUDA, CPU, MPS). On this project's
+    2-core CPU with torch 2.13 it does the cpu preset's optimizer step in about a fifth of the
+    time of the default multi-tensor ("foreach") one (4 ms vs 21 ms, one thread); either way
+    that is about 1% of a training step. A function rather than a method, so that the training
+    benchmark gives transformers' model the same optimizer.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    try:
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+    except (RuntimeError, ValueError):  # no fused kernel for this device or dtype
+        return torch.optim.AdamW(groups, lr=lr, betas=betas)

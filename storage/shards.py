@@ -1,8 +1,10 @@
 """Text shards: Parquet files with at least `id`, `text`, `source` (string columns).
 
-Every stage that produces documents writes them under `<artifact>/shards/part-NNNNN.parquet`
-with `ShardWriter`, and the next stage reads them back with `read_shard` / `list_shards`.
-Extra columns (a filter's `rule`, `value`, `threshold`, ...) are kept as they are.
+Every stage that produces documents writes them under `<artifact>/shards/`: `ShardWriter` cuts
+a stream of documents into `part-NNNNN.parquet` files of about `max_chars` characters, and
+`ShardFileWriter` writes one named file (a shard-parallel stage's output for one input shard),
+a batch at a time. The next stage reads them back with `list_shards`, `read_shard`, or in
+bounded batches with `iter_batches`. Extra columns (a filter's `rule`, `value`, ...) are kept.
 """
 
 from __future__ import annotations
@@ -38,6 +40,33 @@ def input_shards(artifact: Path, stage: str) -> tuple[list[Path], int]:
 
 def read_shard(path: Path, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(path, columns=columns)
+
+
+def iter_batches(path: Path, columns: list[str] | None = None, batch_chars: int = 2_000_000,
+                 start: int = 0, stop: int | None = None) -> Iterator[pa.RecordBatch]:
+    """Rows start..stop of a shard in record batches of about `batch_chars` characters (sized from
+    the Parquet footer), so that a reader holds a few MB of text rather than the whole shard (a
+    shard read at once costs about 3x its text in memory, as Python strings)."""
+    shard = pq.ParquetFile(path)
+    meta = shard.metadata
+    stop = meta.num_rows if stop is None else stop
+    size = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    rows = max(1, round(meta.num_rows * batch_chars / max(1, size)))
+    at = 0
+    for batch in shard.iter_batches(batch_size=rows, columns=columns):
+        if at + batch.num_rows > start:
+            yield batch.slice(max(0, start - at), stop - max(at, start))
+        at += batch.num_rows
+        if at >= stop:
+            break
+
+
+def read_rows(path: Path, columns: list[str] | None = None, start: int = 0, stop: int | None = None) -> pa.Table:
+    """Rows start..stop of a shard as one table, read in batches (only those rows are kept)."""
+    schema = pq.read_schema(path)
+    if columns is not None:
+        schema = pa.schema([schema.field(c) for c in columns])
+    return pa.Table.from_batches(list(iter_batches(path, columns, start=start, stop=stop)), schema=schema)
 
 
 def iter_records(folder: Path, columns: list[str] | None = None) -> Iterator[dict]:
@@ -96,3 +125,42 @@ class ShardWriter:
         # temporary artifact, so there is nothing to flush.
         if exc_type is None:
             self.close()
+
+
+class ShardFileWriter:
+    """One output file, written a batch at a time (`add` rows, then `flush`; or `write` a table).
+
+    The file appears, renamed from `<name>.partial`, only when `close` is called, and not at all
+    when it got no rows: a unit of work that crashed leaves nothing that looks finished.
+    """
+
+    def __init__(self, path: Path, schema: pa.Schema):
+        self.path, self.schema = Path(path), schema
+        self.count = 0  # rows written
+        self._rows: list[dict] = []
+        self._writer: pq.ParquetWriter | None = None
+        self._tmp = self.path.with_name(self.path.name + ".partial")
+
+    def add(self, row: dict) -> None:
+        self._rows.append(row)
+
+    def write(self, data: pa.Table | pa.RecordBatch) -> None:
+        if data.num_rows == 0:
+            return
+        if self._writer is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
+        table = data if isinstance(data, pa.Table) else pa.Table.from_batches([data])
+        self._writer.write_table(table.cast(self.schema) if table.schema != self.schema else table)
+        self.count += data.num_rows
+
+    def flush(self) -> None:
+        if self._rows:
+            rows, self._rows = self._rows, []
+            self.write(pa.Table.from_pylist(rows, schema=self.schema))
+
+    def close(self) -> None:
+        self.flush()
+        if self._writer is not None:
+            self._writer.close()
+            self._tmp.replace(self.path)
