@@ -25,7 +25,6 @@ import copy
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -39,7 +38,8 @@ from ember.model.generate import generate  # noqa: E402
 from ember.model.quantize import (  # noqa: E402
     INT8_WEIGHTS, WO_INT8_WEIGHTS, DynamicLinear, Int8WeightOnlyLinear, linear_weight_bytes, quantize_int8,
     quantize_per_channel, quantize_weight_only_int8, save_int8, save_weight_only_int8)
-from ember.model.transformer import PRESETS, ModelConfig, Transformer, use_decoding_layout  # noqa: E402
+from ember.model.decoding import use_decoding_layout  # noqa: E402
+from ember.model.transformer import PRESETS, ModelConfig, Transformer  # noqa: E402
 
 SHAPES = {
     "cpu": dict(vocab_size=4096, **PRESETS["cpu"]),

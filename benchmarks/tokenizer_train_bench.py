@@ -206,11 +206,8 @@ def is_chinese(text: str) -> bool:
 
 def held_out_bytes_per_token(dedup: Path, tokenizer_dir: Path) -> tuple[list[dict], list[dict]]:
     """(rows per corpus, rows per script) over every document the stage held out of training."""
-    from ember.tasks.train_tokenizer import (
-        HELD_FRACTION,
-        load_tokenizer,
-        sample_fraction,
-    )
+    from ember.model.tokenizer import load_tokenizer
+    from ember.tasks.train_tokenizer import HELD_FRACTION, sample_fraction
 
     tokenizer = load_tokenizer(tokenizer_dir)
     by_source: dict[str, list[str]] = defaultdict(list)

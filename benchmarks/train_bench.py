@@ -49,7 +49,6 @@ import copy
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -64,13 +63,10 @@ import torch  # noqa: E402
 from ember.model.checkpoint import save_model  # noqa: E402
 from ember.model.export import export_hf  # noqa: E402
 from ember.model.generate import generate  # noqa: E402
-from ember.model.transformer import (  # noqa: E402
-    PRESETS,
-    ModelConfig,
-    Transformer,
-    use_decoding_layout,
-)
-from ember.tasks.train import autocast, resolve_precision  # noqa: E402
+from ember.model.decoding import use_decoding_layout  # noqa: E402
+from ember.model.device import autocast  # noqa: E402
+from ember.model.transformer import PRESETS, ModelConfig, Transformer, configure_optimizer  # noqa: E402
+from ember.tasks.train import resolve_precision  # noqa: E402
 
 PROMPT = [2, 464, 1174, 286, 318, 257, 1332, 13]  # EOS then a few ids, as evaluate's prompts start
 
@@ -101,14 +97,8 @@ def hf_model(cfg: ModelConfig, device: torch.device):
 
 
 def adamw(model: torch.nn.Module) -> torch.optim.AdamW:
-    """Ember's optimizer setup (`train.build_optimizer`) for either model: decay on matrices, fused."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    try:  # the fused kernel where torch has one, as Ember's train stage does
-        return torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), fused=True)
-    except (RuntimeError, ValueError):
-        return torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95))
+    """Ember's optimizer for either model (decay on matrices, the fused kernel), as its train stage makes it."""
+    return configure_optimizer(model, weight_decay=0.1, lr=1e-4, betas=(0.9, 0.95))
 
 
 def ember_loss(model, x, y):
@@ -415,11 +405,8 @@ def write_dummy_tokenizer(folder: Path, vocab_size: int) -> None:
     (the benchmark feeds ids, never text)."""
     from tokenizers import pre_tokenizers, trainers
 
-    from ember.tasks.train_tokenizer import (
-        SPECIAL_TOKENS,
-        build_tokenizer,
-        write_transformers_files,
-    )
+    from ember.model.tokenizer import SPECIAL_TOKENS
+    from ember.tasks.train_tokenizer import build_tokenizer, write_transformers_files
 
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()

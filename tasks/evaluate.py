@@ -31,12 +31,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ember.model.checkpoint import WEIGHTS, load_model, read_config
+from ember.model.decoding import use_decoding_layout
 from ember.model.generate import generate
 from ember.model.quantize import INT8_WEIGHTS, WO_INT8_WEIGHTS, load_int8, load_weight_only_int8
-from ember.model.transformer import use_decoding_layout
+from ember.model.scoring import eval_loss, stream_windows, token_stream, total_nats
+from ember.model.tokenizer import load_tokenizer
+from ember.storage.tokens import TokenStream, bits_per_byte, read_meta
 from ember.tasks.stage import Stage, StageContext
-from ember.tasks.train import TokenStream, bits_per_byte, eval_loss, read_meta
-from ember.tasks.train_tokenizer import load_tokenizer
 
 # name in the report -> (file in the quantize artifact, loader, what it is)
 QUANTIZED = {
@@ -139,52 +140,6 @@ def read_texts(path: Path) -> list[str]:
         return texts
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not UTF-8 text ({err})") from None
-
-
-def token_stream(texts: list[str], tokenizer, eos_id: int, max_tokens: int) -> tuple[list[int], int, int]:
-    """EOS, doc, EOS, doc, EOS... with at most `max_tokens` tokens after the first EOS; returns the
-    stream, the UTF-8 bytes of the text it covers and the documents it holds (a cut one included).
-    A document cut by the budget gets no EOS, and only its covered text's bytes count."""
-    stream, n_bytes, docs = [eos_id], 0, 0
-    for text in texts:
-        room = max_tokens - (len(stream) - 1)
-        if room <= 0:
-            break
-        encoding = tokenizer.encode(text, add_special_tokens=False)
-        if not encoding.ids:
-            continue
-        docs += 1
-        if len(encoding.ids) + 1 <= room:
-            stream += encoding.ids + [eos_id]
-            n_bytes += len(text.encode("utf-8"))
-        else:
-            stream += encoding.ids[:room]
-            n_bytes += len(text[:encoding.offsets[room - 1][1]].encode("utf-8"))
-            break
-    return stream, n_bytes, docs
-
-
-def stream_windows(stream: list[int], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Non-overlapping (inputs, targets) windows (n, seq_len) that predict every token after the
-    first once; the last window is padded (input 0, target -1, which the loss ignores)."""
-    predicted = len(stream) - 1
-    n = math.ceil(predicted / seq_len)
-    ids = torch.tensor(stream, dtype=torch.long)
-    x = torch.zeros(n * seq_len, dtype=torch.long)
-    y = torch.full((n * seq_len,), -1, dtype=torch.long)
-    x[:predicted], y[:predicted] = ids[:-1], ids[1:]
-    return x.view(n, seq_len), y.view(n, seq_len)
-
-
-@torch.no_grad()
-def total_nats(model, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
-    """Summed cross-entropy (nats) of every target that is not -1."""
-    total = 0.0
-    for start in range(0, len(x), batch_size):
-        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-        _, loss = model(xb, yb)  # the mean over the batch's scored targets
-        total += loss.item() * int((yb != -1).sum())
-    return total
 
 
 def evaluate_external(path: Path, texts: list[str], models: dict, tokenizer, eos_id: int,
@@ -353,4 +308,4 @@ def _markdown(report: dict, curve: list[dict], has_plot: bool = False) -> str:
 
 
 # 2: every int8 variant (weight-only added), file sizes, generation speed, external texts.
-STAGE = Stage(name="evaluate", version=2, run=run)
+STAGE = Stage(name="evaluate", version=2, run=run, inputs=("train", "quantize", "tokenize", "train_tokenizer"))

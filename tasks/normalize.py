@@ -8,27 +8,24 @@ As datatrove's FTFYFormatter argues: fixing unreadable text is good, enforcing o
 writing is not. Curly quotes, ligatures and full-width CJK punctuation are kept by default, so
 the model learns the text as people write it.
 
-One unit of work per input shard (`ctx.map`), each writing the output shard of the same name;
-the report counts the documents changed by each kind of change (CHANGES).
+One unit of work per input shard, each writing the output shard of the same name (the shard-stage
+base, shard_stage.py); the report counts the documents changed by each kind of change (CHANGES).
 """
 
 from __future__ import annotations
 
 import re
-import time
 import unicodedata
-from functools import partial
-from pathlib import Path
 from typing import Literal
 
 import ftfy
-import pyarrow as pa
-import pyarrow.parquet as pq
 from ftfy.chardata import CONTROL_CHARS
 from pydantic import BaseModel, ConfigDict, Field
 
-from ember.storage.shards import TEXT_SCHEMA, input_shards, read_shard
+from ember.storage.shards import ShardFileWriter
+from ember.tasks.shard_stage import Document, ShardStage, Stats
 from ember.tasks.stage import Stage, StageContext
+from ember.tasks.text import CJK_PUNCTUATION, FULLWIDTH_PUNCTUATION, HAN, KANA
 
 
 class NormalizeConfig(BaseModel):
@@ -95,7 +92,7 @@ def ftfy_config(cfg: NormalizeConfig) -> ftfy.TextFixerConfig:
 # of ASCII and these is left alone by every fix enabled by default, so books and Chinese skip
 # most of ftfy's cost (3.5 MB/s on gutenberg_en's non-ASCII chunks).
 SAFE_NON_ASCII = ("\u2018\u2019\u201c\u201d\u2013\u2014\u2026\u00a0"
-                  "\u3001-\u303f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uff01-\uff0f\uff1a-\uff1f")
+                  f"{CJK_PUNCTUATION}{KANA}{HAN}{FULLWIDTH_PUNCTUATION}")
 NEEDS_FTFY = re.compile(f"[^\\x00-\\x7f{SAFE_NON_ASCII}]")
 
 
@@ -167,79 +164,53 @@ def _difference(before: str, after: str, width: int = 40) -> tuple[str, str]:
     return before[lo: lo + width], after[lo: lo + width]
 
 
-def normalize_shard(cfg: NormalizeConfig, src_dir: str, out_dir: str, name: str) -> dict:
-    """One unit of work: normalize the input shard `src_dir/name` into `out_dir/name`.
+class Normalize(ShardStage):
+    name, input = "normalize", "download"
 
-    Runs in a worker process under a parallel `ctx.map`, so it takes and returns plain values.
-    """
-    started = time.monotonic()
-    fixer = ftfy_config(cfg)
-    table = read_shard(Path(src_dir) / name, columns=["id", "text", "source"])
-    ids, texts = table.column("id").to_pylist(), table.column("text").to_pylist()
-    counts = dict.fromkeys(CHANGES, 0)
-    changed_docs = other_changed = chars_in = chars_out = ftfy_skipped = 0
-    out, examples = [], []
-    for doc_id, text in zip(ids, texts):
-        text = text or ""
-        chars_in += len(text)
-        if cfg.ftfy and not ftfy_can_change(text, cfg):
-            ftfy_skipped += 1
-        fixed, changes = normalize_steps(text, cfg, fixer)
+    def setup(self) -> None:
+        self.fixer = ftfy_config(self.cfg)
+
+    def process(self, doc: Document, out: dict[str, ShardFileWriter], stats: Stats) -> None:
+        cfg = self.cfg
+        if cfg.ftfy and not ftfy_can_change(doc.text, cfg):
+            stats.add("ftfy_skipped")
+        fixed, changes = normalize_steps(doc.text, cfg, self.fixer)
         if changes:
-            changed_docs += 1
-            other_changed += changes != ("ftfy",)
+            stats.add("changed_docs")
+            stats.add("other_changed", changes != ("ftfy",))
             for kind in changes:
-                counts[kind] += 1
-            if "ftfy" in changes and len(examples) < cfg.examples:
-                before, after = _difference(text, fixed)
-                examples.append({"id": doc_id, "before": before, "after": after})
-        chars_out += len(fixed)
-        out.append(fixed)
-    result = table.set_column(table.schema.get_field_index("text"), "text", pa.array(out, pa.string()))
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    pq.write_table(result.cast(TEXT_SCHEMA), Path(out_dir) / name, compression="zstd")
-    return {"shard": name, "docs": len(ids), "changed_docs": changed_docs, "other_changed": other_changed,
-            "changes": counts,
-            "ftfy_skipped": ftfy_skipped, "chars_in": chars_in, "chars_out": chars_out,
-            "examples": examples, "seconds": round(time.monotonic() - started, 3)}
+                stats.add("changes", key=kind)
+            if "ftfy" in changes and len(stats.firsts.get("examples", {})) < cfg.examples:
+                before, after = _difference(doc.text, fixed)
+                stats.first("examples", doc.id, {"id": doc.id, "before": before, "after": after})
+        stats.add("chars_out", len(fixed))
+        out["shards"].add({"id": doc.id, "text": fixed, "source": doc.source})
+
+    def summarize(self, stats: Stats, ctx: StageContext) -> dict:
+        docs, changed = int(stats.total("docs")), int(stats.total("changed_docs"))
+        counts = {kind: int(stats.keyed("changes").get(kind, 0)) for kind in CHANGES}
+        examples = list(stats.firsts.get("examples", {}).values())[: self.cfg.examples]
+        ctx.report.table("normalize-changes",
+                         [{"change": kind, "docs": n, "share": round(n / docs, 4) if docs else 0.0}
+                          for kind, n in counts.items()] + [{"change": "any", "docs": changed,
+                                                             "share": round(changed / docs, 4) if docs else 0.0}],
+                         f"Documents changed by each normalization step ({changed} of {docs})")
+        if examples:
+            ctx.report.table("normalize-ftfy-examples", examples, "Text that ftfy repaired (first differences)")
+        return {
+            "docs": docs,
+            "changed_docs": changed,
+            "changed_per_kind": counts,
+            "ftfy_changed": counts["ftfy"],
+            "other_changed": int(stats.total("other_changed")),
+            "ftfy_skipped_ascii": int(stats.total("ftfy_skipped")),
+            "chars_in": int(stats.total("chars_in")),
+            "chars_out": int(stats.total("chars_out")),
+        }
 
 
 def run(cfg: NormalizeConfig, ctx: StageContext) -> dict:
-    started = time.monotonic()
-    src = Path(ctx.inputs["download"]) / "shards"
-    shards, total = input_shards(ctx.inputs["download"], "download")
-    # One unit per input shard; each output shard keeps its input's name, so the artifact is the
-    # same whatever order (or process) the units run in.
-    units = ctx.map(partial(normalize_shard, cfg, str(src), str(ctx.out / "shards")),
-                    [p.name for p in shards], "normalize-shard")
-    (ctx.out / "shards").mkdir(parents=True, exist_ok=True)
-    ctx.report.progress(total, total, "normalize")
-    docs = sum(u["docs"] for u in units)
-    counts = {kind: sum(u["changes"][kind] for u in units) for kind in CHANGES}
-    changed = sum(u["changed_docs"] for u in units)
-    examples = [e for u in units for e in u["examples"]][: cfg.examples]
-    ctx.report.table("normalize-changes",
-                     [{"change": kind, "docs": n, "share": round(n / docs, 4) if docs else 0.0}
-                      for kind, n in counts.items()] + [{"change": "any", "docs": changed,
-                                                         "share": round(changed / docs, 4) if docs else 0.0}],
-                     f"Documents changed by each normalization step ({changed} of {docs})")
-    if examples:
-        ctx.report.table("normalize-ftfy-examples", examples, "Text that ftfy repaired (first differences)")
-    seconds = time.monotonic() - started
-    chars_in = sum(u["chars_in"] for u in units)
-    return {
-        "docs": docs,
-        "changed_docs": changed,
-        "changed_per_kind": counts,
-        "ftfy_changed": counts["ftfy"],
-        "other_changed": sum(u["other_changed"] for u in units),
-        "ftfy_skipped_ascii": sum(u["ftfy_skipped"] for u in units),
-        "shards": len(units),
-        "chars_in": chars_in,
-        "chars_out": sum(u["chars_out"] for u in units),
-        "seconds": round(seconds, 2),
-        "mb_per_s": round(chars_in / 1e6 / seconds, 2) if seconds > 0 else None,
-    }
+    return Normalize(cfg).run(ctx)
 
 
-STAGE = Stage(name="normalize", version=2, run=run, unkeyed=("examples",))
+STAGE = Stage(name="normalize", version=2, run=run, inputs=("download",), unkeyed=("examples",))

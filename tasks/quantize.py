@@ -6,7 +6,7 @@
   rounded to bf16 values), activations stay floating point; plain PyTorch, CPU or CUDA.
 
 In both the embedding (which is also the tied output projection) and the norms stay fp32. See
-ember/model/quantize.py for the file formats. With `enabled: false` (or no variants) the
+model/quantize.py for the file formats. With `enabled: false` (or no variants) the
 artifact holds only config.json, with `"int8": null`, and evaluate reports the fp32 model
 alone. A release (publish with `include_int8`) needs the dynamic file.
 """
@@ -105,4 +105,4 @@ def run(cfg: QuantizeConfig, ctx: StageContext) -> dict:
 
 
 # 2: a list of variants (weight-only int8 added), config.json describes them under "quantized".
-STAGE = Stage(name="quantize", version=2, run=run)
+STAGE = Stage(name="quantize", version=2, run=run, inputs=("train",))

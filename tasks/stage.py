@@ -99,11 +99,14 @@ class StageContext:
     out: Path  # temporary artifact folder: all of it is committed when `run` returns
     work: Path  # scratch for this key that survives a crash (checkpoints); deleted on commit
     report: Reporter
-    store_root: Path  # for the one stage that writes outside artifacts (publish -> releases/)
+    store_root: Path | None = None  # for the one stage that writes outside artifacts (publish -> releases/)
     ref: str = ""  # this artifact's ref, `stage/key`
     # How a stage runs its independent units of work (one per shard): `map(fn, items, name)`.
     # In order here; under Prefect each unit is a task run of its own, visible in the UI.
     map: Callable[..., list] = sequential_map
+    # Folders from outside the store that the flow hands this stage (train: the release to
+    # warm-start from). A stage never looks for them itself; what identifies them is in its key.
+    resources: dict[str, Path] = field(default_factory=dict)
 
     @property
     def log(self) -> logging.Logger:
@@ -112,9 +115,10 @@ class StageContext:
 
 @dataclass(frozen=True)
 class Stage:
-    name: str
+    name: str  # also the name of its section in the pipeline config
     version: int  # bump when a change of logic changes what the stage produces
     run: Callable[[Any, StageContext], dict]
+    inputs: tuple[str, ...] = ()  # the stages whose artifacts it reads (ctx.inputs)
     # Config fields that do not change the output (e.g. a progress interval) stay out of the key.
     unkeyed: tuple[str, ...] = ()
 
@@ -133,11 +137,13 @@ class Outcome:
 
 def run_stage(store: Store, stage: Stage, cfg: BaseModel | None, inputs: dict[str, str],
               force: bool = False, reporter: Reporter | None = None, run_info: dict | None = None,
-              identity: object = None, mapper: Callable[..., list] = sequential_map) -> Outcome:
+              identity: object = None, mapper: Callable[..., list] = sequential_map,
+              resources: dict[str, Path] | None = None) -> Outcome:
     """Produce (or find) the artifact of `stage` for this config and these input refs.
 
-    `identity` is what the stage reads from outside the store (a source's files, sizes and
-    mtimes): it joins the key so that a changed corpus reruns the stage.
+    `identity` is what the stage reads from outside the store (a source's files by content, the
+    release a warm start continues from): it joins the key so that a changed corpus reruns the
+    stage. `resources` are such folders, handed to the stage as `ctx.resources`.
     """
     params = stage.params(cfg)
     if identity is not None:
@@ -171,7 +177,7 @@ def run_stage(store: Store, stage: Stage, cfg: BaseModel | None, inputs: dict[st
         with store.writer(ref, manifest) as out:
             ctx = StageContext(inputs={name: a.path for name, a in input_artifacts.items()}, out=out,
                                work=store.work_dir(ref), report=reporter, store_root=store.root, ref=ref,
-                               map=mapper)
+                               map=mapper, resources=dict(resources or {}))
             metrics = stage.run(cfg, ctx) or {}
             manifest["metrics"] = metrics
     return Outcome(stage.name, ref, False, time.monotonic() - started, metrics)

@@ -1,4 +1,4 @@
-"""tokenize: text shards -> flat token streams for the trainer (Arrow IPC, memory-mapped).
+"""tokenize: text shards -> flat token streams for the trainer (Arrow IPC, memory-mapped; storage/tokens.py).
 
 Each document is encoded (no special tokens added by the tokenizer) and followed by EOS (id 2),
 then goes to train or val by a hash of its id, so the split survives reruns, reordering and
@@ -22,19 +22,17 @@ from itertools import chain
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer
 
+from ember.model.tokenizer import BOS_ID, EOS_ID, PAD_ID, load_tokenizer
 from ember.storage.shards import list_shards, read_shard
 from ember.storage.store import file_sha256
+from ember.storage.tokens import META, SPLITS, TokenShardWriter, token_dtype
 from ember.tasks.stage import Stage, StageContext
-from ember.tasks.train_tokenizer import BOS_ID, EOS_ID, PAD_ID, load_tokenizer
 
 log = logging.getLogger("ember.tokenize")
-
-SPLITS = ("train", "val")
 
 
 class TokenizeConfig(BaseModel):
@@ -49,52 +47,6 @@ class TokenizeConfig(BaseModel):
 def split_fraction(doc_id: str) -> float:
     """The contract's split rule: a document is in val iff this is < val_fraction."""
     return int(hashlib.sha256(doc_id.encode()).hexdigest()[:8], 16) / 2**32
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16 if vocab_size <= 65535 else np.uint32)
-
-
-def write_token_file(path: Path, tokens: np.ndarray) -> None:
-    """One Arrow IPC file, one record batch, one `tokens` column."""
-    batch = pa.record_batch([pa.array(tokens)], names=["tokens"])
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
-        writer.write_batch(batch)
-
-
-def read_token_file(path: Path) -> np.ndarray:
-    """A zero-copy view of a token file (valid while the memory map lives, i.e. while referenced)."""
-    reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
-    return reader.get_batch(0).column(0).to_numpy()
-
-
-class TokenShardWriter:
-    """Collects token arrays of one split and writes a part file once it holds `shard_tokens`."""
-
-    def __init__(self, folder: Path, shard_tokens: int):
-        self.folder = folder
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.shard_tokens = shard_tokens
-        self.paths: list[Path] = []
-        self.tokens = 0
-        self._chunks: list[np.ndarray] = []
-        self._buffered = 0
-
-    def add(self, tokens: np.ndarray) -> None:
-        if len(tokens):
-            self._chunks.append(tokens)
-            self._buffered += len(tokens)
-            self.tokens += len(tokens)
-        if self._buffered >= self.shard_tokens:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self._chunks:
-            return
-        path = self.folder / f"part-{len(self.paths):05d}.arrow"
-        write_token_file(path, np.concatenate(self._chunks))
-        self.paths.append(path)
-        self._chunks, self._buffered = [], 0
 
 
 def _val_masks(shards: list[Path], val_fraction: float) -> list[np.ndarray]:
@@ -221,7 +173,7 @@ def run(cfg: TokenizeConfig, ctx: StageContext) -> dict:
         **{f"{split}_bytes": totals[split]["bytes"] for split in SPLITS},
         **{f"{split}_docs": totals[split]["docs"] for split in SPLITS},
     }
-    (ctx.out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (ctx.out / META).write_text(json.dumps(meta, indent=2) + "\n")
 
     seconds = time.monotonic() - started
     tokens = meta["train_tokens"] + meta["val_tokens"]
@@ -258,4 +210,4 @@ def _encode(tokenizer: Tokenizer, texts: list[str], dtype: np.dtype) -> tuple[np
     return np.insert(flat, np.cumsum(lengths), EOS_ID), lengths + 1
 
 
-STAGE = Stage(name="tokenize", version=2, run=run)
+STAGE = Stage(name="tokenize", version=2, run=run, inputs=("dedup", "train_tokenizer"))

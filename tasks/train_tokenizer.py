@@ -30,13 +30,11 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from ember.model.tokenizer import SPECIAL_TOKENS, load_tokenizer
 from ember.storage.shards import list_shards, read_shard
 from ember.tasks.stage import Stage, StageContext
+from ember.tasks.text import HAN, HAN_COMPATIBILITY, KANA
 
-# ids 0, 1, 2, then 3..7: the trainer gives ids in this order
-SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>") + tuple(f"<reserved_{i}>" for i in range(5))
-PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 # Han ideographs and kana one per pre-token; digits in groups of up to three (with the space
 # before them, so " 2024" stays one GPT-2 style piece).
@@ -73,22 +71,6 @@ def build_tokenizer(normalize_nfc: bool = False) -> Tokenizer:
     tokenizer.decoder = decoders.ByteLevel()
     # Adds no tokens; keeps offsets right for transformers users (GPT-2 ships the same).
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    return tokenizer
-
-
-def load_tokenizer(path: Path) -> Tokenizer:
-    """Load `tokenizer.json` (or the folder holding it) the way Ember's stages and demo use it.
-
-    `encode_special_tokens` is not saved in tokenizer.json, so it is set here: a literal
-    "<eos>" inside a document is text, not the end of the document.
-    """
-    path = Path(path)
-    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json" if path.is_dir() else path))
-    tokenizer.encode_special_tokens = True
-    for expected, token in enumerate(SPECIAL_TOKENS):
-        if tokenizer.token_to_id(token) != expected:
-            raise ValueError(f"{path}: special token {token} has id {tokenizer.token_to_id(token)}, "
-                             f"expected {expected}")
     return tokenizer
 
 
@@ -233,7 +215,7 @@ def run(cfg: TokenizerConfig, ctx: StageContext) -> dict:
     return metrics
 
 
-CJK_CHAR = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+CJK_CHAR = re.compile(f"[{KANA}{HAN}{HAN_COMPATIBILITY}]")
 
 
 def script_of(text: str) -> str:
@@ -292,4 +274,4 @@ def _report_markdown(report: dict, metrics: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-STAGE = Stage(name="train_tokenizer", version=2, run=run)
+STAGE = Stage(name="train_tokenizer", version=2, run=run, inputs=("dedup",))

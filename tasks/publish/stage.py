@@ -1,11 +1,10 @@
 """publish: copy a trained model, its tokenizer and its report into `releases/<version>/`.
 
-Releases live outside the artifact store (`<store_root>/releases/`), so gc and reruns never
-touch what the demo serves. A release is built in `releases/.tmp-*` and renamed into place,
-`release.json` included, so a crash never leaves half a release under a version name; then
-`releases/latest` (a relative symlink) is switched with `os.replace`, so a reader sees the old
-release or the new one. Publishing the same inputs again makes no new version: `latest` is
-pointed at the release that already holds them.
+Releases live outside the artifact store (`<store_root>/releases/`, the registry of
+storage/releases.py), so gc and reruns never touch what the demo serves. A release is built in
+`releases/.tmp-*` and renamed into place, `release.json` included, so a crash never leaves half a
+release under a version name; then `latest` is switched atomically. Publishing the same inputs
+again makes no new version: `latest` is pointed at the release that already holds them.
 
 The gate: when a release is already published, the candidate is published only if its bits
 per byte are lower than the published model's, both scored on the candidate's validation text
@@ -19,9 +18,6 @@ settings of every stage behind it) and `release.json` (version, date, the store 
 artifact behind it under `lineage`, each file's size and sha256); `ember gc` keeps every
 artifact a release names.
 
-`rollback` points `latest` at an older version (`ember publish --rollback`); `releases/history.jsonl`
-records each switch of `latest`. `list_releases` is what `ember releases` prints.
-
 The stage's artifact is a copy of `release.json`, which records which version it made, or a
 `decision.json` saying why nothing was published.
 """
@@ -29,37 +25,30 @@ The stage's artifact is a copy of `release.json`, which records which version it
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
 import secrets
 import shutil
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from filelock import FileLock
 from pydantic import BaseModel, ConfigDict, Field
 
 from ember.model.checkpoint import load_model
 from ember.model.export import export_gguf, export_hf
+from ember.model.scoring import text_bits_per_byte
+from ember.model.tokenizer import EOS_ID, TOKENIZER_FILES, load_tokenizer
+from ember.storage.releases import (CARD, LATEST, RELEASE_JSON, find_release, next_version, point_latest,
+                                    publish_lock)
 from ember.storage.store import MANIFEST, Store, file_sha256, read_json_or_none
-from ember.tasks import model_card
+from ember.storage.tokens import TokenStream
+from ember.tasks.publish import model_card
 from ember.tasks.stage import Stage, StageContext
-from ember.tasks.evaluate import stream_windows, token_stream, total_nats
-from ember.tasks.train import TokenStream
-from ember.tasks.train_tokenizer import EOS_ID, TOKENIZER_FILES, load_tokenizer
 
-LATEST = "latest"
-RELEASE_JSON = "release.json"
-CARD = "README.md"
 PIPELINE_YAML = "pipeline.yaml"
-HISTORY = "history.jsonl"
 CARD_FORMAT = 1  # in a release's layout: a new card format makes a new version, never a rewrite
-VERSION_RE = re.compile(r"^v(\d{4,})$")
 
 # stage -> files a release takes from its artifact (all required).
 REQUIRED = {
@@ -110,16 +99,6 @@ def validation_texts(tokens_dir: Path, tokenizer, max_tokens: int) -> list[str]:
     return texts
 
 
-def text_bits_per_byte(model, tokenizer, texts: list[str], batch_size: int = 8) -> float:
-    """Bits per UTF-8 byte of `texts` under `model` with its own tokenizer, scored as evaluate
-    scores external texts: documents joined by EOS, every token predicted once."""
-    stream, n_bytes, _ = token_stream(texts, tokenizer, EOS_ID, max_tokens=sys.maxsize)
-    if n_bytes == 0:
-        raise ValueError("the gate's validation text is empty")
-    x, y = stream_windows(stream, model.config.max_seq_len)
-    return total_nats(model, x, y, batch_size) / math.log(2) / n_bytes
-
-
 def gate_decision(ctx: StageContext, releases: Path, cfg: PublishConfig) -> dict | None:
     """None when there is nothing to compare with (first release); else the scores and verdict."""
     latest = releases / LATEST
@@ -166,104 +145,6 @@ def artifact_ref(folder: Path) -> str:
         return json.loads(path.read_text())["ref"]
     except (FileNotFoundError, KeyError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: no readable artifact ref ({err!r}); is {folder} a store artifact?") from None
-
-
-def list_versions(releases: Path) -> list[str]:
-    """Version folders, oldest first."""
-    found = [p.name for p in releases.iterdir() if p.is_dir() and not p.is_symlink() and VERSION_RE.match(p.name)] \
-        if releases.is_dir() else []
-    return sorted(found, key=lambda name: int(VERSION_RE.match(name).group(1)))
-
-
-def find_release(releases: Path, refs: dict[str, str], layout: dict) -> str | None:
-    """The newest version already made from these refs with this layout, if any."""
-    for version in reversed(list_versions(releases)):
-        try:
-            record = json.loads((releases / version / RELEASE_JSON).read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            continue
-        if record.get("refs") == refs and record.get("layout") == layout:
-            return version
-    return None
-
-
-def next_version(releases: Path) -> str:
-    versions = list_versions(releases)
-    last = int(VERSION_RE.match(versions[-1]).group(1)) if versions else 0
-    return f"v{last + 1:04d}"
-
-
-def point_latest(releases: Path, version: str, why: str = "publish") -> None:
-    """Switch `latest` to `version` atomically (a relative link, so the folder can move), and
-    note the switch in history.jsonl. Callers hold the publish lock."""
-    previous = current_version(releases)
-    tmp = releases / f".latest-{secrets.token_hex(4)}"
-    os.symlink(version, tmp)
-    os.replace(tmp, releases / LATEST)
-    if previous != version:
-        with open(releases / HISTORY, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                "latest": version, "was": previous, "why": why}) + "\n")
-
-
-def current_version(releases: Path) -> str | None:
-    """The version `latest` points to, or None."""
-    try:
-        return os.readlink(releases / LATEST)
-    except (FileNotFoundError, OSError):
-        return None
-
-
-def publish_lock(releases: Path) -> FileLock:
-    """One publisher (or rollback) at a time: picking a version and switching `latest` must not interleave."""
-    releases.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(releases / ".publish.lock"))
-
-
-def rollback(releases: Path, version: str | None = None) -> tuple[str | None, str]:
-    """Point `latest` at `version`, by default the release before the current one. Returns (was, now)."""
-    releases = Path(releases)
-    with publish_lock(releases):
-        versions = list_versions(releases)
-        if not versions:
-            raise ValueError(f"no releases in {releases}; `ember run CONFIG` publishes one")
-        current = current_version(releases)
-        if version is None:
-            number = _number(current) if current and VERSION_RE.match(current) else None
-            older = [v for v in versions if number is not None and _number(v) < number]
-            if not older:
-                raise ValueError(f"latest is {current}, the oldest release: nothing older to roll back to "
-                                 f"(releases: {', '.join(versions)})")
-            version = older[-1]
-        if version not in versions:
-            raise ValueError(f"no release {version!r} in {releases} (releases: {', '.join(versions)})")
-        if not (releases / version / "model.safetensors").is_file():
-            raise ValueError(f"{releases / version} has no model.safetensors; not a usable release")
-        point_latest(releases, version, why="rollback")
-    return current, version
-
-
-def _number(version: str) -> int:
-    return int(VERSION_RE.match(version).group(1))
-
-
-def list_releases(releases: Path) -> list[dict]:
-    """One row per release, oldest first: version, date, eval figures, size, whether it is latest."""
-    releases = Path(releases)
-    latest = current_version(releases)
-    rows = []
-    for version in list_versions(releases):
-        folder = releases / version
-        record = read_json_or_none(folder / RELEASE_JSON) or {}
-        report = read_json_or_none(folder / "report.json") or {}
-        fp32, int8 = report.get("fp32", {}), report.get("int8", {})
-        train = (read_json_or_none(folder / "config.json") or {}).get("train", {})
-        rows.append({"version": version, "created": record.get("created", ""),
-                     "bpb": fp32.get("bpb"), "val_loss": fp32.get("val_loss"), "int8_bpb": int8.get("bpb"),
-                     "steps": train.get("steps"), "tokens": train.get("tokens"),
-                     "size_bytes": sum(f.get("size", 0) for f in record.get("files", {}).values()),
-                     "latest": version == latest})
-    return rows
 
 
 def _make_read_only(folder: Path) -> None:
@@ -393,4 +274,7 @@ def _manifest_metrics(folder: Path) -> dict:
 
 
 # 3: a model card, pipeline.yaml and the lineage's store keys in every release; files read-only.
-STAGE = Stage(name="publish", version=3, run=run)
+# The data stages too: the model card says what went in and what curation removed.
+STAGE = Stage(name="publish", version=3, run=run,
+              inputs=("download", "normalize", "filter", "dedup", "train_tokenizer", "tokenize", "train", "quantize",
+                      "evaluate"))

@@ -25,9 +25,6 @@ from safetensors import safe_open
 from ember.storage.shards import list_shards, read_shard
 from ember.storage.store import MANIFEST, Store, StoreError, read_json_or_none
 
-# The pipeline's stages in order (the card lists them so), without importing the flow layer.
-STAGE_ORDER = ("download", "normalize", "filter", "dedup", "train_tokenizer", "tokenize", "train", "quantize",
-               "evaluate", "publish")
 LICENCE_LINE = re.compile(r"^\s*[-*]?\s*\**\s*licen[cs]e\s*\**\s*[:：]\s*\**\s*(.+)$", re.IGNORECASE)
 LICENCE_FILES = ("SOURCE.md", "README.md")
 LICENCE_MAX_CHARS = 300
@@ -60,8 +57,17 @@ def lineage(store_root: Path, inputs: dict[str, Path]) -> dict[str, dict]:
     return dict(sorted(found.items(), key=lambda kv: _order(kv[0])))
 
 
+def stage_names() -> list[str]:
+    """The pipeline's stages in order (the card lists them so)."""
+    # Imported here: the stage list imports every stage, this one included.
+    from ember.tasks.stages import STAGE_NAMES
+
+    return STAGE_NAMES
+
+
 def _order(stage: str) -> int:
-    return STAGE_ORDER.index(stage) if stage in STAGE_ORDER else len(STAGE_ORDER)
+    names = stage_names()
+    return names.index(stage) if stage in names else len(names)
 
 
 def store_keys(stages: dict[str, dict]) -> dict[str, str]:
@@ -74,7 +80,7 @@ def pipeline_config(stages: dict[str, dict], publish_params: dict) -> dict:
     out of its key) are not recorded, so they take their defaults."""
     config: dict = {}
     for stage, manifest in stages.items():
-        if stage in STAGE_ORDER and "params" in manifest:
+        if stage in stage_names() and "params" in manifest:
             config[stage] = {k: v for k, v in manifest["params"].items() if k != "identity"}
     config["publish"] = publish_params
     return config

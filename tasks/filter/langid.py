@@ -25,17 +25,19 @@ import re
 from functools import lru_cache
 from typing import NamedTuple
 
+from ember.tasks import text
+
 ENGLISH_FUNCTION_WORDS = frozenset(
     "the of and to a in is was that it he i for on with as his her be at by you had not but from "
     "this have they she which or were are an my all so said one".split())
 _ENGLISH_BYTES = frozenset(w.encode() for w in ENGLISH_FUNCTION_WORDS)
 _ASCII_NON_LETTERS = bytes(c for c in range(128) if not chr(c).isalpha())
 NON_ASCII = re.compile(r"[^\x00-\x7f]+")
-CJK_ANY = re.compile(r"[\u1100-\u11ff\u3040-\u30ff\u3130-\u318f\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff"
-                     r"\uac00-\ud7af\uf900-\ufaff\uff66-\uff9f\U00020000-\U0002fa1f]")
-HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f]")
-KANA = re.compile(r"[\u3040-\u30ff\u31f0-\u31ff\uff66-\uff9f]")
-HANGUL = re.compile(r"[\uac00-\ud7af\u1100-\u11ff\u3130-\u318f]")
+HAN = re.compile(f"[{text.HAN}{text.HAN_COMPATIBILITY}{text.HAN_SUPPLEMENTARY}]")
+KANA = re.compile(f"[{text.KANA}{text.KANA_EXTENSIONS}{text.HALFWIDTH_KANA}]")
+HANGUL = re.compile(f"[{text.HANGUL}{text.HANGUL_JAMO}]")
+CJK_ANY = re.compile(f"[{text.HAN}{text.HAN_COMPATIBILITY}{text.HAN_SUPPLEMENTARY}{text.KANA}{text.KANA_EXTENSIONS}"
+                     f"{text.HALFWIDTH_KANA}{text.HANGUL}{text.HANGUL_JAMO}]")
 
 
 class Language(NamedTuple):

@@ -22,263 +22,30 @@ The stage runs in five steps; the heavy ones map over units (a shard, or a row r
    So every dropped document is at least `threshold` similar to the document listed as its
    `kept_id`. `ctx.map(write_kept)` writes each unit's kept documents.
 
-The output depends only on the input and the keyed config: units are cut by rows from the
-Parquet footers, every decision is taken in the main process on arrays in input order, and
-each unit writes its own output shard, so any worker count or order gives the same bytes.
-
-Shingles: `ngram` consecutive words for spaced languages (lowercased; a word is a whitespace
-token with its punctuation removed, so quote style and line wrapping do not matter), or
-`char_ngram` consecutive characters for CJK-heavy text, which has no spaces between words
-(punctuation and spaces dropped). n = 4 for CJK was measured on the two 红楼梦 editions
-(../shared/corpora/near_duplicates): chapter pairs at Jaccard >= 0.8 number 42 / 35 / 28 / 23
-for n = 3 / 4 / 5 / 6, while unrelated consecutive chapters of the same novel reach at most
-0.044 / 0.012 / 0.004 / 0.000; 4 tolerates variant characters and keeps unrelated text far
-below 0.8.
-
-MinHash: `bands * rows` 32-bit hashes a_i * x + b_i mod 2^32 (a_i odd) of the high half of
-the 64-bit shingle hashes, which splitmix64 has already mixed, so the affine map suffices
-(measured: no bias in the Jaccard estimate). Numpy over blocks of many documents at once.
-Measured on one core: about 12 MB of English text per CPU second for the whole stage.
+Shingling and MinHash are in hashing.py. The output depends only on the input and the keyed
+config: units are cut by rows from the Parquet footers, every decision is taken in the main
+process on arrays in input order, and each unit writes its own output shard, so any worker
+count or order gives the same bytes.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import time
 from functools import partial
 from itertools import pairwise
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field
 
-from ember.storage.shards import input_shards
+from ember.storage.shards import ShardFileWriter, input_shards, iter_batches, read_rows
+from ember.tasks.dedup.config import DedupConfig
+from ember.tasks.dedup.hashing import analyze, band_keys, jaccard, minhash
 from ember.tasks.stage import Stage, StageContext, sequential_map
-
-
-class DedupConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    exact: bool = Field(True,
-                        description="remove exact duplicates (same text after lowercasing and collapsing whitespace)")
-    minhash: bool = Field(True, description="remove near-duplicates with MinHash LSH")
-    # 20 bands x 8 rows (160 hashes): a pair at Jaccard s becomes a candidate with probability
-    # P(s) = 1 - (1 - s^8)^20: P(0.6) = 0.29, P(0.7) = 0.70, P(0.8) = 0.975, P(0.85) = 0.998,
-    # P(0.9) = 1.000. datatrove's 14 x 8 gives P(0.8) = 0.92; an "optimal" 9 x 13 only 0.40.
-    # The extra candidates below 0.8 cost an exact Jaccard each and are rejected.
-    bands: int = Field(20, ge=1, le=64, description="LSH bands")
-    rows: int = Field(8, ge=1, le=32, description="MinHash values per band (bands * rows hashes in all)")
-    threshold: float = Field(0.8, gt=0, le=1,
-                             description="a candidate pair is a duplicate at this exact Jaccard similarity or more")
-    ngram: int = Field(5, ge=1, description="words per shingle (spaced languages)")
-    char_ngram: int = Field(4, ge=1, description="characters per shingle for CJK-heavy text")
-    cjk_fraction: float = Field(0.3, ge=0, le=1,
-                                description="above this share of CJK characters, shingle characters instead of words")
-    seed: int = Field(1, description="seed of the MinHash permutations")
-    keep: Literal["first", "longest"] = Field(
-        "first", description="which document of a cluster is kept: the first in input order, or the longest "
-                             "(ties: the first)")
-    unit_chars: int = Field(4_000_000, ge=1000,
-                            description="about this many characters per parallel unit (a shard or a row range)")
-    report_clusters: int = Field(10, ge=0, description="largest clusters listed in the report")
-
-
-# ---------------------------------------------------------------------------------------------
-# Shingles and signatures (run inside the units)
-
-# CJK characters (kana, ideographs and their extensions, hangul) and the blanks not counted.
-CJK_CLASS = "[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\U00020000-\U0002fa1f]"
-BLANK_CLASS = "[\\s\u3000\ufeff]"
-WORD = re.compile(r"\w+")
-_MUL = np.uint64(0x9E3779B97F4A7C15)
-_MIX = np.uint64(0xBF58476D1CE4E5B9)
-NOT_WORD_CLASS = r"[^\p{L}\p{N}]+"  # what a token loses to become a word (RE2: \W would be ASCII-only)
-_POLY = np.uint64(0x100000001B3)
-_SHORT = 64  # strings up to this many bytes are hashed by numpy; longer ones (rare) by blake2b
-_POWERS = np.cumprod(np.concatenate([[1], np.full(_SHORT - 1, _POLY)]).astype(np.uint64))
-
-
-def hash_strings(strings: pa.Array) -> np.ndarray:
-    """A 64-bit hash per string (0 for ""), computed on Arrow's buffers without a Python object
-    per string: a polynomial over the UTF-8 bytes mod 2^64, then splitmix64's finalizer. Arrow
-    hands the distinct tokens of a batch here, so each is hashed once per batch."""
-    n = len(strings)
-    out = np.zeros(n, dtype=np.uint64)
-    if n == 0 or strings.null_count == n:
-        return out
-    kind = np.int64 if pa.types.is_large_string(strings.type) else np.int32
-    offsets = np.frombuffer(strings.buffers()[1], dtype=kind, count=n + 1, offset=strings.offset * kind().itemsize)
-    base = int(offsets[0])
-    offsets = offsets.astype(np.int64) - base
-    lengths = np.diff(offsets)
-    if offsets[-1] == 0:
-        return out
-    raw = np.frombuffer(strings.buffers()[2], dtype=np.uint8, count=int(offsets[-1]), offset=base)
-    # byte i of a string of length L weighs POLY^(L - 1 - i); sums per string from a cumulative sum
-    exponent = np.repeat(offsets[1:], lengths) - np.arange(len(raw)) - 1
-    terms = (raw.astype(np.uint64) + np.uint64(1)) * _POWERS[np.minimum(exponent, _SHORT - 1)]
-    cumulative = np.concatenate([np.zeros(1, np.uint64), np.cumsum(terms, dtype=np.uint64)])
-    h = cumulative[offsets[1:]] - cumulative[offsets[:-1]]  # wraps mod 2^64, on purpose
-    h += lengths.astype(np.uint64) * _MUL
-    h ^= h >> np.uint64(31)
-    h *= _MIX
-    h ^= h >> np.uint64(29)
-    out[:] = h | np.uint64(1)
-    out[lengths == 0] = 0
-    for i in np.flatnonzero(lengths > _SHORT).tolist():
-        out[i] = int.from_bytes(hashlib.blake2b(strings[i].as_py().encode("utf-8"), digest_size=8).digest(),
-                                "little") | 1
-    return out
-
-
-def _ngrams(ids: np.ndarray, n: int) -> np.ndarray:
-    if len(ids) == 0:
-        return ids
-    n = min(n, len(ids))  # a text shorter than one shingle is one shingle
-    keys = ids[: len(ids) - n + 1].copy()
-    for k in range(1, n):
-        keys = keys * _MUL + ids[k: len(ids) - n + 1 + k]  # wraps mod 2^64, on purpose
-    # splitmix64's finalizer: neighbouring keys must not share their high bits.
-    keys ^= keys >> np.uint64(31)
-    keys *= _MIX
-    keys ^= keys >> np.uint64(29)
-    keys.sort()
-    return keys[np.concatenate(([True], keys[1:] != keys[:-1]))]
-
-
-def analyze(texts: pa.Array, cfg: DedupConfig, keys: bool = True,
-            sets: bool = True) -> tuple[np.ndarray | None, list[np.ndarray]]:
-    """Texts -> (128-bit exact keys as (n, 2) uint64, or None; sorted unique 64-bit shingle hashes per text).
-
-    Arrow's compute kernels lowercase, split and dictionary-encode the whole batch without a
-    Python object per word; numpy hashes each distinct token once, from Arrow's buffers. The exact key hashes the sequence of the lowercased tokens: the text with its case
-    and whitespace normalized. The same on every run and machine.
-    """
-    texts = pc.fill_null(texts, "")
-    lower = pc.utf8_lower(texts)
-    tokens = pc.utf8_split_whitespace(lower)
-    flat = tokens.flatten()
-    encoded = pc.dictionary_encode(flat)
-    if len(flat):
-        # Per distinct token: its hash (for the exact key) and its word's, its letters and digits
-        # only (for shingles; 0 for a token of punctuation only, which is then skipped).
-        distinct = encoded.dictionary
-        at = encoded.indices.to_numpy()
-        token_ids = hash_strings(distinct)[at]
-        word_ids = hash_strings(pc.replace_substring_regex(distinct, NOT_WORD_CLASS, ""))[at]
-    else:
-        token_ids = word_ids = np.zeros(0, np.uint64)
-    bounds = tokens.offsets.to_numpy()
-    exact = None
-    if keys:
-        exact = np.frombuffer(b"".join(hashlib.blake2b(seg[seg != 0].tobytes(), digest_size=16).digest()
-                                       for seg in (token_ids[a:b] for a, b in pairwise(bounds.tolist()))),
-                              dtype=np.uint64).reshape(len(texts), 2)
-    if not sets:
-        return exact, []
-    # CJK-heavy: more than cjk_fraction of the non-blank characters (ASCII texts skip the count).
-    cjk = np.zeros(len(texts), dtype=bool)
-    wide = np.flatnonzero(~pc.string_is_ascii(texts).to_numpy(zero_copy_only=False))
-    if len(wide):
-        n_cjk = pc.count_substring_regex(texts.take(pa.array(wide)), CJK_CLASS).to_numpy()
-        wide = wide[n_cjk > 0]
-    if len(wide):
-        some = texts.take(pa.array(wide))
-        n_cjk = pc.count_substring_regex(some, CJK_CLASS).to_numpy()
-        n_chars = pc.utf8_length(some).to_numpy() - pc.count_substring_regex(some, BLANK_CLASS).to_numpy()
-        cjk[wide] = (n_chars > 0) & (n_cjk > cfg.cjk_fraction * np.maximum(n_chars, 1))
-    out = []
-    for i in range(len(texts)):
-        if cjk[i]:
-            # Characters, not words: CJK characters are \w; spaces and punctuation go.
-            chars = "".join(WORD.findall(lower[i].as_py()))
-            out.append(_ngrams(np.frombuffer(chars.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64),
-                               cfg.char_ngram))
-        else:
-            doc = word_ids[bounds[i]: bounds[i + 1]]
-            out.append(_ngrams(doc[doc != 0], cfg.ngram))
-    return exact, out
-
-
-def shingles(text: str, cfg: DedupConfig) -> np.ndarray:
-    """One text's sorted unique 64-bit shingle hashes."""
-    return analyze(pa.array([text], type=pa.string()), cfg, keys=False)[1][0]
-
-
-def exact_key(text: str) -> bytes:
-    exact, _ = analyze(pa.array([text], type=pa.string()), DedupConfig(), sets=False)
-    return exact.tobytes()
-
-
-def jaccard(a: np.ndarray, b: np.ndarray) -> float:
-    """Jaccard similarity of two sorted unique arrays."""
-    if len(a) < len(b):
-        a, b = b, a
-    if len(b) == 0:
-        return 1.0 if len(a) == 0 else 0.0
-    at = np.searchsorted(a, b)
-    at[at == len(a)] = 0
-    inter = int(np.count_nonzero(a[at] == b))
-    return inter / (len(a) + len(b) - inter)
-
-
-def _permutations(cfg: DedupConfig) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(cfg.seed)
-    n = cfg.bands * cfg.rows
-    seeds = rng.integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32)[:, None]
-    mults = (rng.integers(0, 2**32, n, dtype=np.uint64) | 1).astype(np.uint32)[:, None]
-    return seeds, mults
-
-
-BLOCK = 16_384  # shingles hashed per numpy call: (bands * rows) x BLOCK uint32 stays in cache-sized MBs
-
-
-def minhash(sets: list[np.ndarray], cfg: DedupConfig) -> np.ndarray:
-    """Signatures (len(sets), bands * rows) uint32 of non-empty shingle sets, many sets per call."""
-    seeds, mults = _permutations(cfg)
-    out = np.empty((len(sets), len(seeds)), dtype=np.uint32)
-
-    def hashed(x: np.ndarray) -> np.ndarray:
-        # a_i * x + b_i mod 2^32 on the high half of splitmix-mixed shingle hashes: measured
-        # unbiased (Jaccard estimate error +0.0002 +- 0.0008 at s = 0.8), and two passes only.
-        h = (x >> np.uint64(32)).astype(np.uint32)[None, :] * mults
-        h += seeds
-        return h
-
-    i = 0
-    while i < len(sets):
-        if len(sets[i]) >= BLOCK:  # a long document alone, in slices
-            out[i] = np.min([hashed(sets[i][j: j + BLOCK]).min(axis=1) for j in range(0, len(sets[i]), BLOCK)],
-                            axis=0)
-            i += 1
-            continue
-        j, size = i, 0
-        while j < len(sets) and len(sets[j]) < BLOCK and size + len(sets[j]) <= BLOCK:
-            size += len(sets[j])
-            j += 1
-        starts = np.cumsum([0] + [len(s) for s in sets[i: j - 1]])
-        out[i:j] = np.minimum.reduceat(hashed(np.concatenate(sets[i:j])), starts, axis=1).T
-        i = j
-    return out
-
-
-def band_keys(signatures: np.ndarray, cfg: DedupConfig) -> np.ndarray:
-    """(n, bands * rows) signatures -> (bands, n) uint64 keys: equal keys = equal band."""
-    parts = signatures.reshape(len(signatures), cfg.bands, cfg.rows).astype(np.uint64)
-    keys = parts[:, :, 0].copy()
-    for k in range(1, cfg.rows):
-        keys = keys * _MUL + parts[:, :, k]
-    keys ^= keys >> np.uint64(31)
-    keys *= _MIX
-    keys ^= keys >> np.uint64(29)
-    return np.ascontiguousarray(keys.T)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,22 +58,8 @@ def _read_texts(unit: dict, rows: np.ndarray | None = None) -> pa.Array:
 
 
 def _read_column(unit: dict, name: str, rows: np.ndarray | None = None) -> pa.Array:
-    column = _read_rows(unit, [name]).column(0).combine_chunks()
+    column = read_rows(Path(unit["shard"]), [name], unit["start"], unit["stop"]).column(0).combine_chunks()
     return column if rows is None else column.take(pa.array(rows, type=pa.int64()))
-
-
-def _read_rows(unit: dict, columns: list[str] | None = None) -> pa.Table:
-    """Rows start..stop of the unit's shard, streamed in batches (only those rows are kept)."""
-    shard = pq.ParquetFile(unit["shard"])
-    parts, at = [], 0
-    for batch in shard.iter_batches(batch_size=1024, columns=columns):
-        if at + batch.num_rows > unit["start"]:
-            parts.append(batch.slice(max(0, unit["start"] - at), unit["stop"] - max(at, unit["start"])))
-        at += batch.num_rows
-        if at >= unit["stop"]:
-            break
-    schema = shard.schema_arrow if columns is None else pa.schema([shard.schema_arrow.field(c) for c in columns])
-    return pa.Table.from_batches(parts, schema=schema)
 
 
 def _save(path: Path, **arrays: np.ndarray) -> None:
@@ -361,13 +114,16 @@ def candidate_shingles(unit: dict, cfg: DedupConfig) -> dict:
 
 def write_kept(unit: dict) -> dict:
     """Step 5 for one unit: its rows minus the dropped ones (unit['drop']), every column kept."""
-    table = _read_rows(unit)
-    keep = np.ones(table.num_rows, dtype=bool)
-    keep[np.load(unit["drop"])] = False
-    kept = table.filter(pa.array(keep))
-    if kept.num_rows:
-        pq.write_table(kept, unit["out"], compression="zstd")
-    return {"kept": kept.num_rows}
+    drop = np.load(unit["drop"])
+    out = ShardFileWriter(Path(unit["out"]), pq.read_schema(unit["shard"]))
+    at = 0  # the batch's first row, counted from the unit's first
+    for batch in iter_batches(Path(unit["shard"]), start=unit["start"], stop=unit["stop"]):
+        keep = np.ones(batch.num_rows, dtype=bool)
+        keep[drop[(drop >= at) & (drop < at + batch.num_rows)] - at] = False
+        out.write(batch.filter(pa.array(keep)))
+        at += batch.num_rows
+    out.close()
+    return {"kept": out.count}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -645,4 +401,4 @@ def _report(ctx: StageContext, cfg: DedupConfig, units: list[dict], offsets: np.
         f"Jaccard >= {cfg.threshold}.", "Deduplication")
 
 
-STAGE = Stage(name="dedup", version=2, run=run, unkeyed=("unit_chars", "report_clusters"))
+STAGE = Stage(name="dedup", version=2, run=run, inputs=("filter",), unkeyed=("unit_chars", "report_clusters"))

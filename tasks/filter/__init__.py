@@ -1,0 +1,11 @@
+"""The `filter` stage, as a package: config.py (the thresholds), langid.py (offline language id),
+lines.py (C4's line and document rules), rules.py (Gopher and FineWeb as a list of document rules),
+stage.py (the steps in order, and the stage). See stage.py for what happens to a document."""
+
+from ember.tasks.filter.config import FilterConfig
+from ember.tasks.filter.lines import Drop, line_rules
+from ember.tasks.filter.rules import RULES, Doc
+from ember.tasks.filter.stage import REMOVED_LINES_SCHEMA, REMOVED_SCHEMA, STAGE, STEPS, Verdict, check, judge, run
+
+__all__ = ["REMOVED_LINES_SCHEMA", "REMOVED_SCHEMA", "RULES", "STAGE", "STEPS", "Doc", "Drop", "FilterConfig",
+           "Verdict", "check", "judge", "line_rules", "run"]
