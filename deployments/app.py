@@ -34,9 +34,9 @@ from tokenizers import Tokenizer  # noqa: E402
 from ember.model.checkpoint import load_model  # noqa: E402
 from ember.model.generate import generate  # noqa: E402
 from ember.model.quantize import INT8_WEIGHTS, load_int8  # noqa: E402
-from ember.model.transformer import use_decoding_layout  # noqa: E402
-from ember.tasks.publish import CARD, LATEST, VERSION_RE, current_version, list_versions  # noqa: E402
-from ember.tasks.train_tokenizer import EOS_ID, load_tokenizer  # noqa: E402
+from ember.model.decoding import use_decoding_layout  # noqa: E402
+from ember.model.tokenizer import EOS_ID, load_tokenizer  # noqa: E402
+from ember.storage.releases import CARD, LATEST, VERSION_RE, current_version, list_versions  # noqa: E402
 
 NO_RELEASE = "No release yet: run `make run` first"
 AUTH_ENV = "EMBER_DEMO_AUTH"

@@ -122,7 +122,7 @@ def audit_document(
     store: Optional[Path] = StoreOption,
 ) -> None:
     """Tell what happened to a document: download, normalize, filter (rule), dedup, and which runs."""
-    from ember.tasks.audit import audit_document as audit, format_audit
+    from ember.flows.audit import audit_document as audit, format_audit
 
     report = audit(_store(store), doc_id)
     if as_json:
@@ -159,7 +159,7 @@ def gc(dry_run: bool = typer.Option(False, "--dry-run", help="only list what wou
 @app.command()
 def releases(store: Optional[Path] = StoreOption) -> None:
     """List published releases with their eval figures; the one `latest` points to is marked."""
-    from ember.tasks.publish import list_releases
+    from ember.storage.releases import list_releases
 
     s = _store(store)
     rows = list_releases(s.releases_dir)
@@ -189,7 +189,7 @@ def publish(
     store: Optional[Path] = StoreOption,
 ) -> None:
     """Point `latest` at another release (`--rollback [VERSION]`); `ember run` publishes new ones."""
-    from ember.tasks.publish import rollback as point_back
+    from ember.storage.releases import rollback as point_back
 
     if not rollback and version is None:
         _fail("nothing to do: `ember publish --rollback [VERSION]` points latest back; "

@@ -1,28 +1,29 @@
-"""The pipeline flow: every stage in order, each a task over the content-addressed store.
+"""The pipeline flow: every stage of `STAGES` in order, each a task over the content-addressed store.
 
-Tasks pass refs (`stage/sha256`), never data. A stage whose artifact is already complete
+Tasks pass refs (`stage/sha256`), never data. What a stage reads from outside the store is decided
+here: the sources' identity for download, the release a warm start continues from for train. A stage whose artifact is already complete
 does no work and shows as "Cached"; `force` reruns named stages, `from_stage` reruns a stage
 and everything after it.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import NamedTuple
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from ember.flows.config import PipelineConfig
-from ember.storage.store import Store
-from ember.tasks import dedup, download, evaluate, normalize, publish, quantize, tokenize, train, train_tokenizer
-from ember.tasks import filter as quality_filter
-from ember.tasks.prefect_stage import UnitMap, artifact_key, stage_task
+from ember.flows.prefect_stage import UnitMap, artifact_key, stage_task
+from ember.storage.releases import RELEASE_JSON, WEIGHTS, pick_release
+from ember.storage.store import Store, file_sha256
+from ember.tasks import download
 from ember.tasks.stage import Outcome
-
-STAGES = [download.STAGE, normalize.STAGE, quality_filter.STAGE, dedup.STAGE, train_tokenizer.STAGE,
-          tokenize.STAGE, train.STAGE, quantize.STAGE, evaluate.STAGE, publish.STAGE]
-STAGE_NAMES = [stage.name for stage in STAGES]
+from ember.tasks.stages import STAGE_NAMES, STAGES
+from ember.tasks.train import TrainConfig
 
 
 def stages_to_force(force: list[str] | None, from_stage: str | None) -> set[str]:
@@ -33,6 +34,39 @@ def stages_to_force(force: list[str] | None, from_stage: str | None) -> set[str]
     if from_stage:
         forced.update(STAGE_NAMES[STAGE_NAMES.index(from_stage):])
     return forced
+
+
+class WarmStart(NamedTuple):
+    config: TrainConfig  # `warm_start` resolved: a version, or false
+    identity: str | None  # the release's version and weights digest, for the train stage's key
+    release: Path | None  # its folder, handed to the stage as ctx.resources["warm_start"]
+
+
+def plan_warm_start(cfg: TrainConfig, releases: Path, tokens_ref: str | None) -> WarmStart:
+    """What a run trains from: `warm_start: true` resolved to one release, or to a cold start.
+
+    The release's version goes into the config and its weights' digest into the identity, so both
+    join the train stage's key. A release already trained on these very tokens has nothing new to
+    learn from them: a retrain over an unchanged corpus resolves to the release its current model
+    started from (or, with none, to a cold start, as a build) and so finds that artifact in the
+    store instead of training again every night. A new corpus resolves to the newest release.
+    Resolved here, in the flow, so that the train stage never looks at what publish wrote.
+    """
+    if cfg.warm_start is False:
+        return WarmStart(cfg, None, None)
+    if isinstance(cfg.warm_start, str):
+        release = Path(releases) / cfg.warm_start
+        if not (release / WEIGHTS).is_file():
+            raise ValueError(f"train.warm_start: {release} has no {WEIGHTS}; `ember releases` lists the releases")
+    else:
+        release = pick_release(Path(releases), tokens_ref)
+        if release is None:
+            return WarmStart(cfg.model_copy(update={"warm_start": False}), None, None)
+    try:
+        digest = json.loads((release / RELEASE_JSON).read_text())["files"][WEIGHTS]["sha256"]
+    except (OSError, KeyError, TypeError, json.JSONDecodeError):
+        digest = file_sha256(release / WEIGHTS)
+    return WarmStart(cfg.model_copy(update={"warm_start": release.name}), f"{release.name} sha256:{digest}", release)
 
 
 # Where `ember demo` and the `demo` deployment listen unless told otherwise.
@@ -69,35 +103,28 @@ def build_llm(config: PipelineConfig, force: list[str] | None = None, from_stage
     forced = stages_to_force(force, from_stage)
     # Fails before any work when a source is missing or has no text; its fingerprint
     # (each file's content hash, a url's checksum or ETag) joins the download key so that a changed corpus reruns it.
-    identity = download.preflight(config.download)
+    sources = download.preflight(config.download)
     store = Store(config.store_root(store_root), lock_timeout_s=config.store.lock_timeout_s)
     logger.info("store: %s", store.root)
     outcomes: dict[str, Outcome] = {}
     mapper = UnitMap(config.runner.kind, config.runner.workers, config.runner.address)
 
-    def run(stage, cfg, inputs: list[str], identity=None) -> str:
-        state = stage_task(store, stage, cfg, {name: outcomes[name].ref for name in inputs},
-                           force=stage.name in forced, identity=identity,
-                           artifact_prefix=config.name, mapper=mapper, return_state=True)
+    for stage in STAGES:
+        cfg, identity, resources = getattr(config, stage.name), None, None
+        if stage.name == "download":
+            identity = sources
+        elif stage.name == "train":
+            # `warm_start: true` becomes one release (config), its weights' digest (identity, for
+            # the key) and its folder (what the stage reads).
+            cfg, identity, release = plan_warm_start(cfg, store.releases_dir, outcomes["tokenize"].ref)
+            resources = {"warm_start": release} if release else None
+        state = stage_task(store, stage, cfg, {name: outcomes[name].ref for name in stage.inputs},
+                           force=stage.name in forced, identity=identity, artifact_prefix=config.name,
+                           mapper=mapper, resources=resources, return_state=True)
         outcome: Outcome = state.result()
         outcomes[stage.name] = outcome
         how = "cache hit" if outcome.cached else f"ran in {outcome.seconds:.1f}s"
         logger.info("%-15s %s  %s", stage.name, how, outcome.ref[: len(stage.name) + 13])
-        return outcome.ref
-
-    run(download.STAGE, config.download, [], identity=identity)
-    run(normalize.STAGE, config.normalize, ["download"])
-    run(quality_filter.STAGE, config.filter, ["normalize"])
-    run(dedup.STAGE, config.dedup, ["filter"])
-    run(train_tokenizer.STAGE, config.train_tokenizer, ["dedup"])
-    tokens = run(tokenize.STAGE, config.tokenize, ["dedup", "train_tokenizer"])
-    # `warm_start: true` becomes one release (config) and its weights' digest (identity): both key the run.
-    train_cfg, init_weights = train.plan_warm_start(config.train, store.root, tokens)
-    run(train.STAGE, train_cfg, ["tokenize", "train_tokenizer"], identity=init_weights)
-    run(quantize.STAGE, config.quantize, ["train"])
-    run(evaluate.STAGE, config.evaluate, ["train", "quantize", "tokenize", "train_tokenizer"])
-    run(publish.STAGE, config.publish, ["train", "quantize", "evaluate", "train_tokenizer", "tokenize",
-                                        "download", "normalize", "filter", "dedup"])  # the card's data section
 
     refs = {name: outcome.ref for name, outcome in outcomes.items()}
     store.record_run(config.name, refs, {"flow_run_id": str(flow_run.id or ""), "config_digest": config.digest()})

@@ -1,0 +1,191 @@
+"""The thin Prefect layer over `run_stage` (tasks/stage.py): one task that runs any stage against the store.
+
+Stage logic stays Prefect-free; here its reports become Prefect artifacts (tables, markdown,
+a progress bar) and a store hit becomes a task state named "Cached", which the UI shows.
+Prefect's own result cache is off: the store is the cache, and it knows when an artifact was
+deleted, which a Prefect cache record would not.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import re
+import threading
+from collections import deque
+from pathlib import Path
+from typing import Any, Callable
+
+import cloudpickle
+from prefect import task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+from prefect.states import Completed
+from pydantic import BaseModel
+
+from ember.storage.store import Store
+from ember.tasks.stage import Outcome, Reporter, Stage, run_stage
+
+
+def artifact_key(*parts: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
+
+
+class PrefectReporter(Reporter):
+    """Reports as Prefect artifacts, and still logs (the `ember` logger reaches the run log)."""
+
+    def __init__(self, stage: str, prefix: str):
+        super().__init__(stage)
+        self.prefix = prefix
+        self._progress_id = None
+        # Stage logic may report from worker threads (tokenizers pulls its training iterator
+        # from a Rust thread); Prefect finds its run through context variables, so calls from
+        # another thread run inside a copy of the task's context, one at a time.
+        self._thread = threading.get_ident()
+        self._context = contextvars.copy_context()
+        self._lock = threading.Lock()
+
+    def _in_task(self, fn, *args, **kwargs):
+        if threading.get_ident() == self._thread:
+            return fn(*args, **kwargs)
+        with self._lock:
+            return self._context.run(fn, *args, **kwargs)
+
+    def table(self, key: str, rows: list[dict], description: str = "") -> None:
+        super().table(key, rows, description)
+        self._in_task(create_table_artifact, table=rows, key=artifact_key(self.prefix, key),
+                      description=description or key)
+
+    def markdown(self, key: str, text: str, description: str = "") -> None:
+        super().markdown(key, text, description)
+        self._in_task(create_markdown_artifact, markdown=text, key=artifact_key(self.prefix, key),
+                      description=description or key)
+
+    def _on_progress(self, pct: float) -> None:
+        if self._progress_id is None:
+            self._progress_id = self._in_task(create_progress_artifact, progress=pct,
+                                              description=f"{self.stage} progress")
+        else:
+            self._in_task(update_progress_artifact, self._progress_id, progress=pct)
+
+
+def unit_run_name(name: str, item: Any, index: int) -> str:
+    """`name-<item>` for a unit's task run: a file's name for a path, the value for a short scalar,
+    else the unit's position. Braces are doubled: Prefect formats the name with the parameters."""
+    if isinstance(item, (str, Path)):
+        label = Path(item).name or str(item)
+    elif isinstance(item, (int, float)) and not isinstance(item, bool):
+        label = str(item)
+    else:
+        label = str(index)
+    return f"{name}-{label}"[:100].replace("{", "{{").replace("}", "}}")
+
+
+def prefect_map(fn, items: list, name: str = "unit") -> list:
+    """Each unit of a stage's work as a task run of its own (named `name-<item>`), one after the
+    other: the units of a shard-parallel stage already use every core (encode_batch, MinHash)."""
+    unit = task(fn, name=name, cache_policy=NO_CACHE, persist_result=False)
+    return [unit.with_options(task_run_name=unit_run_name(name, item, i))(item) for i, item in enumerate(items)]
+
+
+def _call_unit(fn: Callable[[Any], Any], item: Any) -> Any:
+    # Module-level, so a task runner in another process finds it by reference; `fn` itself is a
+    # module-level function or a partial of one (the ctx.map contract).
+    return fn(item)
+
+
+class UnitMap:
+    """The `ctx.map` of stages under Prefect, as the config's `runner` section says.
+
+    sequential: `prefect_map`. processes: Prefect's ProcessPoolTaskRunner with `workers`
+    processes. dask: prefect-dask's DaskTaskRunner on the cluster at `address`, else on a local
+    cluster of `workers` single-threaded processes. Either way each unit is a task run of its own,
+    at most `workers` are submitted at once (a cluster larger than that does not flood the API
+    or the store's disk), and results come back in input order. The pool or cluster starts at a
+    stage's first map and `stage_task` closes it when the stage ends, failed or not.
+    """
+
+    def __init__(self, kind: str = "sequential", workers: int = 2, address: str | None = None):
+        if kind not in ("sequential", "processes", "dask"):
+            raise ValueError(f"runner.kind: unknown kind {kind!r}")
+        self.kind, self.workers, self.address = kind, workers, address
+        self._runner = None
+
+    def _started(self):
+        if self._runner is None:
+            if self.kind == "processes":
+                from prefect.task_runners import ProcessPoolTaskRunner
+
+                runner = ProcessPoolTaskRunner(max_workers=self.workers)
+            else:
+                from prefect_dask import DaskTaskRunner
+
+                runner = (DaskTaskRunner(address=self.address) if self.address else DaskTaskRunner(
+                    cluster_kwargs={"n_workers": self.workers, "threads_per_worker": 1, "processes": True,
+                                    "dashboard_address": None}))
+            self._runner = runner.__enter__()
+        return self._runner
+
+    def __getstate__(self) -> dict:
+        # Prefect ships the stage task's context, parameters included, with each unit.
+        return {**self.__dict__, "_runner": None}
+
+    def close(self) -> None:
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            runner.__exit__(None, None, None)
+
+    def __call__(self, fn: Callable[[Any], Any], items: list, name: str = "unit") -> list:
+        # One unit gains nothing from another process.
+        if self.kind == "sequential" or len(items) <= 1:
+            return prefect_map(fn, items, name)
+        try:
+            cloudpickle.dumps(fn)
+        except Exception as err:  # a closure over the stage's context breaks the ctx.map contract
+            logging.getLogger("ember").warning("%s: its units cannot go to other processes (%s: %s); running them "
+                                               "here, one after the other", name, type(err).__name__, err)
+            return prefect_map(fn, items, name)
+        runner = self._started()
+        unit = task(_call_unit, name=name, cache_policy=NO_CACHE, persist_result=False)
+        results: list = []
+        in_flight: deque = deque()
+        for i, item in enumerate(items):
+            if len(in_flight) >= self.workers:
+                results.append(in_flight.popleft().result())
+            in_flight.append(runner.submit(unit.with_options(task_run_name=unit_run_name(name, item, i)),
+                                           {"fn": fn, "item": item}))
+        results.extend(future.result() for future in in_flight)
+        return results
+
+
+def _task_run_name() -> str:
+    from prefect.runtime import task_run
+
+    return task_run.parameters["stage"].name
+
+
+@task(task_run_name=_task_run_name, cache_policy=NO_CACHE, persist_result=False)
+def stage_task(store: Store, stage: Stage, cfg: BaseModel | None, inputs: dict[str, str],
+               force: bool = False, identity: object = None, artifact_prefix: str = "ember",
+               mapper: Callable[..., list] = prefect_map, resources: dict[str, Path] | None = None):
+    """Run one stage through the store. Returns an `Outcome`; a hit ends in state "Cached".
+    `mapper` runs the stage's units (`prefect_map`, or a `UnitMap` from the config's runner)."""
+    reporter = PrefectReporter(stage.name, artifact_key(artifact_prefix, stage.name))
+    run_info = {"flow_run_id": str(flow_run.id or ""), "flow_run_name": flow_run.name or ""}
+    try:
+        outcome: Outcome = run_stage(store, stage, cfg, inputs, force=force, reporter=reporter,
+                                     run_info=run_info, identity=identity, mapper=mapper, resources=resources)
+    finally:
+        if isinstance(mapper, UnitMap):
+            mapper.close()
+    if outcome.cached:
+        reporter.log.info("cache hit: %s", outcome.ref)
+        return Completed(name="Cached", message=f"store hit {outcome.ref}", data=outcome)
+    return outcome
