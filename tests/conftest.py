@@ -12,8 +12,7 @@ import pytest
 # home that is not the developer's.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="ember-test-prefect-"))
 import ember.flows  # noqa: E402,F401  (sets the offline defaults)
-
-CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
+from helpers import CORPORA  # noqa: E402
 
 
 @pytest.fixture(scope="session")

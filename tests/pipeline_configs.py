@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
+from helpers import CORPORA
 
 TINY = {
     "name": "tiny",

@@ -13,7 +13,7 @@ import pytest
 from ember.storage.store import Store
 from ember.tasks import dedup, download, normalize
 from ember.tasks import filter as quality_filter
-from ember.tasks.audit import audit_document, format_audit
+from ember.flows.audit import audit_document, format_audit
 from ember.tasks.dedup import DedupConfig
 from ember.tasks.download import DownloadConfig
 from ember.tasks.filter import FilterConfig, judge

@@ -11,7 +11,7 @@ from test_model import VOCAB, greedy_without_cache, lively, tiny
 from ember.model.checkpoint import load_model, save_model
 from ember.model.generate import generate
 from ember.model.quantize import quantize_weight_only_int8
-from ember.model.transformer import usable_fused, use_decoding_layout
+from ember.model.decoding import usable_fused, use_decoding_layout
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

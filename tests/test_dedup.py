@@ -15,16 +15,12 @@ from pydantic import ValidationError
 from ember.storage.shards import ShardWriter, iter_records
 from ember.tasks import dedup, download, normalize
 from ember.tasks.dedup import DedupConfig, jaccard, shingles
-from ember.tasks.stage import Reporter, StageContext, pool_map
+from ember.tasks.stage import StageContext, pool_map
+from helpers import stage_context
 
 
 def make_ctx(tmp_path: Path, name: str, inputs: dict[str, Path], mapper=None) -> StageContext:
-    (tmp_path / name).mkdir(parents=True)
-    ctx = StageContext(inputs=inputs, out=tmp_path / name, work=tmp_path / f"{name}-work",
-                       report=Reporter(name), store_root=tmp_path)
-    if mapper is not None:
-        ctx.map = mapper
-    return ctx
+    return stage_context(tmp_path, name, inputs, mapper=mapper)
 
 
 def write_input(tmp_path: Path, records: list[dict], max_chars: int = 50_000) -> Path:
@@ -299,11 +295,7 @@ def test_a_crashed_run_resumes_from_its_finished_units(tmp_path, corpora):
         return [fn(item) for item in items]
 
     def run_in(out: str, work: str, mapper=None) -> dict:
-        (tmp_path / out).mkdir()
-        ctx = StageContext(inputs={"filter": tmp_path / "filter"}, out=tmp_path / out, work=tmp_path / work,
-                           report=Reporter("dedup"), store_root=tmp_path)
-        if mapper:
-            ctx.map = mapper
+        ctx = stage_context(tmp_path, out, {"filter": tmp_path / "filter"}, work=tmp_path / work, mapper=mapper)
         dedup.run(cfg, ctx)
         return {p.relative_to(tmp_path / out).as_posix(): p.read_bytes() for p in (tmp_path / out).rglob("*.*")}
 

@@ -34,7 +34,8 @@ from ember.storage.shards import ShardWriter, iter_records
 from ember.tasks import dedup
 from ember.tasks.dedup import DedupConfig
 from ember.tasks.download import chunk_text
-from ember.tasks.stage import Reporter, StageContext, sequential_map
+from ember.tasks.stage import sequential_map
+from helpers import stage_context
 
 NOT_WORD = re.compile(r"[\W_]+")
 WORD = re.compile(r"\w+")
@@ -99,9 +100,7 @@ def measure_recall(corpora: Path, workdir: Path, mapper=sequential_map, cfg: Ded
                 for k, chunk in enumerate(chunk_text(d["text"], chunk_chars))]
     with ShardWriter(workdir / "filter" / "shards") as writer:
         writer.write_many(docs)
-    (workdir / "dedup").mkdir(parents=True)
-    ctx = StageContext(inputs={"filter": workdir / "filter"}, out=workdir / "dedup", work=workdir / "work",
-                       report=Reporter("dedup"), store_root=workdir, map=mapper)
+    ctx = stage_context(workdir, "dedup", {"filter": workdir / "filter"}, work=workdir / "work", mapper=mapper)
     started = time.monotonic()
     metrics = dedup.run(cfg, ctx)
     seconds = time.monotonic() - started

@@ -20,12 +20,13 @@ from tokenizers import Regex, Tokenizer, pre_tokenizers, trainers
 from ember.model.checkpoint import save_model
 from ember.model.export import LLAMA_CPP_PRE_TOKENIZER, export_gguf, export_hf
 from ember.model.transformer import PRESETS, ModelConfig, Transformer
-from ember.tasks.train_tokenizer import SPECIAL_TOKENS, build_tokenizer, write_transformers_files
+from ember.model.tokenizer import SPECIAL_TOKENS
+from ember.tasks.train_tokenizer import build_tokenizer, write_transformers_files
+from helpers import CORPORA
 
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 VOCAB = 512
-CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

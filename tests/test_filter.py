@@ -14,18 +14,16 @@ from ember.storage.shards import ShardWriter, iter_records, list_shards, read_sh
 from ember.tasks import filter as quality_filter
 from ember.tasks.download import chunk_text
 from ember.tasks.filter import FilterConfig, check, judge, line_rules
-from ember.tasks.stage import Reporter, StageContext, pool_map
+from ember.tasks.stage import pool_map
+from helpers import run_stage_in
 
 
 def run_filter(tmp_path: Path, records: list[dict], cfg: FilterConfig | None = None) -> tuple[Path, dict]:
     upstream = tmp_path / "normalize"
     with ShardWriter(upstream / "shards") as writer:
         writer.write_many(records)
-    out = tmp_path / "filter"
-    out.mkdir()
-    ctx = StageContext(inputs={"normalize": upstream}, out=out, work=tmp_path / "work",
-                       report=Reporter("filter"), store_root=tmp_path)
-    return out, quality_filter.run(cfg or FilterConfig(), ctx)
+    return run_stage_in(tmp_path, quality_filter.STAGE, cfg or FilterConfig(), {"normalize": upstream},
+                        work=tmp_path / "work")
 
 
 def book_chunks(corpora: Path, file: str, books: int = 100) -> list[str]:
@@ -309,11 +307,8 @@ def test_shards_map_to_shards_whatever_the_order(tmp_path, corpora):
     outputs = []
     for name, mapper in (("seq", None), ("reversed", lambda fn, items, name="": [fn(i) for i in items[::-1]][::-1]),
                          ("pool", pool_map(2))):
-        out = tmp_path / name
-        out.mkdir()
-        ctx = StageContext(inputs={"normalize": upstream}, out=out, work=tmp_path / "work",
-                           report=Reporter("filter"), store_root=tmp_path, **({"map": mapper} if mapper else {}))
-        metrics = quality_filter.run(FilterConfig(), ctx)
+        out, metrics = run_stage_in(tmp_path, quality_filter.STAGE, FilterConfig(), {"normalize": upstream},
+                                    name=name, work=tmp_path / "work", mapper=mapper)
         assert metrics["shards"] == 3 and metrics["docs"] == len(chunks)
         files = sorted(str(p.relative_to(out)) for p in out.rglob("*.parquet"))
         assert {f.split("/")[1] for f in files} <= {f"part-{n:05d}-00000.parquet" for n in range(3)}

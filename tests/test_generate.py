@@ -12,7 +12,8 @@ from tokenizers import pre_tokenizers, trainers
 import ember.model.generate as gen
 from ember.model.generate import generate, generate_text, penalize_repeats
 from ember.model.transformer import PRESETS, ModelConfig, Transformer
-from ember.tasks.train_tokenizer import EOS_ID, SPECIAL_TOKENS, build_tokenizer
+from ember.model.tokenizer import EOS_ID, SPECIAL_TOKENS
+from ember.tasks.train_tokenizer import build_tokenizer
 from test_model import lively
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from ember.storage.shards import ShardWriter, iter_records
 from ember.tasks import normalize
 from ember.tasks.normalize import NormalizeConfig, ftfy_can_change, normalize_text
-from ember.tasks.stage import Reporter, StageContext
+from helpers import run_stage_in
 
 
 def load_cases(corpora: Path) -> list[dict]:
@@ -28,11 +28,8 @@ def run_normalize(tmp_path: Path, records: list[dict], cfg: NormalizeConfig | No
     upstream = tmp_path / "download"
     with ShardWriter(upstream / "shards") as writer:
         writer.write_many(records)
-    out = tmp_path / "normalize"
-    out.mkdir()
-    ctx = StageContext(inputs={"download": upstream}, out=out, work=tmp_path / "work",
-                       report=Reporter("normalize"), store_root=tmp_path)
-    metrics = normalize.run(cfg or NormalizeConfig(), ctx)
+    out, metrics = run_stage_in(tmp_path, normalize.STAGE, cfg or NormalizeConfig(), {"download": upstream},
+                                work=tmp_path / "work")
     return list(iter_records(out / "shards")), metrics
 
 
@@ -225,11 +222,8 @@ def test_shards_map_to_shards_whatever_the_order(tmp_path):
     outputs = []
     for name, mapper in (("seq", None), ("reversed", lambda fn, items, name="": [fn(i) for i in items[::-1]][::-1]),
                          ("pool", pool_map(2))):
-        out = tmp_path / name
-        out.mkdir()
-        ctx = StageContext(inputs={"download": upstream}, out=out, work=tmp_path / "work",
-                           report=Reporter("normalize"), store_root=tmp_path, **({"map": mapper} if mapper else {}))
-        metrics = normalize.run(NormalizeConfig(), ctx)
+        out, metrics = run_stage_in(tmp_path, normalize.STAGE, NormalizeConfig(), {"download": upstream},
+                                    name=name, work=tmp_path / "work", mapper=mapper)
         assert metrics["shards"] == 3 and metrics["docs"] == 15
         files = sorted(p.name for p in (out / "shards").iterdir())
         assert files == sorted(p.name for p in (upstream / "shards").iterdir())  # names follow the input

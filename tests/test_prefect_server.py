@@ -193,7 +193,7 @@ def test_build_from_the_cli_completes_with_artifacts_and_logs_in_the_api(served)
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 
     from ember.flows.config import PipelineConfig
-    from ember.tasks.prefect_stage import artifact_key
+    from ember.flows.prefect_stage import artifact_key
 
     result = served.prefect("deployment", "run", "build-llm/build", "--watch")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + served.log("serve.log")

@@ -19,6 +19,7 @@ from ember.model.transformer import PRESETS, ModelConfig, Transformer
 from ember.storage.shards import ShardWriter
 from ember.tasks import publish, train_tokenizer
 from ember.tasks.stage import Reporter, StageContext
+from helpers import stage_context
 
 from demo_release import PROMPT, tiny_release_store
 
@@ -26,10 +27,8 @@ VOCAB = 512
 
 
 def make_ctx(tmp_path: Path, name: str, inputs: dict[str, Path], store_root: Path) -> StageContext:
-    out, work = tmp_path / name / "out", tmp_path / name / "work"
-    out.mkdir(parents=True)
-    work.mkdir(parents=True)
-    return StageContext(inputs=inputs, out=out, work=work, report=Reporter(name), store_root=store_root)
+    return stage_context(tmp_path / name, "out", inputs, work=tmp_path / name / "work", store_root=store_root,
+                         reporter=Reporter(name))
 
 
 def fake_ref(stage: str, label: str) -> str:

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ember.storage.store import Store, make_ref, compute_key
-from ember.tasks import publish
+from ember.storage import releases as registry
 
 from demo_release import tiny_release_store
 from test_publish_demo import free_port, make_inputs, run_publish, tokenizer_dir  # noqa: F401 (fixture)
@@ -32,12 +32,12 @@ def latest(store: Path) -> str:
 
 def test_rollback(two_releases):
     releases = two_releases / "releases"
-    assert publish.rollback(releases) == ("v0002", "v0001") and latest(two_releases) == "v0001"
+    assert registry.rollback(releases) == ("v0002", "v0001") and latest(two_releases) == "v0001"
     with pytest.raises(ValueError, match="v0001, the oldest release"):
-        publish.rollback(releases)
-    assert publish.rollback(releases, "v0002") == ("v0001", "v0002")  # forward again, by name
+        registry.rollback(releases)
+    assert registry.rollback(releases, "v0002") == ("v0001", "v0002")  # forward again, by name
     with pytest.raises(ValueError, match="no release 'v0009'"):
-        publish.rollback(releases, "v0009")
+        registry.rollback(releases, "v0009")
     history = [json.loads(line) for line in (releases / "history.jsonl").read_text().splitlines()]
     assert [(h["was"], h["latest"], h["why"]) for h in history] == [
         (None, "v0001", "publish"), ("v0001", "v0002", "publish"), ("v0002", "v0001", "rollback"),
@@ -85,7 +85,7 @@ def test_the_demo_serves_the_release_rolled_back_to(two_releases):
     try:
         client = Client(demo.local_url, verbose=False)
         assert client.predict(prompt, **settings, api_name="/generate") == expected("v0002")
-        publish.rollback(releases)
+        registry.rollback(releases)
         assert client.predict(api_name="/release_info")["release"] == "v0001"
         assert client.predict(prompt, **settings, api_name="/generate") == expected("v0001")
     finally:

@@ -13,7 +13,7 @@ from ember.flows.config import PipelineConfig
 from ember.storage.store import Store
 from ember.tasks import dedup, download, normalize, tokenize, train_tokenizer
 from ember.tasks import filter as quality_filter
-from ember.tasks.prefect_stage import UnitMap, stage_task
+from ember.flows.prefect_stage import UnitMap, stage_task
 from pipeline_configs import settled_task_runs, write_config
 
 pytestmark = pytest.mark.slow
@@ -58,11 +58,12 @@ def small_shards():
     """Download writes one shard per 16 M characters; 80 K here, so that every later stage has
     several units to spread (normalize and filter per shard, dedup per row range, tokenize per shard)."""
     from ember.storage import shards
+    from ember.tasks.download import stage as download_stage  # where `run` looks ShardWriter up
 
-    original = download.ShardWriter
-    download.ShardWriter = functools.partial(shards.ShardWriter, max_chars=80_000)
+    original = download_stage.ShardWriter
+    download_stage.ShardWriter = functools.partial(shards.ShardWriter, max_chars=80_000)
     yield
-    download.ShardWriter = original
+    download_stage.ShardWriter = original
 
 
 @pytest.fixture(scope="module")

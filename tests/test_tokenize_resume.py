@@ -17,6 +17,7 @@ import pytest
 
 from ember.storage.shards import ShardWriter
 from ember.storage.store import Store
+from ember.storage.tokens import read_token_file
 from ember.tasks import tokenize, train_tokenizer
 from ember.tasks.stage import Stage, run_stage
 from ember.tasks.download import chunk_text
@@ -66,7 +67,7 @@ def tokenize_in(store_root: Path, dedup: Path, tok: Path):
 
 def streams(store: Store, ref: str) -> dict[str, np.ndarray]:
     folder = store.path(ref)
-    return {split: np.concatenate([tokenize.read_token_file(p) for p in sorted((folder / split).glob("*.arrow"))])
+    return {split: np.concatenate([read_token_file(p) for p in sorted((folder / split).glob("*.arrow"))])
             for split in ("train", "val")}
 
 

@@ -15,9 +15,12 @@ import pytest
 from pydantic import ValidationError
 from tokenizers import Tokenizer
 
+from ember.model.tokenizer import EOS_ID, load_tokenizer
 from ember.storage.shards import ShardWriter
+from ember.storage.tokens import read_token_file
 from ember.tasks import tokenize, train_tokenizer
 from ember.tasks.stage import Reporter, StageContext
+from helpers import stage_context
 
 SAMPLE_CHARS = 150_000  # per corpus directory: enough to train on, fast to encode
 DOC_CHARS = 20_000  # books are cut into documents of this size, as chunking upstream would
@@ -55,10 +58,8 @@ def write_shards(folder: Path, records: list[dict], max_chars: int = 200_000) ->
 
 
 def make_ctx(tmp_path: Path, name: str, inputs: dict[str, Path]) -> StageContext:
-    out, work = tmp_path / name / "out", tmp_path / name / "work"
-    out.mkdir(parents=True)
-    work.mkdir(parents=True)
-    return StageContext(inputs=inputs, out=out, work=work, report=Reporter(name), store_root=tmp_path / "store")
+    return stage_context(tmp_path / name, "out", inputs, work=tmp_path / name / "work", store_root=tmp_path / "store",
+                         reporter=Reporter(name))
 
 
 def train(tmp_path: Path, name: str, dedup: Path, **cfg) -> tuple[Path, dict]:
@@ -75,12 +76,12 @@ def run_tokenize(tmp_path: Path, name: str, dedup: Path, tok: Path, **cfg) -> tu
 
 def read_split(folder: Path) -> np.ndarray:
     parts = sorted(folder.glob("part-*.arrow"))
-    return np.concatenate([tokenize.read_token_file(p) for p in parts]) if parts else np.zeros(0, np.uint16)
+    return np.concatenate([read_token_file(p) for p in parts]) if parts else np.zeros(0, np.uint16)
 
 
 def docs_of(stream: np.ndarray) -> Counter:
     """The documents of a token stream (split at EOS), as a multiset."""
-    ends = np.flatnonzero(stream == train_tokenizer.EOS_ID)
+    ends = np.flatnonzero(stream == EOS_ID)
     return Counter(tuple(doc) for doc in np.split(stream, ends + 1)[:-1])
 
 
@@ -113,7 +114,7 @@ def tokenized(tmp_path_factory, dedup, trained) -> tuple[Path, dict]:
 
 @pytest.mark.parametrize("name", CORPUS_DIRS)
 def test_round_trip_on_every_corpus(trained, samples, name):
-    tok = train_tokenizer.load_tokenizer(trained[0])
+    tok = load_tokenizer(trained[0])
     texts = [r["text"] for r in samples[name]]
     assert texts, f"no sample read from {name}"
     for text, enc in zip(texts, tok.encode_batch(texts, add_special_tokens=False)):
@@ -139,10 +140,10 @@ ROUND_TRIP_CASES = {
 
 @pytest.mark.parametrize("text", list(ROUND_TRIP_CASES.values()), ids=list(ROUND_TRIP_CASES))
 def test_round_trip_exact(trained, text):
-    tok = train_tokenizer.load_tokenizer(trained[0])
+    tok = load_tokenizer(trained[0])
     ids = tok.encode(text, add_special_tokens=False).ids
     assert tok.decode(ids) == text
-    assert train_tokenizer.EOS_ID not in ids or text == ""
+    assert EOS_ID not in ids or text == ""
 
 
 @pytest.mark.parametrize("normalize_nfc, expected", [(True, "Caf\u00e9 Caf\u00e9"), (False, "Cafe\u0301 Caf\u00e9")],
@@ -152,7 +153,7 @@ def test_nfc_option(tmp_path, normalize_nfc, expected):
     records = [{"id": f"d{i}", "text": f"Cafe\u0301 number {i} is open", "source": "t"} for i in range(50)]
     dedup = write_shards(tmp_path / "dedup", records)
     out, _ = train(tmp_path, "tok", dedup, vocab_size=300, normalize_nfc=normalize_nfc)
-    tok = train_tokenizer.load_tokenizer(out)
+    tok = load_tokenizer(out)
     assert tok.decode(tok.encode("Cafe\u0301 Caf\u00e9").ids) == expected
 
 
@@ -197,7 +198,7 @@ def test_report_by_source_and_script(trained):
 
 def test_chinese_bytes_per_token(trained, samples):
     """Compression on Chinese (each Han character is its own pre-token, so at most 3 bytes/token)."""
-    tok = train_tokenizer.load_tokenizer(trained[0])
+    tok = load_tokenizer(trained[0])
     texts = [r["text"] for r in samples["chinese_classic_novels"]][-3:]
     n_bytes, n_tokens = train_tokenizer.bytes_per_token(tok, texts)
     ratio = n_bytes / n_tokens
@@ -292,7 +293,7 @@ def test_rolls_to_new_part_files(tmp_path, tokenized, dedup, trained):
     by_shard: dict[str, list[Path]] = {}
     for part in parts:  # part-<text shard>-<k>.arrow: every file but a shard's last is full
         by_shard.setdefault(part.name.rsplit("-", 1)[0], []).append(part)
-    assert all(len(tokenize.read_token_file(p)) >= 50_000 for files in by_shard.values() for p in files[:-1])
+    assert all(len(read_token_file(p)) >= 50_000 for files in by_shard.values() for p in files[:-1])
     # Smaller batches and more files: the same streams.
     for split in ("train", "val"):
         assert np.array_equal(read_split(out / split), read_split(tokenized[0] / split))
@@ -306,7 +307,7 @@ def test_tiny_input_still_gets_a_val_document(tmp_path, trained):
     out, _ = run_tokenize(tmp_path, "tks", dedup, trained[0], val_fraction=0.01)
     meta = json.loads((out / "meta.json").read_text())
     assert (meta["train_docs"], meta["val_docs"]) == (2, 1)
-    tok = train_tokenizer.load_tokenizer(trained[0])
+    tok = load_tokenizer(trained[0])
     closest = ids[int(np.argmin(fractions))]
     assert tok.decode(read_split(out / "val").tolist()) == f"text of {closest}"
 
@@ -321,7 +322,7 @@ def test_tokenize_config_rejects(bad):
 @pytest.mark.slow
 def test_round_trip_on_every_corpus_in_full(trained, corpora):
     """Every document of every corpus beside the repo (about 100 MB) comes back byte for byte."""
-    tok = train_tokenizer.load_tokenizer(trained[0])
+    tok = load_tokenizer(trained[0])
     files = sorted(p for p in corpora.rglob("*") if p.suffix in (".jsonl", ".txt") and "raw" not in p.parts)
     assert len(files) >= 10
     checked = 0

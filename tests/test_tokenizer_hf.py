@@ -15,10 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from ember.model.tokenizer import TOKENIZER_FILES, load_tokenizer
 from ember.storage.shards import ShardWriter
 from ember.tasks import train_tokenizer
 from ember.tasks.download import chunk_text
-from ember.tasks.stage import Reporter, StageContext
+from ember.tasks.stage import Reporter
+from helpers import run_stage_in
 
 transformers = pytest.importorskip("transformers")
 
@@ -68,18 +70,15 @@ def tokenizer_dir(tmp_path_factory, samples) -> Path:
     with ShardWriter(root / "dedup" / "shards", max_chars=100_000) as writer:
         for name, texts in samples.items():
             writer.write_many({"id": f"{name}:{n}", "text": text, "source": name} for n, text in enumerate(texts))
-    out, work = root / "out", root / "work"
-    out.mkdir()
-    work.mkdir()
-    ctx = StageContext(inputs={"dedup": root / "dedup"}, out=out, work=work, report=Reporter("train_tokenizer"),
-                       store_root=root / "store")
-    train_tokenizer.run(train_tokenizer.TokenizerConfig(vocab_size=VOCAB_SIZE), ctx)
+    out, _ = run_stage_in(root, train_tokenizer.STAGE, train_tokenizer.TokenizerConfig(vocab_size=VOCAB_SIZE),
+                          {"dedup": root / "dedup"}, name="out", work=root / "work", store_root=root / "store",
+                          reporter=Reporter("train_tokenizer"))
     return out
 
 
 @pytest.fixture(scope="module")
 def ember_tok(tokenizer_dir):
-    return train_tokenizer.load_tokenizer(tokenizer_dir)
+    return load_tokenizer(tokenizer_dir)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +93,7 @@ def test_autotokenizer_loads_with_fixed_special_ids(hf_tok, tokenizer_dir):
     assert hf_tok.convert_ids_to_tokens([0, 1, 2]) == ["<pad>", "<bos>", "<eos>"]
     assert hf_tok.unk_token_id is None  # byte-level: nothing is unknown
     assert len(hf_tok) == VOCAB_SIZE
-    assert all((tokenizer_dir / name).is_file() for name in train_tokenizer.TOKENIZER_FILES)
+    assert all((tokenizer_dir / name).is_file() for name in TOKENIZER_FILES)
 
 
 @pytest.mark.parametrize("corpus", CORPUS_DIRS)

@@ -16,12 +16,13 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from ember.model.checkpoint import load_model
-from ember.model.transformer import Transformer
+from ember.model.tokenizer import SPECIAL_TOKENS, load_tokenizer
+from ember.model.transformer import Transformer, configure_optimizer
 from ember.tasks import evaluate, quantize, train
 from ember.tasks.stage import Reporter, StageContext
-from ember.tasks.train_tokenizer import SPECIAL_TOKENS, load_tokenizer
+from helpers import CORPORA, stage_context
 
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "tinyshakespeare" / "input.txt"
+SHAKESPEARE = CORPORA / "tinyshakespeare" / "input.txt"
 
 
 
@@ -73,11 +74,8 @@ def artifacts(tmp_path_factory) -> dict[str, Path]:
 
 def context(tmp: Path, name: str, inputs: dict[str, Path], work: Path | None = None,
             reporter: Reporter | None = None) -> StageContext:
-    out = tmp / f"{name}-out"
-    out.mkdir()
-    work = work or tmp / f"{name}-work"
-    work.mkdir(exist_ok=True)
-    return StageContext(inputs=inputs, out=out, work=work, report=reporter or Reporter(name), store_root=tmp)
+    return stage_context(tmp, f"{name}-out", inputs, work=work or tmp / f"{name}-work",
+                         reporter=reporter or Reporter(name))
 
 
 def tiny_train(**overrides) -> train.TrainConfig:
@@ -258,7 +256,7 @@ def test_time_budget_stops_training_and_is_logged(artifacts, tmp_path, caplog):
 ], ids=["bf16_much_slower", "bf16_barely_faster", "rounds_disagree", "bf16_clearly_faster_in_every_round"])
 def test_auto_precision_follows_the_probe(monkeypatch, fp32_s, bf16_s, expected):
     model = Transformer(train.TrainConfig(model={"preset": "tiny"}).model.build(vocab_size=512))
-    monkeypatch.setattr(train, "probe_precision", lambda *args: {"fp32": fp32_s, "bf16": bf16_s})
+    monkeypatch.setattr("ember.tasks.train.precision.probe_precision", lambda *args: {"fp32": fp32_s, "bf16": bf16_s})
     precision, why = train.resolve_precision("auto", model, 4, 64, torch.device("cpu"))
     assert precision == expected and f"{fp32_s[0] * 1e3:.1f}" in why and "ms in fp32" in why
     assert train.resolve_precision("bf16", model, 4, 64, torch.device("cpu")) == ("bf16", "set in the config")
@@ -291,7 +289,7 @@ def test_compile_failure_says_how_to_turn_it_off(artifacts, tmp_path, monkeypatc
 
 def test_optimizer_decays_matrices_only_and_is_fused_on_cpu():
     model = Transformer(train.TrainConfig(model={"preset": "tiny"}).model.build(vocab_size=512))
-    optimizer = train.build_optimizer(model, tiny_train(weight_decay=0.1), torch.device("cpu"))
+    optimizer = configure_optimizer(model, 0.1, 1e-3, (0.9, 0.95))
     decayed, plain = optimizer.param_groups
     assert decayed["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decayed["params"])
     assert plain["weight_decay"] == 0.0 and all(p.dim() == 1 for p in plain["params"]) and plain["params"]

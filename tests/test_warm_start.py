@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from ember.flows.pipeline import plan_warm_start
+from ember.storage.releases import point_latest
 from ember.storage.store import file_sha256
 from ember.tasks import train
-from ember.tasks.publish import point_latest
 from test_train_stages import context, make_artifacts, tiny_train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -46,17 +47,18 @@ def published(tmp_path_factory) -> tuple[Path, dict[str, Path], Path]:
     return store, artifacts, scratch.out
 
 
-def warm_context(tmp_path: Path, store: Path, inputs: dict[str, Path]):
+def warm_run(tmp_path: Path, store: Path, inputs: dict[str, Path], cfg: train.TrainConfig):
+    """Train as the flow does: `warm_start` resolved by the flow's plan, the release handed over."""
+    plan = plan_warm_start(cfg, store / "releases", tokens_ref=None)
     ctx = context(tmp_path, "warm", inputs)
-    ctx.store_root = store
-    return ctx
+    ctx.resources = {"warm_start": plan.release} if plan.release else {}
+    return ctx, train.run(plan.config, ctx)
 
 
 def test_warm_start_begins_where_the_release_left_off(published, tmp_path, caplog):
     store, artifacts, scratch = published
-    ctx = warm_context(tmp_path, store, artifacts)
     with caplog.at_level("INFO", logger="ember.train"):
-        metrics = train.run(tiny_train(max_steps=3, log_every=1, warm_start=True), ctx)
+        ctx, metrics = warm_run(tmp_path, store, artifacts, tiny_train(max_steps=3, log_every=1, warm_start=True))
     assert "warm start: started from the weights of release v0001" in caplog.text
     assert metrics["warm_start"] == "v0001"
     # The release was trained 40 steps: its first loss is far below a fresh model's (ln 512 = 6.24).
@@ -70,9 +72,9 @@ def test_changed_tokenizer_falls_back_to_scratch_and_says_why(published, tmp_pat
     tokenizer = json.loads((artifacts["train_tokenizer"] / "tokenizer.json").read_text())
     tokenizer["model"]["merges"] = tokenizer["model"]["merges"][:-1]  # one merge fewer: another tokenizer
     (other / "tokenizer.json").write_text(json.dumps(tokenizer))
-    ctx = warm_context(tmp_path, store, {**artifacts, "train_tokenizer": other})
     with caplog.at_level("INFO", logger="ember.train"):
-        metrics = train.run(tiny_train(max_steps=3, log_every=1, warm_start=True), ctx)
+        ctx, metrics = warm_run(tmp_path, store, {**artifacts, "train_tokenizer": other},
+                                tiny_train(max_steps=3, log_every=1, warm_start=True))
     assert ("warm start not possible: release v0001's tokenizer differs from this run's; training from scratch"
             in caplog.text)
     assert metrics["warm_start"] is None
@@ -81,9 +83,9 @@ def test_changed_tokenizer_falls_back_to_scratch_and_says_why(published, tmp_pat
 
 def test_other_model_shape_falls_back_to_scratch(published, tmp_path, caplog):
     store, artifacts, _ = published
-    ctx = warm_context(tmp_path, store, artifacts)
     with caplog.at_level("INFO", logger="ember.train"):
-        metrics = train.run(tiny_train(model={"preset": "tiny", "n_layers": 1}, max_steps=1, warm_start=True), ctx)
+        _, metrics = warm_run(tmp_path, store, artifacts,
+                              tiny_train(model={"preset": "tiny", "n_layers": 1}, max_steps=1, warm_start=True))
     assert "release v0001's model shape differs (n_layers 2 vs 1)" in caplog.text and metrics["warm_start"] is None
 
 
@@ -95,13 +97,14 @@ def release_json(folder: Path, tokens_ref: str) -> None:
 def test_plan_names_the_release_and_its_weights(published, tmp_path):
     store, _, _ = published
     digest = file_sha256(store / "releases" / "v0001" / "model.safetensors")
-    cfg, identity = train.plan_warm_start(tiny_train(warm_start=True), store, "tokenize/new")
-    assert (cfg.warm_start, identity) == ("v0001", f"v0001 sha256:{digest}")
-    assert train.plan_warm_start(tiny_train(), store, "tokenize/new") == (tiny_train(), None)  # nothing read
-    cfg, identity = train.plan_warm_start(tiny_train(warm_start=True), tmp_path / "empty-store", "tokenize/new")
-    assert (cfg, identity) == (tiny_train(), None)  # no release: a cold start, the same key as a build's
+    releases = store / "releases"
+    cfg, identity, release = plan_warm_start(tiny_train(warm_start=True), releases, "tokenize/new")
+    assert (cfg.warm_start, identity, release) == ("v0001", f"v0001 sha256:{digest}", releases / "v0001")
+    assert plan_warm_start(tiny_train(), releases, "tokenize/new") == (tiny_train(), None, None)  # nothing read
+    plan = plan_warm_start(tiny_train(warm_start=True), tmp_path / "empty-store" / "releases", "tokenize/new")
+    assert plan == (tiny_train(), None, None)  # no release: a cold start, the same key as a build's
     with pytest.raises(ValueError, match="v0009 has no model.safetensors"):
-        train.plan_warm_start(tiny_train(warm_start="v0009"), store, "tokenize/new")
+        plan_warm_start(tiny_train(warm_start="v0009"), releases, "tokenize/new")
     with pytest.raises(ValueError, match="not a release version"):
         tiny_train(warm_start="latest")
 
@@ -115,15 +118,15 @@ def test_a_retrain_over_the_same_tokens_resolves_to_the_same_release(published, 
     release_json(copy / "releases" / "v0001", "tokenize/old")
     point_latest(copy / "releases", "v0001")
     # New tokens: start from v0001, which learned from the old ones.
-    assert train.plan_warm_start(tiny_train(warm_start=True), copy, "tokenize/new")[0].warm_start == "v0001"
+    assert plan_warm_start(tiny_train(warm_start=True), copy / "releases", "tokenize/new")[0].warm_start == "v0001"
     # That retrain published v0002 from the new tokens; the next night has the same tokens.
     shutil.copytree(copy / "releases" / "v0001", copy / "releases" / "v0002")
     release_json(copy / "releases" / "v0002", "tokenize/new")
     point_latest(copy / "releases", "v0002")
-    assert train.plan_warm_start(tiny_train(warm_start=True), copy, "tokenize/new")[0].warm_start == "v0001"
+    assert plan_warm_start(tiny_train(warm_start=True), copy / "releases", "tokenize/new")[0].warm_start == "v0001"
     # Then the corpus changes again: v0002 is the one to continue from.
-    assert train.plan_warm_start(tiny_train(warm_start=True), copy, "tokenize/newer")[0].warm_start == "v0002"
+    assert plan_warm_start(tiny_train(warm_start=True), copy / "releases", "tokenize/newer")[0].warm_start == "v0002"
     # Every release learned from these tokens already: nothing to continue from, a cold start (as a build).
     for version in ("v0001", "v0002"):
         release_json(copy / "releases" / version, "tokenize/newer")
-    assert train.plan_warm_start(tiny_train(warm_start=True), copy, "tokenize/newer")[0].warm_start is False
+    assert plan_warm_start(tiny_train(warm_start=True), copy / "releases", "tokenize/newer")[0].warm_start is False
