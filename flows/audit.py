@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from ember.storage.shards import list_shards
 from ember.storage.store import Artifact, Store
 
+
 def _rows(folder: Path, ids: list[str], columns: list[str] | None = None) -> list[dict]:
     """The rows of the shards in `folder` whose id is one of `ids`, in shard order."""
     found = []

@@ -1,9 +1,9 @@
 """The pipeline flow: every stage of `STAGES` in order, each a task over the content-addressed store.
 
-Tasks pass refs (`stage/sha256`), never data. What a stage reads from outside the store is decided
-here: the sources' identity for download, the release a warm start continues from for train. A stage whose artifact is already complete
-does no work and shows as "Cached"; `force` reruns named stages, `from_stage` reruns a stage
-and everything after it.
+Tasks pass refs (`stage/sha256`), never data. What a stage reads from outside the store is
+decided here: the sources' identity for download, the release a warm start continues from for
+train. A stage whose artifact is already complete does no work and shows as "Cached"; `force`
+reruns named stages, `from_stage` reruns a stage and everything after it.
 """
 
 from __future__ import annotations

@@ -12,9 +12,9 @@ The stage runs in five steps; the heavy ones map over units (a shard, or a row r
 3. LSH over the groups' representatives, one band at a time: documents that share a band key
    are candidate pairs.
 4. `ctx.map(candidate_shingles)` (in-process when there are few): the units re-read only the
-   candidate documents and write their shingle sets; every candidate pair is verified by the exact Jaccard similarity of the
-   two sets, so a false candidate never removes a document. Verified pairs are joined by
-   union-find into clusters.
+   candidate documents and write their shingle sets; every candidate pair is verified by the
+   exact Jaccard similarity of the two sets, so a false candidate never removes a document.
+   Verified pairs are joined by union-find into clusters.
 5. Keep rule, per cluster: the first document in input order is kept (`keep: first`, as
    datatrove does: order sources by preference) or the longest, ties by input order
    (`keep: longest`). Every member within `threshold` of it is dropped for it; the members
