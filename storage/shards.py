@@ -137,12 +137,13 @@ class ShardFileWriter:
     def __init__(self, path: Path, schema: pa.Schema):
         self.path, self.schema = Path(path), schema
         self.count = 0  # rows written
-        self._rows: list[dict] = []
+        self._columns: dict[str, list] = {name: [] for name in schema.names}  # rows added, not yet written
         self._writer: pq.ParquetWriter | None = None
         self._tmp = self.path.with_name(self.path.name + ".partial")
 
     def add(self, row: dict) -> None:
-        self._rows.append(row)
+        for name, column in self._columns.items():
+            column.append(row[name])
 
     def write(self, data: pa.Table | pa.RecordBatch) -> None:
         if data.num_rows == 0:
@@ -155,9 +156,9 @@ class ShardFileWriter:
         self.count += data.num_rows
 
     def flush(self) -> None:
-        if self._rows:
-            rows, self._rows = self._rows, []
-            self.write(pa.Table.from_pylist(rows, schema=self.schema))
+        if self._columns[self.schema.names[0]]:
+            columns, self._columns = self._columns, {name: [] for name in self.schema.names}
+            self.write(pa.Table.from_pydict(columns, schema=self.schema))
 
     def close(self) -> None:
         self.flush()

@@ -25,5 +25,10 @@ FULLWIDTH_PUNCTUATION = "\uff01-\uff0f\uff1a-\uff1f"  # ！，：？ and the lik
 # count characters instead of words.
 CJK_CHAR = f"[{KANA}{HAN}{HANGUL}{HAN_COMPATIBILITY}{HAN_SUPPLEMENTARY}]"
 
-# One or more blank lines (a blank line may hold spaces or tabs), LF or CRLF.
+# One or more blank lines (a blank line may hold spaces or tabs), LF or CRLF. A match starts at
+# the line break that ends the paragraph, its \r included: the chunker keeps text exactly.
 PARAGRAPH_BREAK = re.compile(r"\r?\n(?:[ \t]*\r?\n)+")
+# The same breaks, for text split into paragraphs that are then stripped (a \r may stay on the
+# paragraph before a break). Starting with a plain \n lets the regex engine scan for it: 6x
+# faster than PARAGRAPH_BREAK, which the filter's per-document statistics notice.
+PARAGRAPH_SPLIT = re.compile(r"\n(?:[ \t]*\r?\n)+")

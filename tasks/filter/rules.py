@@ -20,7 +20,7 @@ import numpy as np
 
 from ember.tasks.filter.config import FilterConfig
 from ember.tasks.filter.lines import PUNCTUATION, Drop, Unit, paragraphs_of
-from ember.tasks.text import CJK_CHAR, PARAGRAPH_BREAK
+from ember.tasks.text import CJK_CHAR, PARAGRAPH_SPLIT
 
 STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})  # Gopher's list
 CJK = re.compile(CJK_CHAR)
@@ -88,7 +88,7 @@ class Doc:
 
     @cached_property
     def paragraphs(self) -> list[str]:
-        return [p for p in (raw.strip() for raw in PARAGRAPH_BREAK.split(self.text)) if p]
+        return [p for p in (raw.strip() for raw in PARAGRAPH_SPLIT.split(self.text)) if p]
 
     @cached_property
     def unit_ids(self) -> np.ndarray:
