@@ -54,7 +54,7 @@ import torch
 from safetensors.torch import save_file
 
 from ember.model.checkpoint import load_model, read_config
-from ember.model.tokenizer import SPECIAL_IDS, TOKENIZER_FILES
+from ember.model.tokenizer import SPECIAL_IDS, TOKENIZER_FILES, TOKENIZER_JSON
 from ember.model.transformer import ModelConfig, Transformer
 
 LLAMA_CPP_PRE_TOKENIZER = "gpt-2"  # the closest name llama.cpp knows; see the module docstring
@@ -208,7 +208,7 @@ def gguf_vocab(tokenizer_dir: Path, vocab_size: int) -> tuple[list[str], list[in
     As the converter's `get_vocab_base`: special added tokens are CONTROL, other added tokens
     USER_DEFINED, ids the tokenizer lacks up to the model's vocab_size "[PAD<id>]" and UNUSED.
     """
-    path = tokenizer_dir / "tokenizer.json"
+    path = tokenizer_dir / TOKENIZER_JSON
     tok = json.loads(path.read_text(encoding="utf-8"))
     model = tok.get("model", {})
     if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(tok.get("pre_tokenizer")):

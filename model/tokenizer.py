@@ -16,7 +16,8 @@ SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>") + tuple(f"<reserved_{i}>" for i in 
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 SPECIAL_IDS = {"bos_id": BOS_ID, "eos_id": EOS_ID, "pad_id": PAD_ID}
 # What a tokenizer folder holds: the tokenizer, and the two files `transformers` also reads.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_JSON = "tokenizer.json"
+TOKENIZER_FILES = (TOKENIZER_JSON, "tokenizer_config.json", "special_tokens_map.json")
 
 
 def load_tokenizer(path: Path | str) -> Tokenizer:
@@ -26,7 +27,7 @@ def load_tokenizer(path: Path | str) -> Tokenizer:
     "<eos>" inside a document is text, not the end of the document.
     """
     path = Path(path)
-    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json" if path.is_dir() else path))
+    tokenizer = Tokenizer.from_file(str(path / TOKENIZER_JSON if path.is_dir() else path))
     tokenizer.encode_special_tokens = True
     for expected, token in enumerate(SPECIAL_TOKENS):
         if tokenizer.token_to_id(token) != expected:

@@ -1,9 +1,9 @@
 """The base of the per-document, shard-parallel stages (normalize, filter), in datatrove's shape.
 
-A stage subclasses `ShardStage` and says what it reads (`input`, an upstream stage), what it
-writes (`outputs`: a folder and a schema per kind of output, e.g. kept documents, removed ones,
-removed lines) and what it does with one document (`process`); `summarize` turns the counts into
-reports and metrics. The base owns what every such stage needs and used to write again:
+A stage subclasses `ShardStage` and says what it writes (`outputs`: a folder and a schema per
+kind of output, e.g. kept documents, removed ones, removed lines) and what it does with one
+document (`process`); `summarize` turns the counts into reports and metrics. It reads the text
+shards of its Stage's one input. The base owns what every such stage needs and used to write again:
 - one unit of work per input shard, through `ctx.map` (in order, a process pool or Dask), each
   writing files named after its input shard, so the artifact is the same whatever the order or
   the number of workers;
@@ -75,11 +75,11 @@ class Stats:
 
 
 class ShardStage:
-    """Subclass it, set `input` (and `outputs` if more than kept shards), write `process` and
-    `summarize`; the stage's `run` is `lambda cfg, ctx: MyStage(cfg).run(ctx)`."""
+    """Subclass it, set `name` (and `outputs` if more than kept shards), write `process` and
+    `summarize`; the stage's `run` is `lambda cfg, ctx: MyStage(cfg).run(ctx)`. It reads the text
+    shards of its one input (its Stage's `inputs`)."""
 
     name: ClassVar[str]
-    input: ClassVar[str]  # the upstream stage whose shards/ are read
     outputs: ClassVar[dict[str, pa.Schema]] = {"shards": TEXT_SCHEMA}  # the first is the kept documents
     batch_chars: ClassVar[int] = 2_000_000
 
@@ -98,8 +98,11 @@ class ShardStage:
 
     def run(self, ctx: StageContext) -> dict:
         started = time.monotonic()
-        shards, total = input_shards(ctx.inputs[self.input], self.input)
-        src = Path(ctx.inputs[self.input]) / "shards"
+        if len(ctx.inputs) != 1:
+            raise ValueError(f"{self.name} reads the shards of one upstream artifact, got {sorted(ctx.inputs)}")
+        [(upstream, folder)] = ctx.inputs.items()
+        shards, total = input_shards(folder, upstream)
+        src = Path(folder) / "shards"
         units = ctx.map(partial(run_unit, self, str(src), str(ctx.out)), [p.name for p in shards],
                         f"{self.name}-shard")
         kept = next(iter(self.outputs))

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer
 
-from ember.model.tokenizer import BOS_ID, EOS_ID, PAD_ID, load_tokenizer
+from ember.model.tokenizer import BOS_ID, EOS_ID, PAD_ID, TOKENIZER_JSON, load_tokenizer
 from ember.storage.shards import list_shards, read_shard
 from ember.storage.store import file_sha256
 from ember.storage.tokens import META, SPLITS, TokenShardWriter, token_dtype
@@ -110,7 +110,7 @@ def tokenize_unit(tokenizer_dir: str, cfg: TokenizeConfig, work: str, masks: dic
     (the shard's and tokenizer's bytes, the split mask, the config) and completed by renaming a
     temporary folder, so a rerun after a crash reuses finished shards and redoes only the rest.
     """
-    path, tokenizer_path = Path(shard), Path(tokenizer_dir) / "tokenizer.json"
+    path, tokenizer_path = Path(shard), Path(tokenizer_dir) / TOKENIZER_JSON
     is_val = masks[path.name]
     identity = hashlib.sha256(json.dumps([file_sha256(path), file_sha256(tokenizer_path),
                                           np.packbits(is_val).tobytes().hex(), cfg.model_dump()]).encode()).hexdigest()[:16]

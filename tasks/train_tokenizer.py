@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from ember.model.tokenizer import SPECIAL_TOKENS, load_tokenizer
+from ember.model.tokenizer import SPECIAL_TOKENS, TOKENIZER_JSON, load_tokenizer
 from ember.storage.shards import list_shards, read_shard
 from ember.tasks.stage import Stage, StageContext
 from ember.tasks.text import HAN, HAN_COMPATIBILITY, KANA
@@ -182,7 +182,7 @@ def run(cfg: TokenizerConfig, ctx: StageContext) -> dict:
                                   length=selected_docs)
     train_seconds = time.monotonic() - train_started
 
-    tokenizer.save(str(ctx.out / "tokenizer.json"))
+    tokenizer.save(str(ctx.out / TOKENIZER_JSON))
     write_transformers_files(ctx.out)
     tokenizer = load_tokenizer(ctx.out)  # measure what was saved, as the next stages will load it
 

@@ -15,12 +15,8 @@ from pydantic import ValidationError
 from ember.storage.shards import ShardWriter, iter_records
 from ember.tasks import dedup, download, normalize
 from ember.tasks.dedup import DedupConfig, jaccard, shingles
-from ember.tasks.stage import StageContext, pool_map
+from ember.tasks.stage import pool_map
 from helpers import stage_context
-
-
-def make_ctx(tmp_path: Path, name: str, inputs: dict[str, Path], mapper=None) -> StageContext:
-    return stage_context(tmp_path, name, inputs, mapper=mapper)
 
 
 def write_input(tmp_path: Path, records: list[dict], max_chars: int = 50_000) -> Path:
@@ -34,7 +30,7 @@ def run_dedup(tmp_path: Path, records: list[dict] | None, cfg: DedupConfig | Non
     """Dedup `records` (in this order); returns kept records, clusters.jsonl lines and metrics."""
     if records is not None:
         write_input(tmp_path, records)
-    ctx = make_ctx(tmp_path, name, {"filter": tmp_path / "filter"}, mapper)
+    ctx = stage_context(tmp_path, name, {"filter": tmp_path / "filter"}, mapper=mapper)
     metrics = dedup.run(cfg or DedupConfig(unit_chars=20_000), ctx)
     clusters = [json.loads(line) for line in (ctx.out / "clusters.jsonl").read_text(encoding="utf-8").splitlines()]
     return list(iter_records(ctx.out / "shards")), clusters, metrics
@@ -42,8 +38,8 @@ def run_dedup(tmp_path: Path, records: list[dict] | None, cfg: DedupConfig | Non
 
 def chunks_of(tmp_path: Path, path: Path) -> list[dict]:
     """A corpus file through the real download (4,000-char chunks) and normalize stages."""
-    download.run(download.DownloadConfig(sources=[{"path": str(path)}]), make_ctx(tmp_path, "download", {}))
-    normalize.run(normalize.NormalizeConfig(), make_ctx(tmp_path, "normalize", {"download": tmp_path / "download"}))
+    download.run(download.DownloadConfig(sources=[{"path": str(path)}]), stage_context(tmp_path, "download", {}))
+    normalize.run(normalize.NormalizeConfig(), stage_context(tmp_path, "normalize", {"download": tmp_path / "download"}))
     return list(iter_records(tmp_path / "normalize" / "shards"))
 
 

@@ -3,7 +3,7 @@ keys, MinHash signatures and LSH band keys), stage.py (the units, the global ste
 rule). See stage.py for what it does."""
 
 from ember.tasks.dedup.config import DedupConfig
-from ember.tasks.dedup.hashing import analyze, exact_key, jaccard, minhash, shingles
+from ember.tasks.dedup.hashing import jaccard, shingles
 from ember.tasks.dedup.stage import STAGE, run
 
-__all__ = ["STAGE", "DedupConfig", "analyze", "exact_key", "jaccard", "minhash", "run", "shingles"]
+__all__ = ["STAGE", "DedupConfig", "jaccard", "run", "shingles"]

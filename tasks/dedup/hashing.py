@@ -146,11 +146,6 @@ def shingles(text: str, cfg: DedupConfig) -> np.ndarray:
     return analyze(pa.array([text], type=pa.string()), cfg, keys=False)[1][0]
 
 
-def exact_key(text: str) -> bytes:
-    exact, _ = analyze(pa.array([text], type=pa.string()), DedupConfig(), sets=False)
-    return exact.tobytes()
-
-
 def jaccard(a: np.ndarray, b: np.ndarray) -> float:
     """Jaccard similarity of two sorted unique arrays."""
     if len(a) < len(b):

@@ -40,53 +40,8 @@ The modules:
 """
 
 from ember.tasks.download.chunker import chunk_text, iter_chunks
-from ember.tasks.download.config import (
-    COMPRESSIONS,
-    JSON_FORMATS,
-    SUPPORTED,
-    SUPPORTED_SUFFIXES,
-    TABLE_FORMATS,
-    TEXT_FORMATS,
-    BadInput,
-    DownloadConfig,
-    ErrorMode,
-    Source,
-    SourceError,
-    file_format,
-)
-from ember.tasks.download.fetch import FetchError, HttpConfig
-from ember.tasks.download.listing import FileList, list_files
-from ember.tasks.download.preflight_checks import content_digest, preflight
-from ember.tasks.download.readers import Doc, iter_hf, read_file
-from ember.tasks.download.stage import STAGE, MetadataWriter, Problems, SourceCounts, run
+from ember.tasks.download.config import DownloadConfig, Source, SourceError
+from ember.tasks.download.preflight_checks import preflight
+from ember.tasks.download.stage import STAGE, run
 
-__all__ = [
-    "STAGE",
-    "run",
-    "DownloadConfig",
-    "Source",
-    "ErrorMode",
-    "SourceError",
-    "BadInput",
-    "FetchError",
-    "HttpConfig",
-    "TEXT_FORMATS",
-    "JSON_FORMATS",
-    "TABLE_FORMATS",
-    "COMPRESSIONS",
-    "SUPPORTED_SUFFIXES",
-    "SUPPORTED",
-    "file_format",
-    "FileList",
-    "list_files",
-    "Doc",
-    "read_file",
-    "iter_hf",
-    "chunk_text",
-    "iter_chunks",
-    "preflight",
-    "content_digest",
-    "SourceCounts",
-    "Problems",
-    "MetadataWriter",
-]
+__all__ = ["STAGE", "DownloadConfig", "Source", "SourceError", "chunk_text", "iter_chunks", "preflight", "run"]

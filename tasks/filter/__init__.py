@@ -3,9 +3,7 @@ lines.py (C4's line and document rules), rules.py (Gopher and FineWeb as a list 
 stage.py (the steps in order, and the stage). See stage.py for what happens to a document."""
 
 from ember.tasks.filter.config import FilterConfig
-from ember.tasks.filter.lines import Drop, line_rules
-from ember.tasks.filter.rules import RULES, Doc
-from ember.tasks.filter.stage import REMOVED_LINES_SCHEMA, REMOVED_SCHEMA, STAGE, STEPS, Verdict, check, judge, run
+from ember.tasks.filter.lines import line_rules
+from ember.tasks.filter.stage import STAGE, check, judge, run
 
-__all__ = ["REMOVED_LINES_SCHEMA", "REMOVED_SCHEMA", "RULES", "STAGE", "STEPS", "Doc", "Drop", "FilterConfig",
-           "Verdict", "check", "judge", "line_rules", "run"]
+__all__ = ["STAGE", "FilterConfig", "check", "judge", "line_rules", "run"]

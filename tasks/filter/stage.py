@@ -129,7 +129,7 @@ def judge(text: str, cfg: FilterConfig) -> Verdict:
 
 
 class QualityFilter(ShardStage):
-    name, input = "filter", "normalize"
+    name = "filter"
     outputs = {"shards": TEXT_SCHEMA, "removed": REMOVED_SCHEMA, "removed_lines": REMOVED_LINES_SCHEMA}
 
     def process(self, doc: Document, out: dict[str, ShardFileWriter], stats: Stats) -> None:
@@ -196,4 +196,4 @@ def run(cfg: FilterConfig, ctx: StageContext) -> dict:
     return QualityFilter(cfg).run(ctx)
 
 
-STAGE = Stage(name="filter", version=3, run=run, inputs=("normalize",))
+STAGE = Stage(name=QualityFilter.name, version=3, run=run, inputs=("normalize",))

@@ -2,6 +2,6 @@
 model_card.py (the release's README.md and pipeline.yaml, read from the artifacts behind it).
 The release registry itself (versions, `latest`, rollback) is storage/releases.py."""
 
-from ember.tasks.publish.stage import CARD_FORMAT, PIPELINE_YAML, STAGE, PublishConfig, gate_decision, run
+from ember.tasks.publish.stage import STAGE, PublishConfig, run
 
-__all__ = ["CARD_FORMAT", "PIPELINE_YAML", "STAGE", "PublishConfig", "gate_decision", "run"]
+__all__ = ["STAGE", "PublishConfig", "run"]

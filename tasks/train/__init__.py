@@ -2,10 +2,8 @@
 precision.py (the precision probe), ddp.py (several processes under torchrun), plots.py (the loss
 curve), stage.py (the stage itself). See stage.py for what it does."""
 
-from ember.tasks.train.config import ModelSection, TrainConfig
-from ember.tasks.train.loop import Dist, lr_at, train_model
+from ember.tasks.train.config import TrainConfig
 from ember.tasks.train.precision import probe_precision, resolve_precision
 from ember.tasks.train.stage import STAGE, run
 
-__all__ = ["STAGE", "Dist", "ModelSection", "TrainConfig", "lr_at", "probe_precision", "resolve_precision", "run",
-           "train_model"]
+__all__ = ["STAGE", "TrainConfig", "probe_precision", "resolve_precision", "run"]

@@ -29,14 +29,13 @@ from safetensors.torch import load_file
 from ember.model.checkpoint import WEIGHTS, load_checkpoint, read_config, save_checkpoint, save_model
 from ember.model.device import autocast, pick_device
 from ember.model.scoring import eval_loss
+from ember.model.tokenizer import TOKENIZER_JSON
 from ember.model.transformer import ModelConfig, Transformer, configure_optimizer
 from ember.storage.tokens import TokenStream, bits_per_byte, read_meta
 from ember.tasks.stage import StageContext
 from ember.tasks.train.config import TrainConfig
 from ember.tasks.train.plots import loss_curve_png
 from ember.tasks.train.precision import resolve_precision
-
-TOKENIZER = "tokenizer.json"
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -94,11 +93,11 @@ def warm_start_weights(ctx: StageContext, model_cfg: ModelConfig) -> tuple[dict 
         return None, "no release to start from (none published, or none the flow could use)", None
     release = Path(release)
     tokenizer_dir = ctx.inputs.get("train_tokenizer")
-    if tokenizer_dir is None or not (Path(tokenizer_dir) / TOKENIZER).is_file():
+    if tokenizer_dir is None or not (Path(tokenizer_dir) / TOKENIZER_JSON).is_file():
         return None, "the train stage has no train_tokenizer input to compare the release's tokenizer with", None
-    if not (release / TOKENIZER).is_file():
-        return None, f"release {release.name} has no {TOKENIZER}", None
-    if (release / TOKENIZER).read_bytes() != (Path(tokenizer_dir) / TOKENIZER).read_bytes():
+    if not (release / TOKENIZER_JSON).is_file():
+        return None, f"release {release.name} has no {TOKENIZER_JSON}", None
+    if (release / TOKENIZER_JSON).read_bytes() != (Path(tokenizer_dir) / TOKENIZER_JSON).read_bytes():
         return None, f"release {release.name}'s tokenizer differs from this run's", None
     try:
         release_cfg, _ = read_config(release)
