@@ -2,15 +2,19 @@
 
 Each stage owns its section's model (`ember.tasks.<stage>`); this module only composes them,
 so a stage never sees another stage's settings. Unknown keys and bad values fail with the key
-path (`train.lr: Input should be greater than 0`), and source paths are checked to exist.
+path (`train.lr: Input should be greater than 0`, `train.lerning_rate: unknown key (did you mean
+lr?)`), and source paths are checked to exist.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
+import re
 from pathlib import Path
-from typing import Literal
+from types import UnionType
+from typing import Annotated, Literal, Union, get_args, get_origin
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -27,6 +31,10 @@ from ember.tasks.quantize import QuantizeConfig
 from ember.tasks.tokenize import TokenizeConfig
 from ember.tasks.train import TrainConfig
 from ember.tasks.train_tokenizer import TokenizerConfig
+
+
+# An unknown key with no close match lists the valid keys at its level when there are at most this many.
+MAX_LISTED_KEYS = 8
 
 
 class ConfigError(ValueError):
@@ -121,13 +129,97 @@ class PipelineConfig(BaseModel):
         return Path(override or os.environ.get(ROOT_ENV) or self.store.root or DEFAULT_ROOT).absolute()
 
 
-def format_validation_error(err: ValidationError, origin: str) -> str:
+def _members(annotation) -> list:
+    """The types a value of `annotation` can be: unions and Optional split, Annotated unwrapped."""
+    if get_origin(annotation) is Annotated:
+        return _members(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, UnionType):
+        return [member for arg in get_args(annotation) for member in _members(arg)]
+    return [annotation]
+
+
+def _name(kind) -> str:
+    return getattr(kind, "__name__", None) or str(kind)
+
+
+def _models_at(loc: tuple, root: type[BaseModel]) -> list[type[BaseModel]]:
+    """The pydantic models that the mapping at `loc` (a validation error's location, without its
+    last part) is validated as: walked from `root` through fields, list/tuple items, dict values
+    and union members (PipelineConfig, ("download", "sources", 0) -> [Source])."""
+    kinds: list = [root]
+    for part in loc:
+        # A union's error location names the member tried ("Source", "list[str]"): follow it.
+        tagged = [kind for kind in kinds if _name(kind) == part]
+        if tagged:
+            kinds = tagged
+            continue
+        following = []
+        for kind in kinds:
+            origin = get_origin(kind)
+            if isinstance(kind, type) and issubclass(kind, BaseModel) and isinstance(part, str):
+                field = next((f for name, f in kind.model_fields.items() if (f.alias or name) == part), None)
+                if field is not None:
+                    following += _members(field.annotation)
+            elif origin in (list, tuple, set, frozenset) and isinstance(part, int):
+                args = [arg for arg in get_args(kind) if arg is not Ellipsis]
+                following += [member for arg in args for member in _members(arg)]
+            elif origin is dict and len(get_args(kind)) == 2:
+                following += _members(get_args(kind)[1])
+        kinds = following
+    return [kind for kind in kinds if isinstance(kind, type) and issubclass(kind, BaseModel)]
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def _suggestion(key: str, models: list[type[BaseModel]]) -> str:
+    """What to add to "unknown key": the closest valid key at that level, else the valid keys if
+    there are a few, else nothing."""
+    fields = {}
+    for model in models:
+        for name, field in model.model_fields.items():
+            fields.setdefault(field.alias or name, field.description or "")
+    if not fields or not isinstance(key, str):
+        return ""
+    # By spelling: "lerning_rate" is not close to "lr", but "max_step" is to "max_steps".
+    by_lower = {name.lower(): name for name in fields}
+    close = difflib.get_close_matches(key.lower().replace("-", "_"), list(by_lower), n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {by_lower[close[0]]}?)"
+    # By meaning, for a key of two words or more ("learning_rate", "lerning_rate"): the field whose
+    # description has those words, nearly as spelled; among equals, the one they describe most of
+    # ("peak learning rate" -> lr, before "learning rate at the end of the cosine decay" -> min_lr).
+    words = _words(key)
+    if len(words) >= 2:
+        phrase, best = " ".join(words), None
+        for name, description in fields.items():
+            text = _words(description)
+            for start in range(len(text) - len(words) + 1):
+                window = " ".join(text[start:start + len(words)])
+                score = (round(difflib.SequenceMatcher(None, phrase, window).ratio(), 2), len(words) / len(text))
+                if score[0] >= 0.85 and (best is None or score > best[0]):
+                    best = (score, name)
+        if best:
+            return f" (did you mean {best[1]}?)"
+    if len(fields) <= MAX_LISTED_KEYS:
+        return f" (valid keys: {', '.join(fields)})"
+    return ""
+
+
+def format_validation_error(err: ValidationError, origin: str, root: type[BaseModel] | None = None) -> str:
+    """One line per problem, with its key path; an unknown key gets the closest valid key at its
+    level. `root`: the model that was validated (default PipelineConfig)."""
     lines = [f"{origin}: invalid config"]
     for problem in err.errors():
         path = ""
         for part in problem["loc"]:
             path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-        message = "unknown key" if problem["type"] == "extra_forbidden" else problem["msg"]
+        if problem["type"] == "extra_forbidden":
+            level = _models_at(problem["loc"][:-1], root or PipelineConfig)
+            message = "unknown key" + _suggestion(problem["loc"][-1], level)
+        else:
+            message = problem["msg"]
         lines.append(f"  {path or '(top level)'}: {message}")
     return "\n".join(lines)
 
