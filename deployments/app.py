@@ -10,13 +10,19 @@ so a 2-core machine stays usable. Before any release exists it still starts and 
 
     ember demo [--release v0001] [--host 127.0.0.1] [--port 7860] [--auth user:pass]
 
+The page shows the prompt highlighted and the model's text after it, offers example prompts
+in the language of the served model (told by its tokenizer's vocabulary, see
+`ember.model.scripts.model_languages`), and renders the card's tables to fit the narrow column (`DEMO_CSS`, which
+`launch` passes to Gradio; pass it too when mounting the Blocks elsewhere).
+
 API (gradio_client): `/generate` (prompt, max_new_tokens, temperature, top_k, top_p,
-repetition_penalty, seed, release, precision) streams the prompt plus the text so far;
-`/release_info` (release) returns what that choice serves now.
+repetition_penalty, seed, release, precision) streams the prompt plus the text so far, as one
+string; `/release_info` (release) returns what that choice serves now.
 """
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import os
@@ -35,6 +41,7 @@ from ember.model.checkpoint import load_model  # noqa: E402
 from ember.model.generate import generate  # noqa: E402
 from ember.model.quantize import INT8_WEIGHTS, load_int8  # noqa: E402
 from ember.model.decoding import use_decoding_layout  # noqa: E402
+from ember.model.scripts import model_languages, text_languages  # noqa: E402
 from ember.model.tokenizer import EOS_ID, load_tokenizer  # noqa: E402
 from ember.storage.releases import CARD, LATEST, VERSION_RE, current_version, list_versions  # noqa: E402
 
@@ -47,7 +54,12 @@ PRECISIONS = ("fp32", "int8")
 LOADED_KEEP = 2  # models kept in memory (release x precision)
 # The controls' starting values, for the page and for API calls that leave a control out.
 DEFAULTS = dict(max_new_tokens=128, temperature=0.8, top_k=50, top_p=1.0, repetition_penalty=1.1, seed=-1)
-EXAMPLES = ["Once upon a time", "ROMEO:", "话说天下大势，分久必合，", "床前明月光，"]
+# Example prompts per language, after the release's own evaluate prompts that fit its language.
+EXAMPLES = {
+    "en": ["Once upon a time", "ROMEO:", "It was a dark and stormy night", "The king said"],
+    "zh": ["话说天下大势，分久必合，", "床前明月光，", "却说宝玉", "春眠不觉晓，"],
+}
+MAX_EXAMPLES = 8
 
 # Every label in both languages; the Chinese ones of the seed's four controls are the seed's own.
 TEXT = {
@@ -61,7 +73,8 @@ TEXT = {
         "repetition_penalty_info": "1 = off; above 1 discourages repeating tokens",
         "seed": "Seed", "seed_info": "-1 = random; the same seed and settings give the same text",
         "release": "Release", "precision": "Weights", "generate": "Generate", "stop": "Stop",
-        "output": "Output", "examples": "Examples", "card": "### Model card",
+        "output": "Output: your prompt highlighted, then what the model wrote", "examples": "Examples",
+        "card": "### Model card",
     },
     "zh": {
         "intro": "## Ember\n\n由 Ember 从零训练的小型语言模型。输入一段文字的开头，它会接着写下去。",
@@ -72,13 +85,53 @@ TEXT = {
         "repetition_penalty_info": "1 = 不惩罚；大于 1 时减少重复",
         "seed": "随机种子", "seed_info": "-1 = 随机；相同的种子和设置生成相同的文字",
         "release": "版本", "precision": "权重精度", "generate": "生成", "stop": "停止",
-        "output": "输出", "examples": "示例", "card": "### 模型卡片",
+        "output": "输出：高亮的是提示词，其后是模型写的", "examples": "示例", "card": "### 模型卡片",
     },
 }
 LANGUAGES = {"English": "en", "中文": "zh"}
 # Runs in the browser on page load: the toggle starts at the browser's language.
 BROWSER_LANGUAGE_JS = "() => ((navigator.language || '').toLowerCase().startsWith('zh') ? '中文' : 'English')"
 EMPTY_PROMPT = "请输入提示词。 / Type a prompt first."
+
+# The prompt is shown highlighted, the model's text plain after it, so a reader sees at a glance
+# where the model took over. The card's tables get a smaller font and wrap only between words:
+# the right column is about 480 px wide, and Gradio's default breaks headers mid-word
+# ("perple|xity") while a 64-digit store key in a table pushes the column sideways. A table
+# still too wide (a card from before CARD_FORMAT 2, a narrow window) scrolls inside itself, as
+# GitHub shows tables, rather than widening the card.
+DEMO_CSS = """
+#output .ember-output { white-space: pre-wrap; overflow-wrap: anywhere; line-height: 1.6; font-size: var(--text-lg); }
+#output .ember-prompt { background: var(--color-accent-soft); border-bottom: 2px solid var(--color-accent);
+  font-weight: 600; border-radius: 3px; -webkit-box-decoration-break: clone; box-decoration-break: clone; }
+#output .ember-message { color: var(--body-text-color-subdued); }
+#card table { display: block; width: max-content; max-width: 100%; overflow-x: auto; font-size: var(--text-sm);
+  border: none; padding: 0; }
+#card th, #card td { padding: 4px 6px; word-break: normal; overflow-wrap: normal; hyphens: none; }
+#card th { vertical-align: bottom; }
+#card td code { word-break: break-all; font-size: 0.9em; }
+#card pre, #card pre code { white-space: pre-wrap; overflow-wrap: anywhere; }
+"""
+
+
+def render_output(prompt: str | None, generated: str) -> str:
+    """The output box's HTML: the prompt highlighted, then the generated text, both escaped
+    (the prompt is a stranger's text and the model writes anything). A None prompt marks
+    `generated` as a message (no release yet) rather than model text."""
+    if prompt is None:
+        return f'<div class="ember-output ember-message">{html.escape(generated)}</div>'
+    if not prompt and not generated:
+        return ""
+    return (f'<div class="ember-output"><span class="ember-prompt" title="prompt / 提示词">{html.escape(prompt)}'
+            f'</span><span class="ember-generated">{html.escape(generated)}</span></div>')
+
+
+def example_prompts(languages: list[str], release_prompts: list[str], limit: int = MAX_EXAMPLES) -> list[str]:
+    """The release's own prompts (its evaluate stage's) written in its languages, then the
+    demo's examples for those languages. With no language known, the release's prompts as they are."""
+    if not languages:
+        return list(dict.fromkeys(release_prompts))[:limit]
+    fitting = [p for p in release_prompts if text_languages(p) and text_languages(p) <= set(languages)]
+    return list(dict.fromkeys(fitting + [p for lang in languages for p in EXAMPLES.get(lang, [])]))[:limit]
 
 
 @dataclass
@@ -128,6 +181,7 @@ class Releases:
         self.root = Path(root)
         self.default = default
         self._loaded: OrderedDict[tuple[Path, str], Release] = OrderedDict()
+        self._examples: dict[Path, list[str]] = {}  # a release never changes, so neither do its examples
         self._lock = threading.Lock()
 
     def folder(self, name: str | None) -> Path | None:
@@ -159,6 +213,21 @@ class Releases:
         current = current_version(self.root)
         latest = f"latest ({current})" if current and current in versions else "latest"
         return [(latest, LATEST)] + [(v, v) for v in reversed(versions)]
+
+    def examples(self, name: str | None) -> list[str]:
+        """Example prompts in the language of the model `name` serves now ([] without one)."""
+        try:
+            folder = self.folder(name)
+        except gr.Error:
+            return []
+        if folder is None:
+            return []
+        with self._lock:
+            if folder not in self._examples:
+                report = _read_json(folder / "report.json")
+                prompts = [s["prompt"] for s in report.get("samples", {}).get("fp32", []) if s.get("prompt")]
+                self._examples[folder] = example_prompts(model_languages(load_tokenizer(folder)), prompts)
+            return self._examples[folder]
 
     def card(self, name: str | None) -> str:
         try:
@@ -197,9 +266,22 @@ def continue_text(releases: Releases, prompt: str, max_new_tokens: float = DEFAU
     Out-of-range values are clamped (a temperature of 0 or below is greedy decoding); `status`,
     when given, is filled with what was served (version, weights, tokens, seconds).
     """
+    for used, generated in continue_pieces(releases, prompt, max_new_tokens, temperature, top_k, top_p,
+                                           repetition_penalty, seed, release, precision, status):
+        yield generated if used is None else used + generated
+
+
+def continue_pieces(releases: Releases, prompt: str, max_new_tokens: float = DEFAULTS["max_new_tokens"],
+                    temperature: float = DEFAULTS["temperature"], top_k: float = DEFAULTS["top_k"],
+                    top_p: float = DEFAULTS["top_p"], repetition_penalty: float = DEFAULTS["repetition_penalty"],
+                    seed: float = DEFAULTS["seed"], release: str = LATEST, precision: str = "fp32",
+                    status: dict | None = None) -> Iterator[tuple[str | None, str]]:
+    """`continue_text` in two parts: (the prompt used, the text generated so far). The prompt
+    used is the end of a prompt that was too long; before any release it is None and the text
+    says so."""
     loaded = releases.get(release, precision)
     if loaded is None:
-        yield NO_RELEASE
+        yield None, NO_RELEASE
         return
     prompt = "" if prompt is None else str(prompt)
     if not prompt.strip():
@@ -222,24 +304,24 @@ def continue_text(releases: Releases, prompt: str, max_new_tokens: float = DEFAU
     ids = ids[-max(1, context - 1):]
     started = time.monotonic()
     new: list[int] = []
-    text = prompt
+    text = ""
     for token in generate(loaded.model, ids, max_new_tokens=max_new, temperature=temperature,
                           top_k=top_k or None, top_p=top_p if 0 < top_p < 1 else None, eos_id=loaded.eos_id,
                           seed=None if seed < 0 else seed, repetition_penalty=penalty):
         new.append(token)
         piece = loaded.tokenizer.decode(new)
         if not piece.endswith("\ufffd"):  # else half of a multi-byte character: wait for the rest
-            text = prompt + piece
-            yield text
+            text = piece
+            yield prompt, text
         if time.monotonic() - started > MAX_SECONDS:
             break
     # A last token that ends inside a character (cut by max_new_tokens) shows nothing of it.
-    final = prompt + loaded.tokenizer.decode(new).rstrip("\ufffd")
+    final = loaded.tokenizer.decode(new).rstrip("\ufffd")
     if status is not None:
         status.update(version=loaded.version, precision=loaded.precision, tokens=len(new),
                       seconds=time.monotonic() - started)
     if final != text or not new:
-        yield final
+        yield prompt, final
 
 
 def _status_line(status: dict | None) -> str:
@@ -255,22 +337,30 @@ def _status_line(status: dict | None) -> str:
 
 def build_app(releases_root: Path | str, release: str = LATEST, concurrency: int = 1,
               max_queue: int = 32) -> gr.Blocks:
-    """The demo's Blocks, queued `concurrency` generations at a time; `launch()` or mount it."""
+    """The demo's Blocks, queued `concurrency` generations at a time; `launch()` or mount it
+    (with `css=DEMO_CSS`)."""
     releases = Releases(releases_root, release)
-    served = releases.get(release) if releases.folder(release) else None  # load now: the first answer is quick
-    prompts = [s["prompt"] for s in (served.report.get("samples", {}).get("fp32", []) if served else [])]
-    examples = list(dict.fromkeys(prompts + EXAMPLES))[:8]
+    if releases.folder(release):
+        releases.get(release)  # load now: the first answer is quick
     en = TEXT["en"]
+
+    def show(prompt: str, max_new_tokens: float = DEFAULTS["max_new_tokens"],
+             temperature: float = DEFAULTS["temperature"], top_k: float = DEFAULTS["top_k"],
+             top_p: float = DEFAULTS["top_p"], repetition_penalty: float = DEFAULTS["repetition_penalty"],
+             seed: float = DEFAULTS["seed"], release: str = release,
+             precision: str = "fp32") -> Iterator[tuple[str, dict]]:
+        status: dict = {}
+        for used, generated in continue_pieces(releases, prompt, max_new_tokens, temperature, top_k, top_p,
+                                               repetition_penalty, seed, release, precision, status):
+            yield render_output(used, generated), status
 
     def handler(prompt: str, max_new_tokens: float = DEFAULTS["max_new_tokens"],
                 temperature: float = DEFAULTS["temperature"], top_k: float = DEFAULTS["top_k"],
                 top_p: float = DEFAULTS["top_p"], repetition_penalty: float = DEFAULTS["repetition_penalty"],
                 seed: float = DEFAULTS["seed"], release: str = release,
-                precision: str = "fp32") -> Iterator[tuple[str, dict]]:
-        status: dict = {}
-        for text in continue_text(releases, prompt, max_new_tokens, temperature, top_k, top_p,
-                                  repetition_penalty, seed, release, precision, status):
-            yield text, status
+                precision: str = "fp32") -> Iterator[str]:
+        yield from continue_text(releases, prompt, max_new_tokens, temperature, top_k, top_p,
+                                 repetition_penalty, seed, release, precision)
 
     def release_info(release: str = release) -> dict:
         folder = releases.folder(release)
@@ -280,6 +370,11 @@ def build_app(releases_root: Path | str, release: str = LATEST, concurrency: int
         return {"release": info.get("version", folder.name), "created": info.get("created"),
                 "folder": str(folder), "latest": current_version(releases.root)}
 
+    def examples_update(name: str | None):
+        samples = releases.examples(name)
+        return gr.update(samples=[[p] for p in samples], visible=bool(samples))
+
+    examples = releases.examples(release)
     with gr.Blocks(title="Ember demo") as demo:
         with gr.Row():
             intro = gr.Markdown(en["intro"])
@@ -311,23 +406,35 @@ def build_app(releases_root: Path | str, release: str = LATEST, concurrency: int
                 with gr.Row():
                     button = gr.Button(en["generate"], variant="primary", elem_id="generate")
                     stop = gr.Button(en["stop"], variant="secondary")
-                output = gr.Textbox(label=en["output"], lines=12, interactive=False, elem_id="output")
+                output = gr.HTML(render_output("", ""), label=en["output"], show_label=True, container=True,
+                                 padding=True, min_height=280, max_height=560, autoscroll=True, elem_id="output")
+                # What `/generate` answers: the same text as one plain string, for scripts.
+                api_output = gr.Textbox(visible=False)
                 status_line = gr.Markdown("", elem_id="status")
                 status = gr.State({})
-                sample_prompts = gr.Examples([[p] for p in examples], inputs=[prompt], label=en["examples"])
+                sample_prompts = gr.Dataset(components=[prompt], samples=[[p] for p in examples], type="values",
+                                            label=en["examples"], visible=bool(examples), elem_id="examples")
             with gr.Column(scale=2):
                 card_title = gr.Markdown(en["card"])
                 card = gr.Markdown(releases.card(release), max_height=720, elem_id="card")
 
         controls = [prompt, max_new, temperature, top_k, top_p, penalty, seed, choice, precision]
-        event = button.click(handler, inputs=controls, outputs=[output, status], api_name="generate",
-                             time_limit=MAX_SECONDS + 30)
+        # Two endpoints sharing one concurrency group: the page streams highlighted HTML, while
+        # `/generate` (no trigger on the page) keeps its plain string and the controls' range
+        # checks, so gradio_client scripts see no change.
+        event = button.click(show, inputs=controls, outputs=[output, status], api_visibility="private",
+                             concurrency_id="generate", time_limit=MAX_SECONDS + 30)
         event.then(_status_line, inputs=status, outputs=status_line, api_visibility="private")
         stop.click(None, cancels=[event])
-        choice.change(releases.card, inputs=choice, outputs=card, api_visibility="private")
+        gr.on([], handler, inputs=controls, outputs=api_output, api_name="generate", concurrency_id="generate",
+              time_limit=MAX_SECONDS + 30)
+        sample_prompts.click(lambda sample: sample[0], inputs=sample_prompts, outputs=prompt,
+                             api_visibility="private", queue=False)
+        choice.change(lambda name: (releases.card(name), examples_update(name)), inputs=choice,
+                      outputs=[card, sample_prompts], api_visibility="private")
 
         labelled = [intro, prompt, max_new, temperature, top_k, advanced, top_p, penalty, seed, choice, precision,
-                    button, stop, output, sample_prompts.dataset, card_title]
+                    button, stop, output, sample_prompts, card_title]
 
         def relabel(name: str) -> list:
             t = TEXT[LANGUAGES.get(name, "en")]
@@ -347,9 +454,11 @@ def build_app(releases_root: Path | str, release: str = LATEST, concurrency: int
 
         def refresh(name: str):
             names = [value for _, value in releases.choices()]
-            return gr.update(choices=releases.choices(), value=name if name in names else LATEST), releases.card(name)
+            return (gr.update(choices=releases.choices(), value=name if name in names else LATEST),
+                    releases.card(name), examples_update(name))
 
-        demo.load(refresh, inputs=choice, outputs=[choice, card], api_visibility="private", queue=False)
+        demo.load(refresh, inputs=choice, outputs=[choice, card, sample_prompts], api_visibility="private",
+                  queue=False)
         gr.api(release_info, api_name="release_info")
     return demo.queue(default_concurrency_limit=concurrency, max_size=max_queue)
 
@@ -381,6 +490,6 @@ def launch(releases_root, release: str = LATEST, host: str = "127.0.0.1", port: 
     credentials = parse_auth(auth if auth is not None else os.environ.get(AUTH_ENV))
     demo = build_app(root, release, concurrency=concurrency)
     demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=prevent_thread_lock,
-                inbrowser=False, show_error=True, auth=credentials, quiet=quiet,
+                inbrowser=False, show_error=True, auth=credentials, quiet=quiet, css=DEMO_CSS,
                 auth_message="Ember demo: log in / 请登录" if credentials else None)
     return demo

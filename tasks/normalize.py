@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ember.storage.shards import ShardFileWriter
 from ember.tasks.shard_stage import Document, ShardStage, Stats
 from ember.tasks.stage import Stage, StageContext
-from ember.tasks.text import CJK_PUNCTUATION, FULLWIDTH_PUNCTUATION, HAN, KANA
+from ember.model.scripts import CJK_PUNCTUATION, FULLWIDTH_PUNCTUATION, HAN, KANA
 
 
 class NormalizeConfig(BaseModel):

@@ -33,7 +33,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from ember.model.tokenizer import SPECIAL_TOKENS, TOKENIZER_JSON, load_tokenizer
 from ember.storage.shards import list_shards, read_shard
 from ember.tasks.stage import Stage, StageContext
-from ember.tasks.text import HAN, HAN_COMPATIBILITY, KANA
+from ember.model.scripts import HAN, HAN_COMPATIBILITY, KANA
 
 
 # Han ideographs and kana one per pre-token; digits in groups of up to three (with the space

@@ -39,21 +39,37 @@ def write_manifest(folder: Path, stage: str, label: str, metrics: dict | None = 
     (folder / "manifest.json").write_text(json.dumps({"ref": fake_ref(stage, label), "metrics": metrics or {}}))
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory, corpora) -> Path:
-    root = tmp_path_factory.mktemp("tokenizer")
-    text = (corpora / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")[:100_000]
+def build_tokenizer(root: Path, source: str, texts: list[str]) -> Path:
+    """A train_tokenizer artifact (the real stage, VOCAB tokens) trained on `texts`."""
     with ShardWriter(root / "dedup" / "shards") as writer:
-        writer.write_many({"id": f"shakespeare:{i}", "text": t, "source": "shakespeare"}
-                          for i, t in enumerate(text.split("\n\n")))
+        writer.write_many({"id": f"{source}:{i}", "text": t, "source": source} for i, t in enumerate(texts))
     ctx = make_ctx(root, "tok", {"dedup": root / "dedup"}, root / "store")
     train_tokenizer.run(train_tokenizer.TokenizerConfig(vocab_size=VOCAB), ctx)
-    write_manifest(ctx.out, "train_tokenizer", "tok")
+    write_manifest(ctx.out, "train_tokenizer", f"tok-{source}")
     return ctx.out
 
 
-def make_inputs(root: Path, tokenizer_dir: Path, label: str, seed: int = 0) -> dict[str, Path]:
-    """train / quantize / evaluate artifact folders around a tiny random model."""
+def shakespeare_tokenizer(root: Path, corpora: Path) -> Path:
+    text = (corpora / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")[:100_000]
+    return build_tokenizer(root, "shakespeare", text.split("\n\n"))
+
+
+def poetry_tokenizer(root: Path, corpora: Path) -> Path:
+    """A Chinese vocabulary: the first 1,000 poems of the shared classical poetry."""
+    with open(corpora / "chinese_poetry" / "chinese_poetry.jsonl", encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for _, line in zip(range(1000), f)]
+    return build_tokenizer(root, "poetry", texts)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory, corpora) -> Path:
+    return shakespeare_tokenizer(tmp_path_factory.mktemp("tokenizer"), corpora)
+
+
+def make_inputs(root: Path, tokenizer_dir: Path, label: str, seed: int = 0,
+                prompts: tuple[str, ...] = ()) -> dict[str, Path]:
+    """train / quantize / evaluate artifact folders around a tiny random model; `prompts` are
+    the evaluate stage's (its samples in report.json)."""
     torch.manual_seed(seed)
     model = Transformer(ModelConfig(vocab_size=VOCAB, **PRESETS["tiny"])).eval()
     extra = {"tokenizer": {"bos_id": 1, "eos_id": 2, "pad_id": 0},
@@ -64,11 +80,30 @@ def make_inputs(root: Path, tokenizer_dir: Path, label: str, seed: int = 0) -> d
     save_int8(quantize_int8(model), folders["quantize"], extra)
     folders["evaluate"].mkdir(parents=True)
     (folders["evaluate"] / "report.json").write_text(json.dumps(  # the shape of a real report, in short
-        {"models": ["fp32"], "fp32": {"val_loss": 6.3, "bpb": 3.1, "file_bytes": 1}}))
+        {"models": ["fp32"], "fp32": {"val_loss": 6.3, "bpb": 3.1, "file_bytes": 1},
+         "samples": {"fp32": [{"prompt": p, "completion": "…"} for p in prompts]}}))
     (folders["evaluate"] / "report.md").write_text(f"# Report {label}\n\nval loss 6.3\n")
     for stage, folder in folders.items():
         write_manifest(folder, stage, f"{label}-{stage}", {"label": label})
     return {**folders, "train_tokenizer": tokenizer_dir}
+
+
+ZH_PROMPT = "却说曹操"  # the Chinese release's own evaluate prompt
+
+
+def publish_two_languages(root: Path, corpora: Path) -> Path:
+    """A releases folder holding an English model (v0001, Shakespeare's vocabulary) and a Chinese
+    one (v0002, classical poetry's), `latest` on the Chinese. Each one's evaluate prompts include
+    one in the other language (as a Chinese run left at the English default prompts would have).
+    Random weights: what is tested is what the demo shows around them."""
+    store = root / "store"
+    english = make_inputs(root, shakespeare_tokenizer(root / "en", corpora), "en", prompts=("To be", "床前明月光，"))
+    chinese = make_inputs(root, poetry_tokenizer(root / "zh", corpora), "zh", seed=1,
+                          prompts=(ZH_PROMPT, "Once upon a time"))
+    for name, inputs in (("en", english), ("zh", chinese)):
+        publish.run(publish.PublishConfig(gate=False, gguf=[], export_hf=False),
+                    make_ctx(root, f"publish-{name}", inputs, store))
+    return store / "releases"
 
 
 def run_publish(tmp_path: Path, name: str, inputs: dict[str, Path], store: Path, **cfg) -> tuple[dict, Path]:
@@ -104,7 +139,7 @@ def test_versions_latest_and_republish(tmp_path, tokenizer_dir):
     record = json.loads((release / "release.json").read_text())
     assert record["version"] == "v0001" and record["created"]
     assert record["refs"] == {stage: fake_ref(stage, f"a-{stage}") for stage in ("train", "quantize", "evaluate")} | {
-        "train_tokenizer": fake_ref("train_tokenizer", "tok")}
+        "train_tokenizer": fake_ref("train_tokenizer", "tok-shakespeare")}
     assert record["metrics"]["train"] == {"label": "a"}
     assert (out / "release.json").read_bytes() == (release / "release.json").read_bytes()
     assert (release / "model.safetensors").read_bytes() == (a["train"] / "model.safetensors").read_bytes()
@@ -300,6 +335,64 @@ def test_direct_calls_are_clamped(releases):
     pieces = list(continue_text(Releases(releases), "To be", max_new_tokens=10**9, temperature=-5, top_k=-3,
                                 top_p=7, repetition_penalty=0, seed=-20, status=status))
     assert pieces[-1].startswith("To be") and 0 < status["tokens"] <= MAX_NEW_TOKENS
+
+
+def test_the_page_marks_the_prompt_apart(releases):
+    """The page shows the prompt highlighted and the model's text after it, both as text: a prompt
+    or an answer holding markup is shown, never rendered. (`/generate` keeps one plain string.)"""
+    from ember.deployments.app import (MAX_PROMPT_CHARS, NO_RELEASE, Releases, continue_pieces, continue_text,
+                                       render_output)
+
+    page = render_output("<b>To be</b> & ", "or <script>not</script>")
+    assert page == ('<div class="ember-output"><span class="ember-prompt" title="prompt / 提示词">'
+                    '&lt;b&gt;To be&lt;/b&gt; &amp; </span><span class="ember-generated">'
+                    'or &lt;script&gt;not&lt;/script&gt;</span></div>')
+    assert "ember-message" in render_output(None, NO_RELEASE) and "ember-prompt" not in render_output(None, NO_RELEASE)
+    assert render_output("", "") == ""
+
+    pieces = list(continue_pieces(Releases(releases), "To be", 12, 0.0))
+    assert len(pieces) > 1 and {used for used, _ in pieces} == {"To be"}  # streamed, the prompt apart
+    assert pieces[-1][1] and list(continue_text(Releases(releases), "To be", 12, 0.0))[-1] == "To be" + pieces[-1][1]
+    long = "ab" * MAX_PROMPT_CHARS + "END"
+    with pytest.warns(UserWarning, match="only its last"):
+        used, _ = next(continue_pieces(Releases(releases), long, 2, 0.0))
+    assert used == long[-MAX_PROMPT_CHARS:]  # the part of a long prompt the model was given
+    assert next(continue_pieces(Releases(releases.parent / "none"), "To be")) == (None, NO_RELEASE)
+
+
+@pytest.fixture(scope="module")
+def two_languages(tmp_path_factory, corpora) -> Path:
+    return publish_two_languages(tmp_path_factory.mktemp("languages"), corpora)
+
+
+def test_examples_are_in_the_model_language(two_languages):
+    """Examples come from the served model's vocabulary's language: its own evaluate prompts in
+    that language first, then the demo's; a prompt in another language is left out."""
+    from ember.deployments.app import EXAMPLES, Releases, build_app, example_prompts
+    from ember.model.scripts import model_languages, text_languages
+    from ember.model.tokenizer import load_tokenizer
+
+    assert model_languages(load_tokenizer(two_languages / "v0001")) == ["en"]
+    assert model_languages(load_tokenizer(two_languages / "v0002")) == ["zh"]
+    releases = Releases(two_languages)
+    english, chinese = releases.examples("v0001"), releases.examples("v0002")
+    assert english == ["To be", *EXAMPLES["en"]]
+    assert chinese == [ZH_PROMPT, *EXAMPLES["zh"]]
+    assert releases.examples("latest") == chinese and releases.examples("../x") == []
+    assert {frozenset(text_languages(p)) for p in english} == {frozenset({"en"})}
+    assert {frozenset(text_languages(p)) for p in chinese} == {frozenset({"zh"})}
+    assert text_languages("こんにちは、世界") == {"ja"} and text_languages("1 + 1") == set()
+    # A vocabulary in a script the demo has no examples for: the release's own prompts, unfiltered.
+    assert example_prompts([], ["Привет", "Hi"]) == ["Привет", "Hi"]
+    assert example_prompts(["ko"], ["안녕", "Hi"]) == ["안녕"]
+
+    # The page starts with the examples of the release it serves.
+    def page_examples(release: str) -> list[str]:
+        config = build_app(two_languages, release).config
+        (dataset,) = [c for c in config["components"] if c.get("props", {}).get("elem_id") == "examples"]
+        return [sample[0] for sample in dataset["props"]["samples"]]
+
+    assert page_examples("latest") == chinese and page_examples("v0001") == english
 
 
 def test_login(releases, tmp_path):

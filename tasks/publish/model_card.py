@@ -271,15 +271,17 @@ def _data_section(stages: dict[str, dict], sources: list[dict]) -> list[str]:
     lines = ["## Data", ""]
     if not sources:
         return lines + ["Not recorded (the publish stage was not given the download artifact).", ""]
+    # Read and kept share a cell: four columns fit a narrow column (the demo's, a phone's) where
+    # seven did not, and each cell reads as what went in and what came out.
     lines += ["Documents longer than the download's `chunk_chars` are split into chunks; the filter and "
               "dedup stages work on chunks. Kept = what the tokenizer and the model were trained on.", "",
-              "| source | documents | chunks read | characters read | chunks kept | characters kept | kept |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+              "| source | documents | chunks: read → kept | characters: read → kept |",
+              "|---|---:|---:|---:|"]
     for row in sources:
-        share = (f"{100 * row['kept_chars'] / row['chars']:.1f}%"
-                 if row.get("kept_chars") is not None and row.get("chars") else "n/a")
-        lines.append(f"| {row['source']} | {_n(row['docs'])} | {_n(row['chunks'])} | {_n(row['chars'])} | "
-                     f"{_n(row['kept_chunks'])} | {_n(row['kept_chars'])} | {share} |")
+        share = (f" ({100 * row['kept_chars'] / row['chars']:.1f}%)"
+                 if row.get("kept_chars") is not None and row.get("chars") else "")
+        lines.append(f"| {row['source']} | {_n(row['docs'])} | {_n(row['chunks'])} → {_n(row['kept_chunks'])} | "
+                     f"{_n(row['chars'])} → {_n(row['kept_chars'])}{share} |")
     lines += ["", "Licences (of the sources, as their own documentation states them):", ""]
     for row in sources:
         where = f" (from `{row['licence_from']}`)" if row["licence_from"] else ""
