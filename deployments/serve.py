@@ -7,15 +7,19 @@
 
 Deployments (each runs in a subprocess of this one):
 
-- `build-llm/build`: the pipeline, on demand. Its parameters are the typed config loaded from the
-  YAML file, so the UI shows every field and `--param`/`--params` are validated at creation.
-- `build-llm/retrain`: the same flow with `train.warm_start` on and publishing left to the gate,
-  on the config's `schedule` (nightly by default) and whenever `watch-corpus` reports that the
-  sources changed (a DeploymentEventTrigger on `ember.corpus.changed`). Unchanged stages are
-  cache hits.
-- `watch-corpus/watch`: looks at the sources every `schedule.watch_seconds` (ember.flows.watch).
+- `build-llm/build`: the pipeline, on demand (runs named `build-<config>-<digest>`). Its
+  parameters are the typed config loaded from the YAML file, so the UI shows every field and
+  `--param`/`--params` are validated at creation.
+- `build-llm/retrain`: the same flow (runs named `retrain-<config>-<digest>`) with
+  `train.warm_start` on and publishing left to the gate, on the config's `schedule` (nightly by
+  default) and whenever the watcher reports that the sources changed (a DeploymentEventTrigger on
+  `ember.corpus.changed`). Unchanged stages are cache hits.
 - `ember-demo/demo`: the Gradio demo on `releases/latest`, serving until its run is cancelled; a
   new release shows up at the next generation without a restart.
+
+The serve process also looks at the sources every `schedule.watch_seconds` (a thread running
+`ember.flows.watch.watch_sources`) and emits `ember.corpus.changed` when they differ: no flow run
+when nothing changed.
 
 `build` and `retrain` each allow one run at a time (others wait their turn); the store's
 per-artifact locks make any two runs that do overlap (a build and a retrain, two `ember run`s)
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 from datetime import timedelta
 from pathlib import Path
 
@@ -38,8 +43,8 @@ from prefect.schedules import Cron, Interval
 from prefect.settings import PREFECT_API_URL
 
 from ember.flows.config import ConfigError, PipelineConfig, load_config
-from ember.flows.pipeline import DEMO_URL, build_llm
-from ember.flows.watch import EVENT, resource_id, watch_corpus
+from ember.flows.pipeline import DEMO_URL, build_llm, retrain_config
+from ember.flows.watch import EVENT, resource_id, watch_sources
 
 DEMO_PORT = int(DEMO_URL.rsplit(":", 1)[1])
 
@@ -54,13 +59,6 @@ def demo(store_root: str, release: str = "latest", host: str = "127.0.0.1", port
 
     get_run_logger().info("demo of %s/releases/%s at http://%s:%d", store_root, release, host, port)
     launch(Path(store_root) / "releases", release=release, host=host, port=port)
-
-
-def retrain_config(config: PipelineConfig) -> PipelineConfig:
-    """The config a retrain runs: training warm-starts from the published release when it can,
-    and the new model is published only if the gate finds it better (never forced)."""
-    return config.model_copy(update={"train": config.train.model_copy(update={"warm_start": True}),
-                                     "publish": config.publish.model_copy(update={"force": False})})
 
 
 def build_deployment(config: PipelineConfig) -> RunnerDeployment:
@@ -83,7 +81,7 @@ def retrain_deployment(config: PipelineConfig) -> RunnerDeployment:
         schedules.append(Interval(timedelta(seconds=schedule.interval_seconds)))
     return build_llm.to_deployment(
         name="retrain",
-        parameters={"config": retrain_config(config).model_dump(mode="json")},
+        parameters={"config": retrain_config(config).model_dump(mode="json"), "purpose": "retrain"},
         schedules=schedules,
         triggers=[DeploymentEventTrigger(
             name=f"retrain {config.name} when its corpus changes",
@@ -99,19 +97,6 @@ def retrain_deployment(config: PipelineConfig) -> RunnerDeployment:
     )
 
 
-def watch_deployment(config: PipelineConfig) -> RunnerDeployment:
-    return watch_corpus.to_deployment(
-        name="watch",
-        parameters={"config": config.model_dump(mode="json")},
-        interval=timedelta(seconds=config.schedule.watch_seconds),
-        description=f"Emit {EVENT} when {config.name}'s sources change (retrain has a trigger on it)",
-        tags=["ember", config.name],
-        # A check still running makes the next one pointless: drop it rather than queue it.
-        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW),
-        **_COMMON,
-    )
-
-
 def demo_deployment(config: PipelineConfig) -> RunnerDeployment:
     return demo.to_deployment(
         name="demo",
@@ -123,15 +108,15 @@ def demo_deployment(config: PipelineConfig) -> RunnerDeployment:
     )
 
 
+def pinned(config: PipelineConfig) -> PipelineConfig:
+    """Runs start in subprocesses of this one: pin the store to the folder it resolves to here
+    ($EMBER_HOME, the config's `store.root`, or .ember/ in this directory)."""
+    return config.model_copy(update={"store": config.store.model_copy(update={"root": str(config.store_root())})})
+
+
 def deployments(config: PipelineConfig) -> list[RunnerDeployment]:
-    # Runs start in subprocesses of this one: pin the store to the folder it resolves to here
-    # ($EMBER_HOME, the config's `store.root`, or .ember/ in this directory).
-    store = config.store.model_copy(update={"root": str(config.store_root())})
-    config = config.model_copy(update={"store": store})
-    found = [build_deployment(config), retrain_deployment(config), demo_deployment(config)]
-    if config.schedule.watch_seconds:
-        found.append(watch_deployment(config))
-    return found
+    config = pinned(config)
+    return [build_deployment(config), retrain_deployment(config), demo_deployment(config)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -146,7 +131,14 @@ def main(argv: list[str] | None = None) -> None:
         # Without a server, Prefect would serve against a temporary one that nobody else can see.
         sys.exit("error: PREFECT_API_URL is not set. Start a server (`make server`) and "
                  "export PREFECT_API_URL=http://127.0.0.1:4200/api")
-    serve(*deployments(config))
+    stop = threading.Event()
+    if config.schedule.watch_seconds:
+        threading.Thread(target=watch_sources, args=(pinned(config), config.schedule.watch_seconds, stop),
+                         name="ember-watch", daemon=True).start()
+    try:
+        serve(*deployments(config))
+    finally:
+        stop.set()
 
 
 if __name__ == "__main__":

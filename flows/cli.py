@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
+import threading
 import time
+from contextlib import contextmanager
+from enum import Enum
+from importlib import metadata
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -16,10 +21,27 @@ from rich.table import Table
 import ember.flows  # noqa: F401  (offline defaults, before Prefect or Gradio load)
 from ember.flows.config import ConfigError, load_config
 from ember.storage.store import Store, StoreError, default_root
+from ember.tasks.stages import STAGE_NAMES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
 err_console = Console(stderr=True)
+
+# The stage names as a choice: `--help` lists them and a typo is refused before anything runs.
+StageChoice = Enum("StageChoice", {name: name for name in STAGE_NAMES}, type=str)
+STAGES_HELP = "stages, in order: " + ", ".join(STAGE_NAMES)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"ember {metadata.version('ember-llm')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                      help="print Ember's version and exit")) -> None:
+    """`ember`: run the pipeline, look into the store, launch the demo."""
 
 StoreOption = typer.Option(None, "--store", help="store folder (default: $EMBER_HOME, else .ember/)")
 
@@ -44,8 +66,12 @@ def _size(n: int) -> str:
 @app.command()
 def run(
     config_path: Path = typer.Argument(..., metavar="CONFIG", help="pipeline YAML, e.g. configs/sample.yaml"),
-    force: list[str] = typer.Option([], "--force", help="rerun this stage even if cached (repeatable)"),
-    from_stage: Optional[str] = typer.Option(None, "--from", help="rerun this stage and every stage after it"),
+    force: list[StageChoice] = typer.Option([], "--force", metavar="STAGE",
+                                            help=f"rerun this stage even if cached (repeatable); {STAGES_HELP}"),
+    from_stage: Optional[StageChoice] = typer.Option(None, "--from", metavar="STAGE",
+                                                     help=f"rerun this stage and every stage after it; {STAGES_HELP}"),
+    retrain: bool = typer.Option(False, "--retrain", help="run as the retrain deployment does: warm start from "
+                                                           "the published release, publish only through the gate"),
     force_publish: bool = typer.Option(False, "--force-publish",
                                        help="publish even if the model is not better than the published one"),
     store: Optional[Path] = StoreOption,
@@ -58,23 +84,28 @@ def run(
         preflight(config.download)  # a missing or empty source fails here, before Prefect starts
     except (ConfigError, SourceError) as err:
         _fail(str(err))
+    if retrain and force_publish:
+        _fail("--retrain publishes only through the gate; leave out --force-publish")
+
+    from ember.flows.pipeline import build_llm, retrain_config, run_name
+
+    purpose = "retrain" if retrain else "build"
+    if retrain:
+        config = retrain_config(config)
     if force_publish:
         config = config.model_copy(update={"publish": config.publish.model_copy(update={"force": True})})
-
-    from ember.flows.pipeline import build_llm, stages_to_force
-
-    try:
-        stages_to_force(force, from_stage)
-    except ValueError as err:
-        _fail(str(err))
+    name = run_name(purpose, config)
+    console.print(f"[bold]{name}[/]: {len(STAGE_NAMES)} stages, store {config.store_root(store)}", highlight=False)
     started = time.monotonic()
     try:
-        summary = build_llm(config, force=force or None, from_stage=from_stage,
-                            store_root=str(store) if store else None)
+        with live_progress():
+            summary = build_llm(config, force=[stage.value for stage in force] or None,
+                                from_stage=from_stage.value if from_stage else None,
+                                store_root=str(store) if store else None, purpose=purpose)
     except Exception as err:  # the flow's log has the traceback; the terminal gets the reason
         _fail(f"{type(err).__name__}: {err}", code=1)
 
-    table = Table(title=f"ember run {config.name} ({time.monotonic() - started:.0f}s)")
+    table = Table(title=f"{name} ({time.monotonic() - started:.0f}s)")
     for column in ("stage", "result", "seconds", "artifact"):
         table.add_column(column)
     for row in summary["stages"]:
@@ -89,6 +120,49 @@ def run(
     else:
         console.print(f"[yellow]{summary['not_published']}[/]", highlight=False)
     console.print(f"Launch the demo: [bold]{launcher} demo{store_flag}[/]  (or `make demo`)")
+
+
+@contextmanager
+def live_progress() -> Iterator[None]:
+    """A live bar with an ETA for each long step of a stage (what its `ctx.report.progress` says),
+    drawn on the console Prefect logs to, so log lines scroll above the bars; the progress log
+    lines themselves stay out of the terminal (they still reach the run log)."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    from ember.flows.prefect_stage import PROGRESS_LISTENERS
+
+    handlers = {id(h): h for name in ("prefect", "ember") for h in logging.getLogger(name).handlers
+                if isinstance(h, PrefectConsoleHandler)}.values()
+    shared = next(iter(handlers)).console if handlers else err_console
+    for handler in handlers:
+        handler.console = shared  # one console: a log line printed while the bars are live goes above them
+
+    def not_progress(record: logging.LogRecord) -> bool:
+        return not getattr(record, "ember_progress", False)
+
+    bars = Progress(TextColumn("{task.description:<34}"), BarColumn(), TaskProgressColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=shared)
+    tasks: dict[tuple[str, str], int] = {}
+    lock = threading.Lock()
+
+    def listen(stage: str, what: str, done: float, total: float) -> None:
+        with lock:
+            if (stage, what) not in tasks:
+                tasks[stage, what] = bars.add_task(what, total=total or None)
+            bars.update(tasks[stage, what], completed=done, total=total or None)
+
+    for handler in handlers:
+        handler.addFilter(not_progress)
+    PROGRESS_LISTENERS.append(listen)
+    try:
+        with bars:
+            yield
+    finally:
+        PROGRESS_LISTENERS.remove(listen)
+        for handler in handlers:
+            handler.removeFilter(not_progress)
 
 
 @app.command("ls")
@@ -106,13 +180,26 @@ def list_artifacts(stage: Optional[str] = typer.Option(None, help="only this sta
 
 
 @app.command()
-def show(ref: str = typer.Argument(..., help="a ref or key prefix, as `ember ls` prints"), store: Optional[Path] = StoreOption) -> None:
-    """Print an artifact's manifest: inputs, params, metrics, files."""
+def show(ref: str = typer.Argument(..., help="a ref or key prefix, as `ember ls` prints"),
+         as_json: bool = typer.Option(False, "--json", help="the whole manifest as JSON, report included"),
+         store: Optional[Path] = StoreOption) -> None:
+    """Print an artifact's manifest (inputs, params, metrics, files), then the report its stage gave."""
+    from rich.markdown import Markdown
+
     try:
         artifact = _store(store).find(ref)
     except StoreError as err:
         _fail(str(err))
-    console.print_json(json.dumps({"path": str(artifact.path), **artifact.manifest}, default=str))
+    manifest = {"path": str(artifact.path), **artifact.manifest}
+    if as_json:
+        console.print_json(json.dumps(manifest, default=str))
+        return
+    report = manifest.pop("report", [])
+    console.print_json(json.dumps(manifest, default=str))
+    for section in report:
+        text = section["markdown"].strip()
+        titled = section["title"] and not text.startswith("#")
+        console.print(Markdown(f"### {section['title']}\n\n{text}" if titled else text))
 
 
 @app.command("audit")

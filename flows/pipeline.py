@@ -10,20 +10,25 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.runtime import flow_run
 
 from ember.flows.config import PipelineConfig
-from ember.flows.prefect_stage import UnitMap, artifact_key, stage_task
-from ember.storage.releases import RELEASE_JSON, WEIGHTS, pick_release
+from ember.flows.cards import release_markdown, stages_table
+from ember.flows.prefect_stage import UnitMap, artifact_key, stage_task, ui_url
+from ember.storage.releases import LATEST, RELEASE_JSON, WEIGHTS, pick_release
 from ember.storage.store import Store, file_sha256
 from ember.tasks import download
 from ember.tasks.stage import Outcome
 from ember.tasks.stages import STAGE_NAMES, STAGES
 from ember.tasks.train import TrainConfig
+
+# A stage's name, as the flow's `force` and `from_stage` take it: an enum in the run's parameter
+# schema, so the UI offers the names and a typo is refused when the run is created.
+StageName = Literal[tuple(STAGE_NAMES)]
 
 
 def stages_to_force(force: list[str] | None, from_stage: str | None) -> set[str]:
@@ -72,33 +77,37 @@ def plan_warm_start(cfg: TrainConfig, releases: Path, tokens_ref: str | None) ->
 # Where `ember demo` and the `demo` deployment listen unless told otherwise.
 DEMO_URL = "http://127.0.0.1:7860"
 
+# What a run is for: a build on demand, or a retrain (warm start, publish through the gate).
+Purpose = Literal["build", "retrain"]
 
-def release_markdown(release: str, reason: str, store_root: Path) -> str:
-    """The run's release artifact: links to the release folder and to the demo, and how to start it."""
-    latest = store_root / "releases" / "latest"
-    if release:
-        head = f"**Release:** [{Path(release).name}]({Path(release).as_uri()}) (`{release}`)"
-    elif latest.exists():
-        head = (f"**{reason}**\n\nStill published: [{latest.resolve().name}]({latest.resolve().as_uri()}) "
-                f"(`{latest.resolve()}`)")
-    else:
-        return f"**{reason}**"
-    return (f"{head}\n\n**Demo:** [{DEMO_URL}]({DEMO_URL}), which serves `releases/latest` once started: "
-            f"`prefect deployment run 'ember-demo/demo'` (with `make serve` running) or "
-            f"`ember demo --store {store_root}`")
+
+def retrain_config(config: PipelineConfig) -> PipelineConfig:
+    """The config a retrain runs: training warm-starts from the published release when it can,
+    and the new model is published only if the gate finds it better (never forced)."""
+    return config.model_copy(update={"train": config.train.model_copy(update={"warm_start": True}),
+                                     "publish": config.publish.model_copy(update={"force": False})})
+
+
+def run_name(purpose: str, config: PipelineConfig) -> str:
+    """`build-<config>-<digest>`: the flow run's name in the UI, and what `ember run` prints."""
+    return f"{purpose}-{config.name}-{config.digest()}"
 
 
 def _run_name() -> str:
     config = flow_run.parameters["config"]
     if isinstance(config, dict):
         config = PipelineConfig.model_validate(config)
-    return f"{config.name}-{config.digest()}"
+    return run_name(flow_run.parameters.get("purpose", "build"), config)
 
 
 @flow(name="build-llm", flow_run_name=_run_name, persist_result=False)
-def build_llm(config: PipelineConfig, force: list[str] | None = None, from_stage: str | None = None,
-              store_root: str | None = None) -> dict:
-    """Raw text to a published model. Returns each stage's ref, whether it was cached, and the release."""
+def build_llm(config: PipelineConfig, force: list[StageName] | None = None, from_stage: StageName | None = None,
+              store_root: str | None = None, purpose: Purpose = "build") -> dict:
+    """Raw text to a published model. Returns each stage's ref, whether it was cached, and the release.
+
+    `force` reruns the stages named, `from_stage` a stage and every one after it (the UI offers the
+    stage names; anything else is refused when the run is created). `purpose` names the run.
+    """
     logger = get_run_logger()
     forced = stages_to_force(force, from_stage)
     # Fails before any work when a source is missing or has no text; its fingerprint
@@ -108,6 +117,9 @@ def build_llm(config: PipelineConfig, force: list[str] | None = None, from_stage
     logger.info("store: %s", store.root)
     outcomes: dict[str, Outcome] = {}
     mapper = UnitMap(config.runner.kind, config.runner.workers, config.runner.address)
+    # One progress card for the whole run: the stage under way and how far it is.
+    progress_id = create_progress_artifact(0.0, key=artifact_key(config.name, "progress"),
+                                           description=f"Stage 1 of {len(STAGES)}: starting")
 
     for stage in STAGES:
         cfg, identity, resources = getattr(config, stage.name), None, None
@@ -120,7 +132,8 @@ def build_llm(config: PipelineConfig, force: list[str] | None = None, from_stage
             resources = {"warm_start": release} if release else None
         state = stage_task(store, stage, cfg, {name: outcomes[name].ref for name in stage.inputs},
                            force=stage.name in forced, identity=identity, artifact_prefix=config.name,
-                           mapper=mapper, resources=resources, return_state=True)
+                           mapper=mapper, resources=resources, stages=STAGE_NAMES, progress_id=progress_id,
+                           return_state=True)
         outcome: Outcome = state.result()
         outcomes[stage.name] = outcome
         how = "cache hit" if outcome.cached else f"ran in {outcome.seconds:.1f}s"
@@ -130,15 +143,18 @@ def build_llm(config: PipelineConfig, force: list[str] | None = None, from_stage
     store.record_run(config.name, refs, {"flow_run_id": str(flow_run.id or ""), "config_digest": config.digest()})
     published = outcomes["publish"].metrics
     release = published.get("path", "")
-    create_table_artifact(
+    ran = sum(not o.cached for o in outcomes.values())
+    update_progress_artifact(progress_id, progress=100.0,
+                             description=f"All {len(STAGES)} stages done: {ran} ran, {len(STAGES) - ran} cached")
+    create_markdown_artifact(
         key=artifact_key(config.name, "stages"),
-        table=[{"stage": name, "cached": o.cached, "seconds": round(o.seconds, 1), "ref": o.ref}
-               for name, o in outcomes.items()],
-        description="What each stage did in this run (cached = found complete in the store)",
+        markdown=stages_table(list(outcomes.values()), ui_url()),
+        description="The stages in order: what each did, and which run made the artifact it used",
     )
     create_markdown_artifact(
         key=artifact_key(config.name, "release"),
-        markdown=release_markdown(release, published.get("reason", "not published"), store.root),
+        markdown=release_markdown(release, published.get("reason", "not published"),
+                                  store.releases_dir / LATEST, DEMO_URL, store.root),
         description="The published model and how to try it",
     )
     return {

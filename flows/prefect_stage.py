@@ -1,7 +1,8 @@
 """The thin Prefect layer over `run_stage` (tasks/stage.py): one task that runs any stage against the store.
 
-Stage logic stays Prefect-free; here its reports become Prefect artifacts (tables, markdown,
-a progress bar) and a store hit becomes a task state named "Cached", which the UI shows.
+Stage logic stays Prefect-free; here its report becomes the stage's one Prefect artifact (a card,
+flows/cards.py), its progress moves the run's progress artifact, and a store hit becomes a task
+state named "Cached", which the UI shows.
 Prefect's own result cache is off: the store is the cache, and it knows when an artifact was
 deleted, which a Prefect cache record would not.
 """
@@ -12,23 +13,21 @@ import contextvars
 import logging
 import re
 import threading
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any, Callable
+from uuid import UUID
 
 import cloudpickle
 from prefect import task
-from prefect.artifacts import (
-    create_markdown_artifact,
-    create_progress_artifact,
-    create_table_artifact,
-    update_progress_artifact,
-)
+from prefect.artifacts import create_markdown_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.states import Completed
 from pydantic import BaseModel
 
+from ember.flows.cards import failed_card, position, stage_card
 from ember.storage.store import Store
 from ember.tasks.stage import Outcome, Reporter, Stage, run_stage
 
@@ -38,13 +37,22 @@ def artifact_key(*parts: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
 
 
-class PrefectReporter(Reporter):
-    """Reports as Prefect artifacts, and still logs (the `ember` logger reaches the run log)."""
+# Who else hears of progress in this process: `ember run`'s live bar in the terminal. Each gets
+# (stage, what, done, total) on every report, from the stage's own thread or a worker thread.
+PROGRESS_LISTENERS: list[Callable[[str, str, float, float], None]] = []
 
-    def __init__(self, stage: str, prefix: str):
+
+class PrefectReporter(Reporter):
+    """Progress goes to the run's one progress artifact (and to PROGRESS_LISTENERS); the report is
+    kept, and `stage_task` publishes it as the stage's card when the stage ends. It still logs (the
+    `ember` logger reaches the run log)."""
+
+    ARTIFACT_EVERY_S = 2.0  # progress artifact updates, at most this often (and always at 100%)
+
+    def __init__(self, stage: str, progress_id: UUID | None = None, position: str = ""):
         super().__init__(stage)
-        self.prefix = prefix
-        self._progress_id = None
+        self.progress_id, self.position = progress_id, position
+        self._last_update = 0.0
         # Stage logic may report from worker threads (tokenizers pulls its training iterator
         # from a Rust thread); Prefect finds its run through context variables, so calls from
         # another thread run inside a copy of the task's context, one at a time.
@@ -58,23 +66,15 @@ class PrefectReporter(Reporter):
         with self._lock:
             return self._context.run(fn, *args, **kwargs)
 
-    def table(self, key: str, rows: list[dict], description: str = "") -> None:
-        super().table(key, rows, description)
-        self._in_task(create_table_artifact, table=rows, key=artifact_key(self.prefix, key),
-                      description=description or key)
-
-    def markdown(self, key: str, text: str, description: str = "") -> None:
-        super().markdown(key, text, description)
-        self._in_task(create_markdown_artifact, markdown=text, key=artifact_key(self.prefix, key),
-                      description=description or key)
-
-    def _on_progress(self, pct: float) -> None:
-        if self._progress_id is None:
-            self._progress_id = self._in_task(create_progress_artifact, progress=pct,
-                                              description=f"{self.stage} progress")
-        else:
-            self._in_task(update_progress_artifact, self._progress_id, progress=pct)
-
+    def _on_progress(self, pct: float, what: str, done: float, total: float) -> None:
+        for listener in PROGRESS_LISTENERS:
+            listener(self.stage, what, done, total)
+        now = time.monotonic()
+        if self.progress_id is None or (pct < 100 and now - self._last_update < self.ARTIFACT_EVERY_S):
+            return
+        self._last_update = now
+        self._in_task(update_progress_artifact, self.progress_id, progress=pct,
+                      description=f"Stage {self.position}: {what}, {pct:.0f}%")
 
 def unit_run_name(name: str, item: Any, index: int) -> str:
     """`name-<item>` for a unit's task run: a file's name for a path, the value for a short scalar,
@@ -171,20 +171,47 @@ def _task_run_name() -> str:
     return task_run.parameters["stage"].name
 
 
+def ui_url() -> str | None:
+    """The UI of the server this process talks to; None under a temporary server nobody can open."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+
+    return PREFECT_UI_URL.value() if PREFECT_API_URL.value() else None
+
+
 @task(task_run_name=_task_run_name, cache_policy=NO_CACHE, persist_result=False)
 def stage_task(store: Store, stage: Stage, cfg: BaseModel | None, inputs: dict[str, str],
                force: bool = False, identity: object = None, artifact_prefix: str = "ember",
-               mapper: Callable[..., list] = prefect_map, resources: dict[str, Path] | None = None):
+               mapper: Callable[..., list] = prefect_map, resources: dict[str, Path] | None = None,
+               stages: list[str] | None = None, progress_id: UUID | None = None):
     """Run one stage through the store. Returns an `Outcome`; a hit ends in state "Cached".
-    `mapper` runs the stage's units (`prefect_map`, or a `UnitMap` from the config's runner)."""
-    reporter = PrefectReporter(stage.name, artifact_key(artifact_prefix, stage.name))
+
+    `mapper` runs the stage's units (`prefect_map`, or a `UnitMap` from the config's runner);
+    `stages` is the pipeline's order (for "stage 3 of 10"); `progress_id` is the run's progress
+    artifact. Either way, hit or not, the stage publishes one card: what it did, then its report.
+    """
+    stages = stages or [stage.name]
+    where = position(stage.name, stages) if stage.name in stages else "?"
+    if progress_id is not None:
+        update_progress_artifact(progress_id, progress=0.0, description=f"Stage {where}: {stage.name}")
+    reporter = PrefectReporter(stage.name, progress_id, where)
     run_info = {"flow_run_id": str(flow_run.id or ""), "flow_run_name": flow_run.name or ""}
     try:
         outcome: Outcome = run_stage(store, stage, cfg, inputs, force=force, reporter=reporter,
                                      run_info=run_info, identity=identity, mapper=mapper, resources=resources)
+    except Exception as err:
+        description, markdown = failed_card(stage.name, err, reporter.report(), stages)
+        create_markdown_artifact(markdown=markdown, key=artifact_key(artifact_prefix, stage.name),
+                                 description=description)
+        raise
     finally:
         if isinstance(mapper, UnitMap):
             mapper.close()
+    reporter.finish()
+    if progress_id is not None:
+        update_progress_artifact(progress_id, progress=100.0,
+                                 description=f"Stage {where}: {stage.name}, " + ("cached" if outcome.cached else "done"))
+    description, markdown = stage_card(outcome, stages, ui_url())
+    create_markdown_artifact(markdown=markdown, key=artifact_key(artifact_prefix, stage.name), description=description)
     if outcome.cached:
         reporter.log.info("cache hit: %s", outcome.ref)
         return Completed(name="Cached", message=f"store hit {outcome.ref}", data=outcome)

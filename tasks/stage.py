@@ -26,39 +26,75 @@ from ember.storage.store import Store, compute_key, make_ref
 
 
 class Reporter:
-    """How stage logic reports to a person. This base class only logs; see PrefectReporter."""
+    """How stage logic reports to a person: progress while it works, and a report of titled
+    sections (tables, markdown) kept with the artifact (its manifest's "report"), which the Prefect
+    UI shows as the stage's one card. This base class logs; see PrefectReporter."""
+
+    PROGRESS_EVERY_S = 5.0  # progress log lines, at most this often (and always at 100%)
 
     def __init__(self, stage: str):
         self.stage = stage
         self.log = logging.getLogger(f"ember.{stage}")
+        self.sections: dict[str, dict] = {}
         self._last_progress = 0.0
+        self._unfinished: dict[str, float] = {}  # what -> total, for loops that have not reached it
 
     def progress(self, done: float, total: float, what: str = "") -> None:
-        """Long loops call this often; it is rate-limited here, not by callers."""
+        """Long loops call this often: listeners (a live bar) hear of it at once, the log at most
+        every PROGRESS_EVERY_S seconds."""
+        what = what or self.stage
+        pct = min(100.0 * done / total, 100.0) if total else 100.0
+        if done < total:
+            self._unfinished[what] = total
+        else:
+            self._unfinished.pop(what, None)
+        self._on_progress(pct, what, done, total)
         now = time.monotonic()
-        if done < total and now - self._last_progress < 5.0:
+        if done < total and now - self._last_progress < self.PROGRESS_EVERY_S:
             return
         self._last_progress = now
-        pct = 100.0 * done / total if total else 100.0
-        self.log.info("%s %.0f%% (%s/%s)", what or self.stage, pct, _fmt(done), _fmt(total))
-        self._on_progress(min(pct, 100.0))
+        # Marked, so that a terminal that draws a progress bar can leave the line out.
+        self.log.info("%s %.0f%% (%s/%s)", what, pct, _fmt(done), _fmt(total), extra={"ember_progress": True})
+
+    def finish(self) -> None:
+        """The stage has ended well: every loop it reported on is done, whether or not its last
+        step said so (dedup reports its phases as they start, not the end of the last)."""
+        for what, total in list(self._unfinished.items()):
+            self.progress(total, total, what)
 
     def table(self, key: str, rows: list[dict], description: str = "") -> None:
-        self.log.info("%s\n%s", description or key, text_table(rows))
+        self._section(key, description, markdown_table(rows))
 
     def markdown(self, key: str, text: str, description: str = "") -> None:
-        self.log.info("%s:\n%s", description or key, text)
+        self._section(key, description, text)
 
-    def _on_progress(self, pct: float) -> None:
+    def _section(self, key: str, title: str, text: str) -> None:
+        # A later report under the same key (a table that grows as training goes) replaces the
+        # earlier one in its place. Debug level: the report is the stage's card, not log noise.
+        self.sections[key] = {"title": title, "markdown": text}
+        self.log.debug("%s:\n%s", title or key, text)
+
+    def report(self) -> list[dict]:
+        """The sections in the order they were first reported."""
+        return [{"key": key, **section} for key, section in self.sections.items()]
+
+    def _on_progress(self, pct: float, what: str, done: float, total: float) -> None:
         pass
 
 
-def text_table(rows: list[dict]) -> str:
-    """Rows of dicts as aligned plain text, for logs and terminals."""
+def markdown_table(rows: list[dict]) -> str:
+    """Rows of dicts as a Markdown table (the columns of all rows, in first-seen order)."""
+    if not rows:
+        return "(none)"
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    cells = [columns] + [[str(row.get(c, "")) for c in columns] for row in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in cells)
+
+    def cell(value) -> str:
+        text = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def _fmt(value: float) -> str:
@@ -133,6 +169,18 @@ class Outcome:
     cached: bool
     seconds: float
     metrics: dict = field(default_factory=dict)
+    path: Path | None = None  # the artifact's folder
+    # From its manifest: the run that made it (flow_run_id, flow_run_name), when, in how long, and
+    # the report it gave then (so that a cache hit shows the same card as the run that did the work).
+    made_by: dict = field(default_factory=dict)
+    report: list[dict] = field(default_factory=list)
+
+
+def _outcome(stage: str, artifact, cached: bool, seconds: float) -> Outcome:
+    manifest = artifact.manifest
+    made_by = {**manifest.get("run", {}), "created": manifest.get("created"), "seconds": manifest.get("seconds")}
+    return Outcome(stage, artifact.ref, cached, seconds, artifact.metrics, artifact.path, made_by,
+                   manifest.get("report", []))
 
 
 def run_stage(store: Store, stage: Stage, cfg: BaseModel | None, inputs: dict[str, str],
@@ -163,13 +211,13 @@ def run_stage(store: Store, stage: Stage, cfg: BaseModel | None, inputs: dict[st
 
     existing = store.get(ref)
     if current(existing):
-        return Outcome(stage.name, ref, True, time.monotonic() - started, existing.metrics)
+        return _outcome(stage.name, existing, True, time.monotonic() - started)
 
     with store.lock(ref):
         # Another run may have finished this artifact while we waited for the lock.
         existing = store.get(ref)
         if current(existing):
-            return Outcome(stage.name, ref, True, time.monotonic() - started, existing.metrics)
+            return _outcome(stage.name, existing, True, time.monotonic() - started)
         if existing is not None and not force:
             reporter.log.info("an input was rebuilt with other content: rebuilding %s", ref)
         manifest = {"version": stage.version, "params": params, "inputs": inputs,
@@ -178,7 +226,7 @@ def run_stage(store: Store, stage: Stage, cfg: BaseModel | None, inputs: dict[st
             ctx = StageContext(inputs={name: a.path for name, a in input_artifacts.items()}, out=out,
                                work=store.work_dir(ref), report=reporter, store_root=store.root, ref=ref,
                                map=mapper, resources=dict(resources or {}))
-            metrics = stage.run(cfg, ctx) or {}
-            manifest["metrics"] = metrics
-    return Outcome(stage.name, ref, False, time.monotonic() - started, metrics)
+            manifest["metrics"] = stage.run(cfg, ctx) or {}
+            manifest["report"] = reporter.report()
+    return _outcome(stage.name, store.require(ref), False, time.monotonic() - started)
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -78,7 +80,19 @@ def test_unknown_stage_for_force(tmp_path):
     config = write_config(tmp_path)
     result = ember("run", str(config), "--force", "tokenise", "--store", str(tmp_path / "store"), cwd=tmp_path)
     assert result.returncode == 2
-    assert "unknown stage tokenise" in result.stderr
+    said = " ".join(result.stderr.replace("│", " ").split())
+    assert "'tokenise' is not one of 'download', 'normalize'" in said and "'tokenize'" in said, result.stderr
+    assert not (tmp_path / "store").exists()
+
+
+def test_help_lists_the_stages_and_version_prints(tmp_path):
+    from ember.tasks.stages import STAGE_NAMES
+
+    result = ember("run", "--help", cwd=tmp_path)
+    said = " ".join(result.stdout.replace("│", " ").split())
+    assert result.returncode == 0 and "stages, in order: " + ", ".join(STAGE_NAMES) in said, result.stdout
+    version = ember("--version", cwd=tmp_path)
+    assert version.returncode == 0 and version.stdout.strip() == f"ember {metadata.version('ember-llm')}"
 
 
 def test_ls_show_verify_on_an_empty_store(tmp_path):
@@ -88,3 +102,24 @@ def test_ls_show_verify_on_an_empty_store(tmp_path):
     assert result.returncode == 0 and "0 artifacts verified" in result.stdout
     result = ember("show", "abc", "--store", str(tmp_path / "s"), cwd=tmp_path)
     assert result.returncode == 2 and "no artifact matches 'abc'" in result.stderr
+
+
+def _reporting_stage(cfg, ctx):
+    (ctx.out / "x.txt").write_text("x")
+    ctx.report.table("counts", [{"rule": "min_words", "docs": 1234}], "Documents removed per rule")
+    ctx.report.markdown("summary", "**5 of 6** documents kept.")
+    return {"kept": 5}
+
+
+def test_show_renders_the_stage_report_and_json_keeps_it(tmp_path):
+    from ember.storage.store import Store
+    from ember.tasks.stage import Stage, run_stage
+
+    outcome = run_stage(Store(tmp_path / "s"), Stage("filter", 1, _reporting_stage), None, {})
+    result = ember("show", outcome.ref[:12], "--store", str(tmp_path / "s"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Documents removed per rule" in result.stdout and "1,234" in result.stdout
+    assert "|---|" not in result.stdout and "**" not in result.stdout  # rendered, not raw Markdown
+    raw = ember("show", outcome.ref[:12], "--json", "--store", str(tmp_path / "s"), cwd=tmp_path)
+    report = json.loads(raw.stdout)["report"]
+    assert [section["key"] for section in report] == ["counts", "summary"]

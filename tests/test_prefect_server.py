@@ -19,8 +19,10 @@ from pathlib import Path
 
 import psutil
 import pytest
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from pipeline_configs import settled_task_runs, write_config
+from helpers import CHROMIUM_ARGS, screenshot
 
 pytestmark = pytest.mark.slow
 
@@ -92,8 +94,9 @@ class Served:
                                    schedule={"cron": None, "interval_seconds": 120, "watch_seconds": 8})
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/api"
+        # The UI is on, for test_the_ui_shows_the_run_at_a_glance; it must call this server's API.
         self.env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect-home"), "PREFECT_API_URL": self.url,
-                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false",
+                    "PREFECT_UI_API_URL": self.url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                     "PREFECT_RUNNER_POLL_FREQUENCY": "2", "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
         self.env.pop("EMBER_HOME", None)
         self.procs: list[subprocess.Popen] = []
@@ -116,7 +119,7 @@ class Served:
     def start_serve(self) -> None:
         self.procs.append(start([sys.executable, "-m", "ember.deployments.serve", str(self.config)], self.env,
                                 self.tmp / "serve.log", self.tmp))
-        for name in ("build-llm/build", "build-llm/retrain", "watch-corpus/watch", "ember-demo/demo"):
+        for name in ("build-llm/build", "build-llm/retrain", "ember-demo/demo"):
             wait_for(f"deployment {name}", lambda: self.deployment(name), 120, every=2)
 
     def prefect(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -163,8 +166,9 @@ class Served:
             runs = settled_task_runs(client, flow_run_id)
         return {run.name: run.state.name if run.state else None for run in runs if run.name in STAGES}
 
-    def log(self, name: str) -> str:
-        return (self.tmp / name).read_text(errors="replace")[-4000:]
+    def log(self, name: str, whole: bool = False) -> str:
+        text = (self.tmp / name).read_text(errors="replace")
+        return text if whole else text[-4000:]
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +194,7 @@ def completed(served: Served, flow_run) -> bool:
 
 
 def test_build_from_the_cli_completes_with_artifacts_and_logs_in_the_api(served):
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
     from ember.flows.config import PipelineConfig
     from ember.flows.prefect_stage import artifact_key
@@ -200,7 +204,7 @@ def test_build_from_the_cli_completes_with_artifacts_and_logs_in_the_api(served)
     (run,) = served.flow_runs("build-llm/build")
     assert run.state.is_completed()
     config = PipelineConfig.model_validate(served.deployment("build-llm/build").parameters["config"])
-    assert run.name == f"tiny-{config.digest()}"
+    assert run.name == f"build-tiny-{config.digest()}"
     assert set(served.task_states(run.id).values()) == {"Completed"}
 
     with served.client() as client:
@@ -213,6 +217,50 @@ def test_build_from_the_cli_completes_with_artifacts_and_logs_in_the_api(served)
     assert "v0001" in release and "http://127.0.0.1:7860" in release and (served.store / "releases" / "v0001").is_dir()
     # Logs of Ember's own loggers (PREFECT_LOGGING_EXTRA_LOGGERS=ember) reach the run log.
     assert any(log.name.startswith("ember.") for log in logs), sorted({log.name for log in logs})
+
+
+def test_the_ui_shows_the_run_at_a_glance(served, chromium_path, tmp_path):
+    """The build's run page in Chromium: one card per stage plus the run's three, the train card's
+    plot drawn, the stage table in order. Its screenshots are the README's."""
+    from playwright.sync_api import expect, sync_playwright
+
+    if not served.flow_runs("build-llm/build"):  # run alone (`make screenshots`): build first
+        result = served.prefect("deployment", "run", "build-llm/build", "--watch")
+        assert result.returncode == 0, result.stdout[-3000:] + served.log("serve.log")
+    run = served.flow_runs("build-llm/build")[0]
+    ui = served.url.removesuffix("/api")
+    with served.client() as client:
+        cards = {a.key: a for a in client.read_artifacts(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(locale="en-US", viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(60_000)
+            refused = []
+            page.on("console", lambda m: refused.append(m.text) if "ERR_CONNECTION_REFUSED" in m.text else None)
+            page.goto(f"{ui}/runs/flow-run/{run.id}")
+            expect(page.get_by_text(run.name).first).to_be_visible()
+            page.get_by_text("Artifacts", exact=True).first.click()
+            for key in ("tiny-stages", "tiny-release", "tiny-progress", "tiny-train", "tiny-train-tokenizer"):
+                expect(page.get_by_text(key, exact=True).first).to_be_visible()
+            screenshot(page, tmp_path, "prefect-run.png")
+
+            page.goto(f"{ui}/artifacts/artifact/{cards['tiny-train'].id}")
+            expect(page.get_by_text("train · stage 7 of 10")).to_be_visible()
+            plot = page.locator("img[alt='loss curve']").first
+            expect(plot).to_be_visible()
+            assert plot.evaluate("img => img.complete && img.naturalWidth") > 100  # drawn, not a broken link
+            screenshot(page, tmp_path, "prefect-train-card.png")
+
+            page.goto(f"{ui}/artifacts/artifact/{cards['tiny-stages'].id}")
+            rows = page.locator("table tr")
+            expect(rows).to_have_count(11)
+            assert [rows.nth(i).locator("td").nth(1).inner_text() for i in range(1, 11)] == STAGES
+            screenshot(page, tmp_path, "prefect-stages.png")
+            assert refused == [], refused  # the UI talks to this server's API, not to port 4200
+        finally:
+            browser.close()
 
 
 def test_demo_deployment_serves_the_release_until_cancelled(served):
@@ -271,16 +319,22 @@ def triggered_retrains(served: Served) -> list:
 def test_a_new_file_in_the_source_triggers_a_retrain_and_no_change_does_not(served):
     seen = served.store / "watch" / "tiny.json"
     wait_for("the watcher's first look", seen.is_file, 120)
-    # The watcher has been looking all along (every 8 s while the builds ran): no change, no run.
-    watches = lambda: [run for run in served.flow_runs("watch-corpus/watch") if run.state.is_completed()]  # noqa: E731
-    wait_for("three checks of the unchanged corpus", lambda: len(watches()) >= 3, 120)
+    # The watcher has been looking all along (every 8 s while the builds ran): no change, no run,
+    # and no flow run of its own either.
+    checks = lambda: served.log("serve.log", whole=True).count("tiny's sources unchanged")  # noqa: E731
+    wait_for("three checks of the unchanged corpus", lambda: checks() >= 3, 120)
     assert triggered_retrains(served) == []
+    with served.client() as client:
+        flows = {client.read_flow(run.flow_id).name for run in client.read_flow_runs(limit=200)}
+    assert flows <= {"build-llm", "ember-demo"}, flows
     before = json.loads(seen.read_text())["digest"]
 
     (served.source / "part-2.txt").write_text(served.spare, encoding="utf-8")
     run = wait_for("a retrain triggered by the corpus change", lambda: triggered_retrains(served), 120)[0]
     assert run.created_by.display_value == "retrain tiny when its corpus changes"
     wait_for("the triggered retrain to complete", lambda: completed(served, run), 240, every=2)
+    with served.client() as client:
+        assert client.read_flow_run(run.id).name.startswith("retrain-tiny-")  # named when it started
     assert json.loads(seen.read_text())["digest"] != before
     # It trained on the new file: its download artifact is not the first build's.
     build = served.flow_runs("build-llm/build")[0]

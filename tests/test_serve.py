@@ -51,10 +51,11 @@ def test_retrain_runs_nightly_and_on_corpus_change_with_warm_start_through_the_g
     assert retrain.concurrency_limit == 1 and retrain.concurrency_options.collision_strategy.value == "ENQUEUE"
 
 
-def test_watcher_and_demo_deployments(deployments):
-    watch = deployments["watch"]
-    assert watch.flow_name == "watch-corpus"
-    assert watch.schedules[0].schedule.interval == timedelta(seconds=600)
+def test_deployments_are_build_retrain_and_demo(deployments):
+    # The watcher is a thread of the serve process, not a deployment: no flow run every interval.
+    assert sorted(deployments) == ["build", "demo", "retrain"]
+    assert deployments["build"].parameters.get("purpose", "build") == "build"
+    assert deployments["retrain"].parameters["purpose"] == "retrain"
     demo = deployments["demo"]
     assert demo.flow_name == "ember-demo" and Path(demo.parameters["store_root"]).is_absolute()
     assert demo.entrypoint == "ember.deployments.serve.demo"
@@ -68,7 +69,6 @@ def test_schedule_section_changes_the_deployments(tmp_path):
     config = config.model_copy(update={"schedule": config.schedule.model_copy(
         update={"cron": None, "interval_seconds": 30.0, "watch_seconds": None})})
     found = {d.name: d for d in deployments(config)}
-    assert "watch" not in found
     (schedule,) = found["retrain"].schedules
     assert schedule.schedule.interval == timedelta(seconds=30)
 
@@ -86,7 +86,7 @@ def test_serve_refuses_to_start_without_a_server(monkeypatch, capsys):
 @pytest.mark.slow
 def test_watcher_reports_a_change_once(prefect_api, tmp_path, corpora):
     from ember.flows.config import parse_config
-    from ember.flows.watch import seen_path, watch_corpus
+    from ember.flows.watch import check_sources, seen_path
 
     source = tmp_path / "texts"
     source.mkdir()
@@ -95,10 +95,38 @@ def test_watcher_reports_a_change_once(prefect_api, tmp_path, corpora):
     config = parse_config({"name": "w", "download": {"sources": [{"path": str(source)}]}})
     store = tmp_path / "store"
 
-    assert watch_corpus(config, str(store))["changed"] is False  # the first look records
+    assert check_sources(config, str(store))["changed"] is False  # the first look records
     first = json.loads(seen_path(store, "w").read_text())["digest"]
-    assert watch_corpus(config, str(store))["changed"] is False
+    assert check_sources(config, str(store))["changed"] is False
     (source / "b.txt").write_text(text[5000:8000], encoding="utf-8")
-    assert watch_corpus(config, str(store))["changed"] is True
+    assert check_sources(config, str(store))["changed"] is True
     assert json.loads(seen_path(store, "w").read_text())["digest"] != first
-    assert watch_corpus(config, str(store))["changed"] is False
+    assert check_sources(config, str(store))["changed"] is False
+
+
+def test_the_watch_loop_outlives_a_failed_look(tmp_path, corpora, caplog):
+    import threading
+    import time
+
+    from ember.flows.config import parse_config
+    from ember.flows.watch import seen_path, watch_sources
+
+    source = tmp_path / "texts"
+    source.mkdir()
+    (source / "a.txt").write_text("Some text to look at.\n", encoding="utf-8")
+    config = parse_config({"name": "w", "download": {"sources": [{"path": str(source)}]}})
+    (source / "a.txt").unlink()  # gone for a moment: the check fails
+    stop = threading.Event()
+    watcher = threading.Thread(target=watch_sources, args=(config, 0.05, stop, str(tmp_path / "store")))
+    with caplog.at_level("INFO", logger="ember.watch"):
+        watcher.start()
+        deadline = time.monotonic() + 10
+        while "checking w's sources failed" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (source / "a.txt").write_text("Some text to look at.\n", encoding="utf-8")
+        while not seen_path(tmp_path / "store", "w").is_file() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stop.set()
+        watcher.join(timeout=5)
+    assert "checking w's sources failed" in caplog.text
+    assert seen_path(tmp_path / "store", "w").is_file() and not watcher.is_alive()

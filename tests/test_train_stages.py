@@ -143,10 +143,8 @@ def test_resumed_run_equals_uninterrupted_run(artifacts, trained, tmp_path):
     with pytest.raises(Crash):
         train.run(cfg, context(tmp_path, "first", artifacts, work=work, reporter=crashing))
     assert (work / "LATEST").read_text().strip() == "ckpt-00000020"
-    # Each checkpoint published the loss table so far and left the curve beside its weights.
-    # (records at steps 1, 3, 6, 7, 9, ...: every 3rd step and the evaluations at 7 and 14)
-    assert [(key, rows[-1]["step"]) for key, rows, _ in crashing.tables] == [("train-loss", 9), ("train-loss", 18)]
-    assert crashing.tables[-1][1][3]["val loss"] != "" and crashing.tables[-1][1][2]["val loss"] == ""
+    # Each checkpoint left the curve so far beside its weights; the report waits for the end.
+    assert crashing.tables == []
     assert (work / "ckpt-00000020" / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert not list(work.rglob("*.partial.png"))
     state = torch.load(work / "ckpt-00000020" / "state.pt", weights_only=True)
@@ -155,6 +153,14 @@ def test_resumed_run_equals_uninterrupted_run(artifacts, trained, tmp_path):
     ctx = context(tmp_path, "second", artifacts, work=work)
     metrics = train.run(cfg, ctx)
     assert metrics["resumed_from"] == 20
+    # The report: the summary with its curve first, then the loss table (records at steps 1, 3,
+    # 6, 7, 9, ...: every 3rd step and the evaluations at 7, 14, ...).
+    summary, table = ctx.report.report()
+    assert summary["key"] == "train-summary" and "resumed from step 20" in summary["markdown"]
+    assert "![loss curve](loss.png)" in summary["markdown"] and (ctx.out / "loss.png").is_file()
+    assert table["key"] == "train-loss" and table["markdown"].startswith("| step |")
+    rows = [line.split("|")[1:-1] for line in table["markdown"].splitlines()[2:]]
+    assert [cell.strip() for cell in rows[3]][0] == "7" and rows[3][2].strip() and not rows[2][2].strip()
 
     expected, got = load_file(reference / "model.safetensors"), load_file(ctx.out / "model.safetensors")
     assert expected.keys() == got.keys()

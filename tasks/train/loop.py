@@ -207,13 +207,10 @@ def train_model(cfg: TrainConfig, ctx: StageContext, dist: Dist = Dist(), device
         folder = save_checkpoint(ctx.work, at, model, optimizer, seconds,
                                  {"records": records, "precision": precision, "warm_start": warm},
                                  config=cfg.model_dump(mode="json"))
-        # How the run is going, beside the weights it would resume from and in the Prefect UI
-        # (the final table, with the same key, replaces this one when training ends).
+        # How the run is going, beside the weights it would resume from.
         partial = folder / ".loss.partial.png"  # renamed only once whole
         if loss_curve_png(records, partial, f"{cfg.model.preset} preset, step {at} of {cfg.max_steps}"):
             os.replace(partial, folder / "loss.png")
-        ctx.report.table("train-loss", _loss_rows(_thin(records, 12)),
-                         description=f"Training loss by step (step {at} of {cfg.max_steps})")
 
     model.train()
     last_saved = step
@@ -325,9 +322,8 @@ def write_artifact(cfg: TrainConfig, ctx: StageContext, model: Transformer, meta
     with open(ctx.out / "loss.jsonl", "w") as f:
         for record in records:
             f.write(json.dumps(record) + "\n")
-    loss_curve_png(records, ctx.out / "loss.png", f"{cfg.model.preset} preset, {n_params:,} parameters")
+    plot = loss_curve_png(records, ctx.out / "loss.png", f"{cfg.model.preset} preset, {n_params:,} parameters")
 
-    ctx.report.table("train-loss", _loss_rows(_thin(records, 60)), description="Training loss by step")
     val_text = (f"val loss **{metrics['val_loss']:.4f}**, {metrics['val_bpb']:.3f} bits per byte"
                 if metrics["val_loss"] is not None and metrics["val_bpb"] is not None
                 else "no validation (the val split is empty or too short)")
@@ -342,7 +338,9 @@ def write_artifact(cfg: TrainConfig, ctx: StageContext, model: Transformer, meta
         + f", {metrics['precision']}" + (", compiled" if metrics["compile"] else "")
         + (f", {metrics['tokens_per_s']:,.0f} tokens/s" if metrics["tokens_per_s"] else ""),
         f"- final train loss {metrics['loss']:.4f}; {val_text}",
+        *(["", "![loss curve](loss.png)"] if plot else []),  # the stage's card embeds the artifact's file
     ]), description="Training summary")
+    ctx.report.table("train-loss", _loss_rows(_thin(records, 60)), description="Training loss by step")
 
 
 def _loss_rows(records: list[dict]) -> list[dict]:
