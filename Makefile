@@ -11,7 +11,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: run test install demo clean server serve
+.PHONY: run test install demo clean server serve screenshots
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -31,12 +31,29 @@ test: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/ember demo
 
+# The README's pictures, taken by the browser tests (a Prefect server and the demo in Chromium).
+screenshots: $(VENV)/.installed
+	EMBER_SCREENSHOTS=$(CURDIR)/docs/screenshots $(PY) -m pytest -q \
+		tests/test_prefect_server.py::test_the_ui_shows_the_run_at_a_glance tests/test_browser.py
+
 # Ember under a Prefect server (README: "Run it with Prefect"): `make server` in one terminal,
 # `make serve` in another. The server keeps its runs in SQLite under ~/.prefect.
+# Another port: `make server PREFECT_PORT=4300` and `make serve PREFECT_PORT=4300`.
 PREFECT_PORT ?= 4200
+# `make serve` talks to PREFECT_API_URL: yours if your shell sets it (a team server), else the
+# `make server` on PREFECT_PORT; a PREFECT_PORT given on make's command line wins over the shell's.
+ifeq ($(origin PREFECT_PORT),command line)
+PREFECT_API_URL = http://127.0.0.1:$(PREFECT_PORT)/api
+else
 PREFECT_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api
+endif
 
+# `--port` alone moves the API but not the UI, which asks the server (/ui-settings) where the API
+# is and would be told the default, port 4200: the server's settings say the port, and the UI's
+# API address is this server's, whatever PREFECT_API_URL the shell has.
 server: $(VENV)/.installed
+	PREFECT_SERVER_API_HOST=127.0.0.1 PREFECT_SERVER_API_PORT=$(PREFECT_PORT) \
+	PREFECT_SERVER_UI_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api \
 	$(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
 
 serve: $(VENV)/.installed
