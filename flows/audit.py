@@ -89,7 +89,7 @@ def _runs(store: Store) -> list[dict]:
 def audit_document(store: Store, doc_id: str) -> dict:
     """Everything the store knows about `doc_id` (or the chunks of it), as plain data."""
     runs = _runs(store)
-    report: dict = {"doc_id": doc_id, "store": str(store.root), "found": False, "documents": []}
+    report: dict = {"doc_id": doc_id, "store": store.location, "found": False, "documents": []}
     for download in store.ls("download"):
         ids = _matching_ids(download.path / "shards", doc_id)
         for one in ids:

@@ -20,6 +20,7 @@ from rich.table import Table
 
 import ember.flows  # noqa: F401  (offline defaults, before Prefect or Gradio load)
 from ember.flows.config import ConfigError, load_config
+from ember.storage.objects import ObjectStore, open_store
 from ember.storage.store import Store, StoreError, default_root
 from ember.tasks.stages import STAGE_NAMES
 
@@ -43,11 +44,12 @@ def main(version: bool = typer.Option(False, "--version", callback=_print_versio
                                       help="print Ember's version and exit")) -> None:
     """`ember`: run the pipeline, look into the store, launch the demo."""
 
-StoreOption = typer.Option(None, "--store", help="store folder (default: $EMBER_HOME, else .ember/)")
+StoreOption = typer.Option(None, "--store", metavar="FOLDER|URL",
+                           help="store folder or URL, e.g. s3://bucket/ember (default: $EMBER_HOME, else .ember/)")
 
 
-def _store(root: Optional[Path]) -> Store:
-    return Store(root or default_root())
+def _store(root: Optional[str]) -> Store:
+    return open_store(root or default_root())
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -74,7 +76,7 @@ def run(
                                                            "the published release, publish only through the gate"),
     force_publish: bool = typer.Option(False, "--force-publish",
                                        help="publish even if the model is not better than the published one"),
-    store: Optional[Path] = StoreOption,
+    store: Optional[str] = StoreOption,
 ) -> None:
     """Run every stage of the pipeline; unchanged stages are cache hits."""
     from ember.tasks.download import SourceError, preflight
@@ -166,10 +168,10 @@ def live_progress() -> Iterator[None]:
 
 
 @app.command("ls")
-def list_artifacts(stage: Optional[str] = typer.Option(None, help="only this stage"), store: Optional[Path] = StoreOption) -> None:
+def list_artifacts(stage: Optional[str] = typer.Option(None, help="only this stage"), store: Optional[str] = StoreOption) -> None:
     """List complete artifacts in the store, oldest first."""
     s = _store(store)
-    table = Table(title=f"artifacts in {s.root}")
+    table = Table(title=f"artifacts in {s.location}")
     for column in ("ref", "created", "size", "seconds"):
         table.add_column(column)
     for artifact in s.ls(stage):
@@ -182,7 +184,7 @@ def list_artifacts(stage: Optional[str] = typer.Option(None, help="only this sta
 @app.command()
 def show(ref: str = typer.Argument(..., help="a ref or key prefix, as `ember ls` prints"),
          as_json: bool = typer.Option(False, "--json", help="the whole manifest as JSON, report included"),
-         store: Optional[Path] = StoreOption) -> None:
+         store: Optional[str] = StoreOption) -> None:
     """Print an artifact's manifest (inputs, params, metrics, files), then the report its stage gave."""
     from rich.markdown import Markdown
 
@@ -206,7 +208,7 @@ def show(ref: str = typer.Argument(..., help="a ref or key prefix, as `ember ls`
 def audit_document(
     doc_id: str = typer.Argument(..., help="a document id (`source/file:record`, with or without `#chunkN`)"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
-    store: Optional[Path] = StoreOption,
+    store: Optional[str] = StoreOption,
 ) -> None:
     """Tell what happened to a document: download, normalize, filter (rule), dedup, and which runs."""
     from ember.flows.audit import audit_document as audit, format_audit
@@ -221,7 +223,7 @@ def audit_document(
 
 
 @app.command()
-def verify(store: Optional[Path] = StoreOption) -> None:
+def verify(store: Optional[str] = StoreOption) -> None:
     """Check every artifact's files against the sizes and checksums in its manifest."""
     s = _store(store)
     problems = s.verify()
@@ -229,12 +231,26 @@ def verify(store: Optional[Path] = StoreOption) -> None:
         console.print(f"[red]✗[/] {line}")
     if problems:
         raise typer.Exit(1)
-    console.print(f"[green]✓[/] {len(s.ls())} artifacts verified in {s.root}")
+    console.print(f"[green]✓[/] {len(s.ls())} artifacts verified in {s.location}")
+
+
+def _follow_releases(store: Store, every_s: float = 60.0) -> None:
+    """Fetch new releases (and `latest`) from an object store every `every_s`, for the demo: it
+    serves the local copy and picks a new `latest` up at the next generation."""
+    def follow() -> None:
+        while True:
+            time.sleep(every_s)
+            try:
+                store.sync_releases()
+            except Exception as err:  # noqa: BLE001  (the demo goes on with what it has)
+                err_console.print(f"[yellow]warning:[/] could not fetch releases from {store.location}: {err}")
+
+    threading.Thread(target=follow, name="ember-releases", daemon=True).start()
 
 
 @app.command()
 def gc(dry_run: bool = typer.Option(False, "--dry-run", help="only list what would be deleted"),
-       store: Optional[Path] = StoreOption) -> None:
+       store: Optional[str] = StoreOption) -> None:
     """Delete artifacts that no recent run or release uses, and leftovers of crashed runs."""
     removed = _store(store).gc(dry_run=dry_run)
     verb = "would delete" if dry_run else "deleted"
@@ -244,12 +260,12 @@ def gc(dry_run: bool = typer.Option(False, "--dry-run", help="only list what wou
 
 
 @app.command()
-def releases(store: Optional[Path] = StoreOption) -> None:
+def releases(store: Optional[str] = StoreOption) -> None:
     """List published releases with their eval figures; the one `latest` points to is marked."""
     from ember.storage.releases import list_releases
 
     s = _store(store)
-    rows = list_releases(s.releases_dir)
+    rows = list_releases(s.sync_releases())
     if not rows:
         console.print(f"no releases in {s.releases_dir}; `ember run CONFIG` publishes one")
         return
@@ -273,7 +289,7 @@ def publish(
     version: Optional[str] = typer.Argument(None, metavar="[VERSION]", help="release to point latest at"),
     rollback: bool = typer.Option(False, "--rollback", help="point latest back: to VERSION, default the one "
                                                              "before the current latest"),
-    store: Optional[Path] = StoreOption,
+    store: Optional[str] = StoreOption,
 ) -> None:
     """Point `latest` at another release (`--rollback [VERSION]`); `ember run` publishes new ones."""
     from ember.storage.releases import rollback as point_back
@@ -281,8 +297,11 @@ def publish(
     if not rollback and version is None:
         _fail("nothing to do: `ember publish --rollback [VERSION]` points latest back; "
               "`ember run CONFIG` publishes a new release")
+    s = _store(store)
     try:
-        was, now = point_back(_store(store).releases_dir, version)
+        with s.releases_lock():
+            was, now = point_back(s.sync_releases(), version)
+            s.push_releases()
     except ValueError as err:
         _fail(str(err))
     console.print(f"latest: {was or '(none)'} → [bold]{now}[/]" + ("  (unchanged)" if was == now else ""))
@@ -297,7 +316,7 @@ def demo(
                                        help="require this login (default: $EMBER_DEMO_AUTH, else none)"),
     concurrency: int = typer.Option(1, min=1, help="generations running at once; others wait in the queue"),
     share: bool = typer.Option(False, "--share", help="ask Gradio for a public link (off by default)"),
-    store: Optional[Path] = StoreOption,
+    store: Optional[str] = StoreOption,
 ) -> None:
     """Launch the Gradio demo on a published release."""
     from ember.deployments.app import AUTH_ENV, launch, parse_auth
@@ -308,7 +327,11 @@ def demo(
         _fail(str(err))
     if host not in ("127.0.0.1", "localhost", "::1") and login is None:
         err_console.print(f"[yellow]warning:[/] serving on {host} without a login; pass --auth USER:PASSWORD")
-    launch(_store(store).releases_dir, release=release, host=host, port=port, share=share, auth=login,
+    s = _store(store)
+    releases_dir = s.sync_releases()
+    if isinstance(s, ObjectStore):  # follow what gets published there
+        _follow_releases(s)
+    launch(releases_dir, release=release, host=host, port=port, share=share, auth=login,
            concurrency=concurrency)
 
 

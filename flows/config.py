@@ -20,7 +20,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ember.storage.store import ROOT_ENV, DEFAULT_ROOT, canonical_json
+from ember.storage.objects import is_url, open_store
+from ember.storage.store import DEFAULT_ROOT, ROOT_ENV, Store, canonical_json
 from ember.tasks.dedup import DedupConfig
 from ember.tasks.download import DownloadConfig
 from ember.tasks.evaluate import EvaluateConfig
@@ -44,7 +45,8 @@ class ConfigError(ValueError):
 class StoreConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    root: str | None = Field(None, description=f"store folder; default ${ROOT_ENV} or {DEFAULT_ROOT}/ in the working directory")
+    root: str | None = Field(None, description=f"store folder, or a URL fsspec opens (s3://bucket/ember); default "
+                                               f"${ROOT_ENV} or {DEFAULT_ROOT}/ in the working directory")
     lock_timeout_s: float = Field(3600.0, gt=0, description="how long a run waits for another run writing the same artifact")
 
 
@@ -124,9 +126,14 @@ class PipelineConfig(BaseModel):
         """Short content hash of the config, to name flow runs."""
         return hashlib.sha256(canonical_json(self.model_dump(mode="json")).encode()).hexdigest()[:8]
 
-    def store_root(self, override: str | Path | None = None) -> Path:
-        """CLI flag, then $EMBER_HOME, then the config's `store.root`, then `.ember/`."""
-        return Path(override or os.environ.get(ROOT_ENV) or self.store.root or DEFAULT_ROOT).absolute()
+    def store_root(self, override: str | Path | None = None) -> str:
+        """CLI flag, then $EMBER_HOME, then the config's `store.root`, then `.ember/`: a folder (made
+        absolute) or a URL such as s3://bucket/ember (ember.storage.objects)."""
+        location = str(override or os.environ.get(ROOT_ENV) or self.store.root or DEFAULT_ROOT)
+        return location if is_url(location) else str(Path(location).absolute())
+
+    def open_store(self, override: str | Path | None = None) -> Store:
+        return open_store(self.store_root(override), lock_timeout_s=self.store.lock_timeout_s)
 
 
 def _members(annotation) -> list:

@@ -20,7 +20,7 @@ from ember.flows.config import PipelineConfig
 from ember.flows.cards import release_markdown, stages_table
 from ember.flows.prefect_stage import UnitMap, artifact_key, stage_task, ui_url
 from ember.storage.releases import LATEST, RELEASE_JSON, WEIGHTS, pick_release
-from ember.storage.store import Store, file_sha256
+from ember.storage.store import file_sha256
 from ember.tasks import download
 from ember.tasks.stage import Outcome
 from ember.tasks.stages import STAGE_NAMES, STAGES
@@ -113,8 +113,8 @@ def build_llm(config: PipelineConfig, force: list[StageName] | None = None, from
     # Fails before any work when a source is missing or has no text; its fingerprint
     # (each file's content hash, a url's checksum or ETag) joins the download key so that a changed corpus reruns it.
     sources = download.preflight(config.download)
-    store = Store(config.store_root(store_root), lock_timeout_s=config.store.lock_timeout_s)
-    logger.info("store: %s", store.root)
+    store = config.open_store(store_root)
+    logger.info("store: %s", store.location)
     outcomes: dict[str, Outcome] = {}
     mapper = UnitMap(config.runner.kind, config.runner.workers, config.runner.address)
     # One progress card for the whole run: the stage under way and how far it is.
@@ -128,7 +128,7 @@ def build_llm(config: PipelineConfig, force: list[StageName] | None = None, from
         elif stage.name == "train":
             # `warm_start: true` becomes one release (config), its weights' digest (identity, for
             # the key) and its folder (what the stage reads).
-            cfg, identity, release = plan_warm_start(cfg, store.releases_dir, outcomes["tokenize"].ref)
+            cfg, identity, release = plan_warm_start(cfg, store.sync_releases(), outcomes["tokenize"].ref)
             resources = {"warm_start": release} if release else None
         state = stage_task(store, stage, cfg, {name: outcomes[name].ref for name in stage.inputs},
                            force=stage.name in forced, identity=identity, artifact_prefix=config.name,
@@ -154,11 +154,11 @@ def build_llm(config: PipelineConfig, force: list[StageName] | None = None, from
     create_markdown_artifact(
         key=artifact_key(config.name, "release"),
         markdown=release_markdown(release, published.get("reason", "not published"),
-                                  store.releases_dir / LATEST, DEMO_URL, store.root),
+                                  store.releases_dir / LATEST, DEMO_URL, store.location),
         description="The published model and how to try it",
     )
     return {
-        "store": str(store.root),
+        "store": store.location,
         "release": release,
         "not_published": "" if release else published.get("reason", "not published"),
         "stages": [{"stage": name, "cached": o.cached, "seconds": o.seconds, "ref": o.ref}

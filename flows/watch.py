@@ -44,7 +44,7 @@ def check_sources(config: PipelineConfig, store_root: str | Path | None = None) 
     """Emit `ember.corpus.changed` if the sources differ from the last check. Returns what it saw."""
     identity = download.preflight(config.download)
     digest = hashlib.sha256(canonical_json(identity).encode()).hexdigest()
-    path = seen_path(config.store_root(store_root), config.name)
+    path = seen_path(config.open_store(store_root).root, config.name)  # a cache folder, for an object store
     previous = json.loads(path.read_text()) if path.is_file() else None
     changed = previous is not None and previous.get("digest") != digest
     if previous is None:

@@ -131,6 +131,11 @@ class Store:
         self.root = Path(root) if root is not None else default_root()
         self.lock_timeout_s = lock_timeout_s
 
+    @property
+    def location(self) -> str:
+        """Where the artifacts are, as a person would name it (a folder here, a URL for objects)."""
+        return str(self.root)
+
     # -- layout -------------------------------------------------------------------------------
 
     @property
@@ -148,6 +153,21 @@ class Store:
     def path(self, ref: str) -> Path:
         stage, key = split_ref(ref)
         return self.artifacts_dir / stage / key
+
+    # -- releases: a folder here; an object store mirrors it (storage/objects.py) ----------------
+
+    def sync_releases(self) -> Path:
+        """The releases folder, up to date with the store's releases."""
+        return self.releases_dir
+
+    def push_releases(self) -> None:
+        """Make what was published in `releases_dir` the store's (nothing to do for a folder)."""
+
+    @contextmanager
+    def releases_lock(self) -> Iterator[None]:
+        """Held by whoever publishes or rolls back on any machine (a folder's own file lock,
+        storage/releases.publish_lock, covers this machine)."""
+        yield
 
     def work_dir(self, ref: str) -> Path:
         """Scratch space for `ref` that outlives a crash (e.g. checkpoints); removed on commit."""
@@ -172,7 +192,7 @@ class Store:
     def require(self, ref: str) -> Artifact:
         artifact = self.get(ref)
         if artifact is None:
-            raise StoreError(f"artifact {ref} is not in the store at {self.root} (no complete manifest)")
+            raise StoreError(f"artifact {ref} is not in the store at {self.location} (no complete manifest)")
         return artifact
 
     def ls(self, stage: str | None = None) -> list[Artifact]:
@@ -189,7 +209,7 @@ class Store:
         """The artifact whose ref or key starts with `prefix` (like git's short hashes)."""
         matches = [a for a in self.ls() if a.ref.startswith(prefix) or a.ref.split("/")[1].startswith(prefix)]
         if not matches:
-            raise StoreError(f"no artifact matches {prefix!r} in {self.root}")
+            raise StoreError(f"no artifact matches {prefix!r} in {self.location}")
         if len(matches) > 1:
             raise StoreError(f"{prefix!r} is ambiguous: {', '.join(a.ref[:30] for a in matches)}")
         return matches[0]
@@ -237,6 +257,11 @@ class Store:
                 shutil.rmtree(tmp, ignore_errors=True)
 
     def _commit(self, tmp: Path, ref: str, manifest: dict, started: float) -> None:
+        self._seal(tmp, ref, manifest, started)
+        self._place(tmp, ref)
+
+    def _seal(self, tmp: Path, ref: str, manifest: dict, started: float) -> dict:
+        """Add the file list (sizes, sha256) and timing to `manifest` and write it into `tmp`."""
         stage, key = split_ref(ref)
         files = {}
         for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
@@ -254,6 +279,11 @@ class Store:
         }
         # The manifest is the last file written: until it exists, the folder is not an artifact.
         write_json_atomic(tmp / MANIFEST, full)
+        return full
+
+    def _place(self, tmp: Path, ref: str) -> None:
+        """Rename a sealed folder into `artifacts/`, replacing what was there."""
+        stage, key = split_ref(ref)
         final = self.path(ref)
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists():
@@ -288,10 +318,17 @@ class Store:
                     problems.append(f"{artifact.ref}: {rel} has {path.stat().st_size} bytes, manifest says {meta['size']}")
                 elif file_sha256(path) != meta["sha256"]:
                     problems.append(f"{artifact.ref}: {rel} checksum differs from the manifest")
-        for folder in sorted(self.artifacts_dir.glob("*/*")):
-            if folder.is_dir() and not (folder / MANIFEST).exists():
-                problems.append(f"{folder.relative_to(self.root)}: incomplete (no manifest); gc removes it")
+        for name in self.incomplete():
+            problems.append(f"{name}: incomplete (no manifest); gc removes it")
         return problems
+
+    def incomplete(self) -> list[str]:
+        """Artifact folders without a manifest (a crashed writer's), relative to the root."""
+        return [str(folder.relative_to(self.root)) for folder in sorted(self.artifacts_dir.glob("*/*"))
+                if folder.is_dir() and not (folder / MANIFEST).exists()]
+
+    def _remove_incomplete(self, name: str) -> None:
+        shutil.rmtree(self.root / name, ignore_errors=True)
 
     # -- runs and garbage collection ----------------------------------------------------------
 
@@ -303,14 +340,17 @@ class Store:
         write_json_atomic(path, {"name": name, "created": time.time(), "refs": refs, **(extra or {})})
         return path
 
+    def run_records(self) -> list[dict]:
+        """Every run record, oldest first."""
+        return [json.loads(path.read_text()) for path in sorted(self.runs_dir.glob("*.json"))]
+
     def live_refs(self) -> set[str]:
         """Refs that gc keeps: those of the latest run of each config, and of every release."""
         latest: dict[str, dict] = {}
-        for path in sorted(self.runs_dir.glob("*.json")):
-            record = json.loads(path.read_text())
+        for record in self.run_records():
             latest[record["name"]] = record
         refs = {ref for record in latest.values() for ref in record["refs"].values()}
-        for release in self.releases_dir.glob("*/release.json"):
+        for release in self.sync_releases().glob("*/release.json"):
             if release.parent.name.startswith("."):  # a release being built (.tmp-*): not one yet
                 continue
             try:
@@ -340,11 +380,10 @@ class Store:
                 removed.append(artifact.ref)
                 if not dry_run:
                     self.delete(artifact.ref)
-        for folder in sorted(self.artifacts_dir.glob("*/*")):
-            if folder.is_dir() and not (folder / MANIFEST).exists():
-                removed.append(str(folder.relative_to(self.root)))
-                if not dry_run:
-                    shutil.rmtree(folder, ignore_errors=True)
+        for name in self.incomplete():
+            removed.append(name)
+            if not dry_run:
+                self._remove_incomplete(name)
         for folder in sorted((self.root / "tmp").glob("*")):
             if not _writer_alive(folder.name):
                 removed.append(str(folder.relative_to(self.root)))

@@ -136,6 +136,9 @@ class StageContext:
     work: Path  # scratch for this key that survives a crash (checkpoints); deleted on commit
     report: Reporter
     store_root: Path | None = None  # for the one stage that writes outside artifacts (publish -> releases/)
+    # The store it runs against, for a stage that reads more than its inputs (publish: the
+    # manifests of everything its model was made from, for the card).
+    store: Store | None = None
     ref: str = ""  # this artifact's ref, `stage/key`
     # How a stage runs its independent units of work (one per shard): `map(fn, items, name)`.
     # In order here; under Prefect each unit is a task run of its own, visible in the UI.
@@ -224,7 +227,7 @@ def run_stage(store: Store, stage: Stage, cfg: BaseModel | None, inputs: dict[st
                     "input_digests": input_digests, "run": run_info or {}}
         with store.writer(ref, manifest) as out:
             ctx = StageContext(inputs={name: a.path for name, a in input_artifacts.items()}, out=out,
-                               work=store.work_dir(ref), report=reporter, store_root=store.root, ref=ref,
+                               work=store.work_dir(ref), report=reporter, store_root=store.root, store=store, ref=ref,
                                map=mapper, resources=dict(resources or {}))
             manifest["metrics"] = stage.run(cfg, ctx) or {}
             manifest["report"] = reporter.report()

@@ -34,6 +34,27 @@ def prefect_api():
 
 
 @pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A SeaweedFS S3 server on 127.0.0.1 for the session, with the bucket `ember`; this process's
+    environment points botocore at it (tests that start processes pass `s3.env` on)."""
+    from object_server import SeaweedS3
+
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"))
+    try:
+        server.wait("ember")
+        saved = {name: os.environ.get(name) for name in server.env}
+        os.environ.update(server.env)
+        yield server
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
 def chromium_path() -> str:
     """Debian's Chromium, which Playwright drives (it never downloads a browser here). Without it
     a browser test is skipped, except in CI, where it fails."""

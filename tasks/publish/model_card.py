@@ -31,13 +31,12 @@ LICENCE_MAX_CHARS = 300
 UNKNOWN = "unknown"
 
 
-def lineage(store_root: Path, inputs: dict[str, Path]) -> dict[str, dict]:
+def lineage(store: Store, inputs: dict[str, Path]) -> dict[str, dict]:
     """stage -> manifest of every artifact the inputs were made from (the inputs included).
 
     Walks `manifest["inputs"]` refs through the store; a manifest that cannot be read (a test's
     stand-in folder, an artifact deleted since) just ends that branch.
     """
-    store = Store(store_root)
     found: dict[str, dict] = {}
     pending: list[tuple[str, dict | None]] = [(name, read_json_or_none(Path(folder) / MANIFEST))
                                               for name, folder in inputs.items()]

@@ -3,7 +3,8 @@
 Releases live outside the artifact store (`<store_root>/releases/`, the registry of
 storage/releases.py), so gc and reruns never touch what the demo serves. A release is built in
 `releases/.tmp-*` and renamed into place, `release.json` included, so a crash never leaves half a
-release under a version name; then `latest` is switched atomically. Publishing the same inputs
+release under a version name; then `latest` is switched atomically. With the store on object
+storage the releases are mirrored there (storage/objects.py): fetched before, sent after. Publishing the same inputs
 again makes no new version: `latest` is pointed at the release that already holds them.
 
 The gate: when a release is already published, the candidate is published only if its bits
@@ -196,7 +197,8 @@ def _set_model_max_length(folder: Path) -> None:
 
 def run(cfg: PublishConfig, ctx: StageContext) -> dict:
     started = time.monotonic()
-    releases = ctx.store_root / "releases"
+    store = ctx.store or Store(ctx.store_root)
+    releases = store.releases_dir
     needed = [stage for stage in REQUIRED if stage != "quantize" or cfg.include_int8]
     missing = [stage for stage in needed if stage not in ctx.inputs]
     if missing:
@@ -205,10 +207,12 @@ def run(cfg: PublishConfig, ctx: StageContext) -> dict:
     sources = release_sources(ctx.inputs, cfg.include_int8)
     refs = {stage: artifact_ref(ctx.inputs[stage]) for stage in REQUIRED if stage in ctx.inputs}
     # What the card says about the data: read before the lock, it may take a few seconds.
-    stages = model_card.lineage(ctx.store_root, ctx.inputs)
-    source_rows = model_card.source_rows(stages, _dedup_dir(ctx, stages), cfg.licenses)
+    stages = model_card.lineage(store, ctx.inputs)
+    source_rows = model_card.source_rows(stages, _dedup_dir(ctx, store, stages), cfg.licenses)
 
-    with publish_lock(releases):
+    # One publisher at a time on every machine (an object store's lock), and on this one (the
+    # folder's); an object store's releases are fetched first and what was published sent after.
+    with store.releases_lock(), publish_lock(store.sync_releases()):
         gate = None
         layout = {"files": sorted(sources), "hf": cfg.export_hf, "gguf": sorted(cfg.gguf), "card": CARD_FORMAT,
                   "licenses": {row["source"]: row["licence"] for row in source_rows}}
@@ -245,6 +249,7 @@ def run(cfg: PublishConfig, ctx: StageContext) -> dict:
             }
             _build_release(releases, version, sources, record, cfg, ctx.inputs, stages, source_rows)
         point_latest(releases, version)
+        store.push_releases()
 
     record = json.loads((releases / version / RELEASE_JSON).read_text())
     shutil.copyfile(releases / version / RELEASE_JSON, ctx.out / RELEASE_JSON)  # not its read-only mode
@@ -260,14 +265,13 @@ def run(cfg: PublishConfig, ctx: StageContext) -> dict:
     return metrics
 
 
-def _dedup_dir(ctx: StageContext, stages: dict[str, dict]) -> Path | None:
+def _dedup_dir(ctx: StageContext, store: Store, stages: dict[str, dict]) -> Path | None:
     """The dedup artifact (the training text, for the card's per-source counts), if reachable."""
     if "dedup" in ctx.inputs:
         return Path(ctx.inputs["dedup"])
     ref = stages.get("dedup", {}).get("ref")
-    if ref:
-        path = Store(ctx.store_root).path(ref)
-        return path if (path / MANIFEST).is_file() else None
+    if ref and store.get(ref) is not None:
+        return store.require(ref).path  # fetched, when the store is an object store
     return None
 
 
