@@ -5,8 +5,10 @@ killed with SIGKILL mid-training, run again and verified."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +21,7 @@ from ember.storage import objects
 from ember.storage.objects import ObjectStore, is_url, open_store
 from ember.storage.store import MANIFEST, LockTimeout, Store
 from ember.tasks.stage import Stage, run_stage
+from object_server import free_ports
 from pipeline_configs import write_config
 
 pytestmark = pytest.mark.slow
@@ -176,3 +179,55 @@ def test_ember_run_on_s3_killed_mid_training_resumes_and_verifies(s3, tmp_path):
     assert listed.returncode == 0 and "v0001" in listed.stdout and "← latest" in listed.stdout, listed.stdout
     (cache,) = (tmp_path / "elsewhere").iterdir()
     assert (cache / "releases" / "latest" / "model.safetensors").is_file()
+
+
+def _copy_folder(source: Path, cfg, ctx):
+    shutil.copytree(source, ctx.out, dirs_exist_ok=True)
+    return {}
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_torchrun_on_two_nodes_reads_the_store_and_trains_like_one_process(s3, tmp_path):
+    """torchrun --nnodes 2 (gloo) on two "machines" (folders of their own, the bucket shared):
+    each fetches the token shards into its cache, and the losses are one process's."""
+    from ember.tasks import train
+    from test_train_stages import context, make_artifacts, tiny_train
+
+    url = f"s3://ember/{tmp_path.name}"
+    store = machine(url, tmp_path, "uploader")
+    artifacts = make_artifacts(tmp_path / "artifacts", chars=60_000)
+    refs = {name: run_stage(store, Stage(name, 1, functools.partial(_copy_folder, folder)), None, {}).ref
+            for name, folder in artifacts.items()}
+    cfg = tiny_train(batch_size=5, tokens_per_step=10 * 64, max_steps=4, log_every=1, eval_every=2, eval_batches=2,
+                     checkpoint_every=2)
+    single = train.run(cfg, context(tmp_path, "one", artifacts))
+    config = tmp_path / "train.json"
+    config.write_text(cfg.model_dump_json())
+
+    port = free_ports(1)[0]
+    nodes = []
+    for rank in (0, 1):
+        node = tmp_path / f"node{rank}"
+        node.mkdir()
+        env = {**os.environ, **s3.env, "EMBER_CACHE": str(node / "cache"), "OMP_NUM_THREADS": "1"}
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                   f"--node_rank={rank}", "--master_addr=127.0.0.1", f"--master_port={port}",
+                   "-m", "ember.tasks.train.ddp", "--config", str(config), "--store", url,
+                   *[f"--input={name}={ref}" for name, ref in refs.items()],
+                   "--out", str(node / "out"), "--work", str(node / "work")]
+        nodes.append((node, subprocess.Popen(command, env=env, cwd=node, stdout=(node / "log").open("wb"),
+                                             stderr=subprocess.STDOUT, start_new_session=True)))
+    for node, proc in nodes:
+        assert proc.wait(timeout=300) == 0, (node / "log").read_text()[-3000:]
+
+    first, second = (node for node, _ in nodes)
+    a = [json.loads(line) for line in (tmp_path / "one-out" / "loss.jsonl").read_text().splitlines()]
+    b = [json.loads(line) for line in (first / "out" / "loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in b] == [r["step"] for r in a] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5)
+    assert single["steps"] == 4 and (first / "out" / "model.safetensors").is_file()
+    assert list((second / "out").iterdir()) == []  # rank 0 alone writes the model
+    for node in (first, second):  # each machine fetched the shards it read into its own cache
+        (cache,) = (node / "cache").iterdir()
+        assert (cache / "artifacts" / refs["tokenize"] / "meta.json").is_file()

@@ -4,11 +4,18 @@ Two halves. `launch_ddp` is what the train stage does for `train.nproc > 1`: it 
 `python -m torch.distributed.run --standalone --nproc_per_node N -m ember.tasks.train.ddp ...`,
 streams the processes' output into the stage's log and turns rank 0's reports back into the
 stage's own. `main` is what each of those processes runs; it can also be launched by hand, on
-one machine or several (the folders must then be shared, and rank 0 writes them):
+one machine with folders:
 
     torchrun --nproc_per_node 2 -m ember.tasks.train.ddp --config train.yaml \\
         --input tokenize=STORE/artifacts/tokenize/KEY --input train_tokenizer=STORE/artifacts/train_tokenizer/KEY \\
         --out OUT --work WORK [--resource warm_start=STORE/releases/v0003]
+
+or on several machines sharing nothing but the store: with `--store URL` the inputs are refs, and
+each machine fetches them into its own cache ($EMBER_CACHE) before training; rank 0 writes OUT.
+
+    torchrun --nnodes 2 --node_rank R --nproc_per_node 1 --master_addr HOST0 --master_port 29500 \\
+        -m ember.tasks.train.ddp --config train.yaml --store s3://bucket/ember \\
+        --input tokenize=tokenize/KEY --input train_tokenizer=train_tokenizer/KEY --out OUT --work WORK
 
 `--config` holds a train section (YAML or JSON). Backend: nccl on CUDA (one GPU per local
 rank), gloo on CPU. Rank 0 logs and prints its reports (progress, tables, summary, metrics),
@@ -31,6 +38,7 @@ import torch
 import yaml
 
 from ember.model.device import pick_device
+from ember.storage.objects import open_store
 from ember.tasks.stage import Reporter, StageContext
 from ember.tasks.train.config import TrainConfig
 from ember.tasks.train.loop import Dist, train_model
@@ -129,6 +137,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--work", required=True, type=Path, help="checkpoints (resumed from when present)")
     parser.add_argument("--resource", action="append", default=[], metavar="NAME=DIR",
                         help="a folder from outside the store (warm_start=RELEASE_DIR: the release to start from)")
+    parser.add_argument("--store", metavar="FOLDER|URL",
+                        help="the store the inputs are in: each --input is then STAGE=REF, fetched into this "
+                             "machine's cache")
     args = parser.parse_args(argv)
 
     def folders(items: list[str], option: str) -> dict[str, Path]:
@@ -143,6 +154,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.inputs, args.resources = folders(args.input, "--input"), folders(args.resource, "--resource")
     if "tokenize" not in args.inputs:
         parser.error("--input tokenize=DIR is required")
+    if args.store:
+        # Each process reads the token shards many times: they come to a local cache once, checked
+        # against the manifest (a second rank of the machine finds them there).
+        store = open_store(args.store)
+        args.inputs = {name: store.require(str(ref)).path for name, ref in args.inputs.items()}
     return args
 
 
