@@ -124,6 +124,18 @@ def run(
     console.print(f"Launch the demo: [bold]{launcher} demo{store_flag}[/]  (or `make demo`)")
 
 
+@app.command("config")
+def show_config(config_path: Path = typer.Argument(..., metavar="CONFIG", help="pipeline YAML")) -> None:
+    """Print a config as the pipeline reads it (validated, defaults filled in, paths absolute) as
+    JSON: the value of the `ember_config` Prefect variable that prefect.yaml's deployments take."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as err:
+        _fail(str(err))
+    store = config.store.model_copy(update={"root": config.store_root()})
+    print(config.model_copy(update={"store": store}).model_dump_json())
+
+
 @contextmanager
 def live_progress() -> Iterator[None]:
     """A live bar with an ETA for each long step of a stage (what its `ctx.report.progress` says),

@@ -106,9 +106,12 @@ def build_llm(config: PipelineConfig, force: list[StageName] | None = None, from
     """Raw text to a published model. Returns each stage's ref, whether it was cached, and the release.
 
     `force` reruns the stages named, `from_stage` a stage and every one after it (the UI offers the
-    stage names; anything else is refused when the run is created). `purpose` names the run.
+    stage names; anything else is refused when the run is created). `purpose` names the run, and
+    a retrain runs `retrain_config(config)`: warm start, published only through the gate.
     """
     logger = get_run_logger()
+    if purpose == "retrain":
+        config = retrain_config(config)
     forced = stages_to_force(force, from_stage)
     # Fails before any work when a source is missing or has no text; its fingerprint
     # (each file's content hash, a url's checksum or ETag) joins the download key so that a changed corpus reruns it.
