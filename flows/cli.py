@@ -136,6 +136,31 @@ def show_config(config_path: Path = typer.Argument(..., metavar="CONFIG", help="
     print(config.model_copy(update={"store": store}).model_dump_json())
 
 
+@app.command()
+def watch(config_path: Path = typer.Argument(..., metavar="CONFIG", help="pipeline YAML"),
+          every: Optional[float] = typer.Option(None, min=0.1, help="seconds between checks "
+                                                "(default: the config's schedule.watch_seconds)"),
+          store: Optional[str] = StoreOption) -> None:
+    """Watch a config's sources and emit `ember.corpus.changed` when they change, until Ctrl-C
+    (what `make serve` does in a thread; for workers deployed from prefect.yaml)."""
+    from ember.flows.watch import watch_sources
+
+    try:
+        config = load_config(config_path)
+    except ConfigError as err:
+        _fail(str(err))
+    seconds = every or config.schedule.watch_seconds
+    if not seconds:
+        _fail(f"{config_path}: schedule.watch_seconds is null; pass --every SECONDS")
+    # Its lines go to this terminal: no flow run here for Prefect's handlers to follow.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    stop = threading.Event()
+    try:
+        watch_sources(config, seconds, stop, store)
+    except KeyboardInterrupt:
+        stop.set()
+
+
 @contextmanager
 def live_progress() -> Iterator[None]:
     """A live bar with an ETA for each long step of a stage (what its `ctx.report.progress` says),

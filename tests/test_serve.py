@@ -130,3 +130,29 @@ def test_the_watch_loop_outlives_a_failed_look(tmp_path, corpora, caplog):
         watcher.join(timeout=5)
     assert "checking w's sources failed" in caplog.text
     assert seen_path(tmp_path / "store", "w").is_file() and not watcher.is_alive()
+
+
+def test_ember_watch_runs_the_watcher_until_interrupted(tmp_path, corpora):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pipeline_configs import write_config
+
+    source = tmp_path / "texts"
+    source.mkdir()
+    (source / "a.txt").write_text("Some text to look at.\n", encoding="utf-8")
+    config = write_config(tmp_path, download={"sources": [{"path": str(source)}]}, store={"root": str(tmp_path / "s")})
+    proc = subprocess.Popen([sys.executable, "-m", "ember.flows.cli", "watch", str(config), "--every", "0.2"],
+                            cwd=tmp_path, env={**os.environ, "PREFECT_HOME": str(tmp_path / "ph")},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = tmp_path / "s" / "watch" / "tiny.json"
+    deadline = time.monotonic() + 60
+    while not seen.is_file() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=30)
+    assert seen.is_file() and proc.returncode == 0, out
+    assert "watching tiny's sources every 0.2 s" in out and "first look at tiny's sources" in out
