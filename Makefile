@@ -51,9 +51,14 @@ endif
 # `--port` alone moves the API but not the UI, which asks the server (/ui-settings) where the API
 # is and would be told the default, port 4200: the server's settings say the port, and the UI's
 # API address is this server's, whatever PREFECT_API_URL the shell has.
+#
+# Concurrency leases (build and retrain run one at a time) are kept on disk, not in memory: a
+# restarted server must still know them, or the next renewal of a running build's lease fails
+# and Prefect crashes that run (the demo has no lease at all: deployments/serve.py).
 server: $(VENV)/.installed
 	PREFECT_SERVER_API_HOST=127.0.0.1 PREFECT_SERVER_API_PORT=$(PREFECT_PORT) \
 	PREFECT_SERVER_UI_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api \
+	PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE=prefect.server.concurrency.lease_storage.filesystem \
 	$(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
 
 serve: $(VENV)/.installed

@@ -20,7 +20,7 @@ from rich.table import Table
 
 import ember.flows  # noqa: F401  (offline defaults, before Prefect or Gradio load)
 from ember.flows.config import ConfigError, load_config
-from ember.storage.objects import ObjectStore, open_store
+from ember.storage.objects import open_store
 from ember.storage.store import Store, StoreError, default_root
 from ember.tasks.stages import STAGE_NAMES
 
@@ -271,20 +271,6 @@ def verify(store: Optional[str] = StoreOption) -> None:
     console.print(f"[green]✓[/] {len(s.ls())} artifacts verified in {s.location}")
 
 
-def _follow_releases(store: Store, every_s: float = 60.0) -> None:
-    """Fetch new releases (and `latest`) from an object store every `every_s`, for the demo: it
-    serves the local copy and picks a new `latest` up at the next generation."""
-    def follow() -> None:
-        while True:
-            time.sleep(every_s)
-            try:
-                store.sync_releases()
-            except Exception as err:  # noqa: BLE001  (the demo goes on with what it has)
-                err_console.print(f"[yellow]warning:[/] could not fetch releases from {store.location}: {err}")
-
-    threading.Thread(target=follow, name="ember-releases", daemon=True).start()
-
-
 @app.command()
 def gc(dry_run: bool = typer.Option(False, "--dry-run", help="only list what would be deleted"),
        store: Optional[str] = StoreOption) -> None:
@@ -366,8 +352,7 @@ def demo(
         err_console.print(f"[yellow]warning:[/] serving on {host} without a login; pass --auth USER:PASSWORD")
     s = _store(store)
     releases_dir = s.sync_releases()
-    if isinstance(s, ObjectStore):  # follow what gets published there
-        _follow_releases(s)
+    s.follow_releases()
     launch(releases_dir, release=release, host=host, port=port, share=share, auth=login,
            concurrency=concurrency)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -48,6 +49,7 @@ from ember.storage.store import (
     write_json_atomic,
 )
 
+log = logging.getLogger("ember.store")
 CACHE_ENV = "EMBER_CACHE"
 HEARTBEAT_S = 15.0
 STALE_S = 120.0  # a lock not rewritten for this long is a dead writer's
@@ -140,19 +142,11 @@ class ObjectStore(Store):
                                      "run `ember verify`")
             write_json_atomic(tmp / MANIFEST, artifact.manifest)
             # Another process of this machine may have fetched it meanwhile: either copy will do.
+            # (Checkpoints this machine kept for the same artifact go: it is complete.)
             if _read_manifest(local) is None or _read_manifest(local).get("digest") != artifact.manifest["digest"]:
-                self._place_cached(tmp, artifact.ref)
+                self._place(tmp, artifact.ref)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-
-    def _place_cached(self, tmp: Path, ref: str) -> None:
-        final = self.path(ref)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        if final.exists():
-            junk = self.root / "tmp" / f"stale-{secrets.token_hex(6)}"
-            os.rename(final, junk)
-            shutil.rmtree(junk, ignore_errors=True)
-        os.rename(tmp, final)
 
     def _manifests(self) -> dict[str, dict]:
         paths = self.fs.glob(self._remote("artifacts", "*", "*", MANIFEST))
@@ -247,6 +241,19 @@ class ObjectStore(Store):
         if self.fs.exists(self._remote("releases", HISTORY)):
             self.fs.get_file(self._remote("releases", HISTORY), str(local / HISTORY))
         return local
+
+    def follow_releases(self, every_s: float = 60.0) -> None:
+        """Fetch new releases and `latest` every `every_s` in a daemon thread: the demo serves the
+        local copy and picks a new `latest` up at its next generation."""
+        def follow() -> None:
+            while True:
+                time.sleep(every_s)
+                try:
+                    self.sync_releases()
+                except Exception as err:  # noqa: BLE001  (the demo goes on with what it has)
+                    log.warning("could not fetch releases from %s: %s", self.url, err)
+
+        threading.Thread(target=follow, name="ember-releases", daemon=True).start()
 
     def push_releases(self) -> None:
         local = self.releases_dir

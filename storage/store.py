@@ -163,6 +163,9 @@ class Store:
     def push_releases(self) -> None:
         """Make what was published in `releases_dir` the store's (nothing to do for a folder)."""
 
+    def follow_releases(self, every_s: float = 60.0) -> None:
+        """Keep `releases_dir` up to date in the background, for a demo (a folder always is)."""
+
     @contextmanager
     def releases_lock(self) -> Iterator[None]:
         """Held by whoever publishes or rolls back on any machine (a folder's own file lock,
