@@ -119,7 +119,7 @@ def build_llm(config: PipelineConfig, force: list[StageName] | None = None, from
     store = config.open_store(store_root)
     logger.info("store: %s", store.location)
     outcomes: dict[str, Outcome] = {}
-    mapper = UnitMap(config.runner.kind, config.runner.workers, config.runner.address)
+    mapper = UnitMap(config.runner.kind, config.runner.workers, config.runner.address, store=store)
     # One progress card for the whole run: the stage under way and how far it is.
     progress_id = create_progress_artifact(0.0, key=artifact_key(config.name, "progress"),
                                            description=f"Stage 1 of {len(STAGES)}: starting")

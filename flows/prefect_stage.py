@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import re
+import secrets
 import threading
 import time
 from collections import deque
@@ -28,6 +29,8 @@ from prefect.states import Completed
 from pydantic import BaseModel
 
 from ember.flows.cards import failed_card, position, stage_card
+from ember.flows.relocate import Relocated, folders_in, sync_down, sync_up
+from ember.storage.objects import ObjectStore
 from ember.storage.store import Store
 from ember.tasks.stage import Outcome, Reporter, Stage, run_stage
 
@@ -112,11 +115,17 @@ class UnitMap:
     stage's first map and `stage_task` closes it when the stage ends, failed or not.
     """
 
-    def __init__(self, kind: str = "sequential", workers: int = 2, address: str | None = None):
+    def __init__(self, kind: str = "sequential", workers: int = 2, address: str | None = None,
+                 store: Store | None = None):
         if kind not in ("sequential", "processes", "dask"):
             raise ValueError(f"runner.kind: unknown kind {kind!r}")
         self.kind, self.workers, self.address = kind, workers, address
         self._runner = None
+        # On Dask with the store on object storage, a worker may be another machine with a cache
+        # of its own: units are relocated (flows/relocate.py), their folders staged in the bucket.
+        self.store = store if kind == "dask" and isinstance(store, ObjectStore) else None
+        self._staging: str | None = None
+        self._sent: dict[str, dict] = {}
 
     def _started(self):
         if self._runner is None:
@@ -141,6 +150,10 @@ class UnitMap:
         if self._runner is not None:
             runner, self._runner = self._runner, None
             runner.__exit__(None, None, None)
+        if self._staging is not None:
+            staging, self._staging, self._sent = self._staging, None, {}
+            if self.store.fs.exists(staging):
+                self.store.fs.rm(staging, recursive=True)
 
     def __call__(self, fn: Callable[[Any], Any], items: list, name: str = "unit") -> list:
         # One unit gains nothing from another process.
@@ -153,6 +166,12 @@ class UnitMap:
                                                "here, one after the other", name, type(err).__name__, err)
             return prefect_map(fn, items, name)
         runner = self._started()
+        folders: set[str] = set()
+        if self.store is not None:
+            self._staging = self._staging or self.store.remote_path("staging", secrets.token_hex(8))
+            folders = folders_in(fn, items, str(self.store.root))
+            sync_up(self.store, folders, self._staging, self._sent)
+            fn = Relocated(fn, self.store.url, str(self.store.root), self._staging)
         unit = task(_call_unit, name=name, cache_policy=NO_CACHE, persist_result=False)
         results: list = []
         in_flight: deque = deque()
@@ -162,6 +181,8 @@ class UnitMap:
             in_flight.append(runner.submit(unit.with_options(task_run_name=unit_run_name(name, item, i)),
                                            {"fn": fn, "item": item}))
         results.extend(future.result() for future in in_flight)
+        if self.store is not None:
+            sync_down(self.store, folders, self._staging, self._sent)
         return results
 
 

@@ -95,12 +95,13 @@ class ObjectStore(Store):
     def location(self) -> str:
         return self.url
 
-    def _remote(self, *parts: str) -> str:
+    def remote_path(self, *parts: str) -> str:
+        """A path in the store's filesystem (`bucket/prefix/...`, as `self.fs` takes it)."""
         return "/".join([self.remote, *parts])
 
     def _remote_artifact(self, ref: str) -> str:
         stage, key = split_ref(ref)
-        return self._remote("artifacts", stage, key)
+        return self.remote_path("artifacts", stage, key)
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -149,7 +150,7 @@ class ObjectStore(Store):
             shutil.rmtree(tmp, ignore_errors=True)
 
     def _manifests(self) -> dict[str, dict]:
-        paths = self.fs.glob(self._remote("artifacts", "*", "*", MANIFEST))
+        paths = self.fs.glob(self.remote_path("artifacts", "*", "*", MANIFEST))
         found = {}
         for path, raw in (self.fs.cat(paths) if paths else {}).items():
             stage, key = path.rstrip("/").split("/")[-3:-1]
@@ -167,7 +168,7 @@ class ObjectStore(Store):
     @contextmanager
     def lock(self, ref: str, timeout_s: float | None = None) -> Iterator[None]:
         stage, key = split_ref(ref)
-        lock = ObjectLock(self.fs, self._remote("locks", f"{stage}-{key}.lock"))
+        lock = ObjectLock(self.fs, self.remote_path("locks", f"{stage}-{key}.lock"))
         timeout = self.lock_timeout_s if timeout_s is None else timeout_s
         if not lock.acquire(timeout):
             raise LockTimeout(f"artifact {ref} is being written by another run ({lock.holder()}; lock "
@@ -191,11 +192,11 @@ class ObjectStore(Store):
 
     def record_run(self, name: str, refs: dict[str, str], extra: dict | None = None) -> Path:
         path = super().record_run(name, refs, extra)
-        self.fs.put_file(str(path), self._remote("runs", path.name))
+        self.fs.put_file(str(path), self.remote_path("runs", path.name))
         return path
 
     def run_records(self) -> list[dict]:
-        paths = sorted(self.fs.glob(self._remote("runs", "*.json")))
+        paths = sorted(self.fs.glob(self.remote_path("runs", "*.json")))
         return [json.loads(raw) for _, raw in sorted((self.fs.cat(paths) if paths else {}).items())]
 
     # -- releases -----------------------------------------------------------------------------
@@ -205,7 +206,7 @@ class ObjectStore(Store):
 
     @contextmanager
     def releases_lock(self) -> Iterator[None]:
-        lock = ObjectLock(self.fs, self._remote("locks", "releases.lock"))
+        lock = ObjectLock(self.fs, self.remote_path("locks", "releases.lock"))
         if not lock.acquire(self.lock_timeout_s):
             raise LockTimeout(f"the releases of {self.url} are being published by {lock.holder()}; "
                               f"gave up after {self.lock_timeout_s:.0f}s")
@@ -215,7 +216,7 @@ class ObjectStore(Store):
             lock.release()
 
     def _remote_versions(self) -> list[str]:
-        found = {path.rstrip("/").split("/")[-2] for path in self.fs.glob(self._remote("releases", "v*", RELEASE_JSON))}
+        found = {path.rstrip("/").split("/")[-2] for path in self.fs.glob(self.remote_path("releases", "v*", RELEASE_JSON))}
         return sorted(v for v in found if VERSION_RE.match(v))
 
     def sync_releases(self) -> Path:
@@ -226,20 +227,20 @@ class ObjectStore(Store):
             if version in have:
                 continue  # a release never changes once written
             tmp = local / f".fetch-{version}-{secrets.token_hex(4)}"
-            self.fs.get(self._remote("releases", version) + "/", str(tmp), recursive=True)
+            self.fs.get(self.remote_path("releases", version) + "/", str(tmp), recursive=True)
             if (tmp / RELEASE_JSON).is_file() and not (local / version).exists():
                 os.rename(tmp, local / version)
             shutil.rmtree(tmp, ignore_errors=True)
         try:
-            latest = self.fs.cat_file(self._remote("releases", "LATEST")).decode().strip()
+            latest = self.fs.cat_file(self.remote_path("releases", "LATEST")).decode().strip()
         except FileNotFoundError:
             latest = None
         if latest and (local / latest).is_dir() and current_version(local) != latest:
             tmp_link = local / f".latest-{secrets.token_hex(4)}"
             os.symlink(latest, tmp_link)
             os.replace(tmp_link, local / LATEST)
-        if self.fs.exists(self._remote("releases", HISTORY)):
-            self.fs.get_file(self._remote("releases", HISTORY), str(local / HISTORY))
+        if self.fs.exists(self.remote_path("releases", HISTORY)):
+            self.fs.get_file(self.remote_path("releases", HISTORY), str(local / HISTORY))
         return local
 
     def follow_releases(self, every_s: float = 60.0) -> None:
@@ -263,12 +264,12 @@ class ObjectStore(Store):
                 continue
             files = sorted(p for p in (local / version).rglob("*") if p.is_file())
             for path in sorted(files, key=lambda p: p.name == RELEASE_JSON):  # release.json last
-                self.fs.put_file(str(path), self._remote("releases", version, path.relative_to(local / version).as_posix()))
+                self.fs.put_file(str(path), self.remote_path("releases", version, path.relative_to(local / version).as_posix()))
         if (local / HISTORY).is_file():
-            self.fs.put_file(str(local / HISTORY), self._remote("releases", HISTORY))
+            self.fs.put_file(str(local / HISTORY), self.remote_path("releases", HISTORY))
         latest = current_version(local)
         if latest:
-            self.fs.pipe_file(self._remote("releases", "LATEST"), latest.encode())
+            self.fs.pipe_file(self.remote_path("releases", "LATEST"), latest.encode())
 
     # -- maintenance --------------------------------------------------------------------------
 
@@ -302,13 +303,13 @@ class ObjectStore(Store):
     def incomplete(self) -> list[str]:
         """Artifact folders holding objects but no manifest (a writer died while uploading). An
         empty folder is nothing: some object stores keep one after its objects are deleted."""
-        base = self._remote("artifacts") + "/"
+        base = self.remote_path("artifacts") + "/"
         folders = {"/".join(path[len(base):].split("/")[:2]) for path in self.fs.find(base.rstrip("/"))}
         complete = set(self._manifests())
         return [f"artifacts/{name}" for name in sorted(folders) if name.count("/") == 1 and name not in complete]
 
     def _remove_incomplete(self, name: str) -> None:
-        self.fs.rm(self._remote(name), recursive=True)
+        self.fs.rm(self.remote_path(name), recursive=True)
 
 
 class ObjectLock:

@@ -10,7 +10,7 @@ import pytest
 from prefect import flow
 
 from ember.flows.config import PipelineConfig
-from ember.storage.store import Store
+from ember.storage.objects import open_store
 from ember.tasks import dedup, download, normalize, tokenize, train_tokenizer
 from ember.tasks import filter as quality_filter
 from ember.flows.prefect_stage import UnitMap, stage_task
@@ -24,8 +24,8 @@ DATA_STAGES = ["download", "normalize", "filter", "dedup", "train_tokenizer", "t
 @flow(name="ember-data-stages", persist_result=False)
 def data_stages(config: PipelineConfig, store_root: str) -> dict[str, str]:
     """The pipeline's data stages, wired like `build_llm` (the same stage_task and mapper)."""
-    store = Store(store_root)
-    mapper = UnitMap(config.runner.kind, config.runner.workers, config.runner.address)
+    store = open_store(store_root)
+    mapper = UnitMap(config.runner.kind, config.runner.workers, config.runner.address, store=store)
     refs: dict[str, str] = {}
 
     def run(stage, cfg, inputs, identity=None):
@@ -85,15 +85,15 @@ def source(tmp_path_factory, corpora):
     return folder
 
 
-def run_data_stages(tmp_path: Path, source: Path, name: str, runner: dict):
+def run_data_stages(tmp_path: Path, source: Path, name: str, runner: dict, store: str | None = None):
     from ember.flows.config import load_config
 
     config = load_config(write_config(tmp_path, f"{name}.yaml", runner=runner, dedup={"unit_chars": 50_000},
                                       download={"sources": [{"name": "plays", "path": str(source)}]}))
-    store = tmp_path / name
-    state = data_stages(config, str(store), return_state=True)
+    store = store or str(tmp_path / name)
+    state = data_stages(config, store, return_state=True)
     refs = state.result()
-    digests = {stage: file_digests(Store(store).require(ref).manifest) for stage, ref in refs.items()}
+    digests = {stage: file_digests(open_store(store).require(ref).manifest) for stage, ref in refs.items()}
     return digests, unit_task_runs(state.state_details.flow_run_id)
 
 
@@ -137,3 +137,55 @@ def test_runner_config_is_checked():
         parse_config({"download": download, "schedule": {"cron": "every night"}})
     with pytest.raises(ConfigError, match="schedule.timezone: .*unknown time zone"):
         parse_config({"download": download, "schedule": {"timezone": "Mars/Olympus"}})
+
+
+def test_dask_workers_that_share_only_the_bucket_give_the_sequential_bytes(prefect_api, small_shards, source, s3,
+                                                                           tmp_path, monkeypatch):
+    """A Dask scheduler and two workers in folders of their own, the store in the SeaweedFS bucket:
+    the units fetch their inputs by ref into each worker's cache and stage what they write in the
+    bucket (flows/relocate.py); the artifacts are the sequential run's, byte for byte."""
+    import os
+    import subprocess
+    import sys
+
+    from distributed import Client
+
+    from object_server import free_ports
+    from test_prefect_server import stop
+
+    sequential, _ = run_data_stages(tmp_path, source, "sequential", {"kind": "sequential"})
+    monkeypatch.setenv("EMBER_CACHE", str(tmp_path / "flow-cache"))  # the flow's machine
+    (port,) = free_ports(1)
+    address = f"tcp://127.0.0.1:{port}"
+    dask = Path(sys.executable).parent / "dask"
+    procs = [subprocess.Popen([str(dask), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+                              cwd=tmp_path, stdout=(tmp_path / "scheduler.log").open("wb"), stderr=subprocess.STDOUT,
+                              start_new_session=True)]
+    machines = []
+    try:
+        for name in ("a", "b"):
+            folder = tmp_path / f"machine-{name}"
+            folder.mkdir()
+            env = {**os.environ, **s3.env, "EMBER_CACHE": str(folder / "cache"), "OMP_NUM_THREADS": "1"}
+            procs.append(subprocess.Popen(
+                [str(dask), "worker", address, "--nthreads", "1", "--no-dashboard", "--local-directory",
+                 str(folder / "dask"), "--name", f"worker-{name}"], cwd=folder, env=env,
+                stdout=(folder / "worker.log").open("wb"), stderr=subprocess.STDOUT, start_new_session=True))
+            machines.append(folder)
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=120)
+        url = f"s3://ember/{tmp_path.name}"
+        on_dask, _ = run_data_stages(tmp_path, source, "dask-bucket",
+                                     {"kind": "dask", "workers": 2, "address": address}, store=url)
+    finally:
+        for proc in reversed(procs):
+            stop(proc)
+    assert on_dask == sequential
+    # The workers read their inputs from the bucket, each into its own cache, and worked there.
+    for folder in machines:
+        (cache,) = (folder / "cache").iterdir()
+        assert list((cache / "artifacts").glob("*/*/manifest.json")), folder
+        assert list((cache / "tmp").iterdir()) or list((cache / "work").iterdir())
+    store = open_store(url)  # the staged folders went with their stage (an empty folder may stay)
+    staging = store.remote_path("staging")
+    assert [path for path in store.fs.find(staging) if path.rstrip("/") != staging] == []
