@@ -168,15 +168,26 @@ def live_progress() -> Iterator[None]:
     lines themselves stay out of the terminal (they still reach the run log)."""
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
                                TimeElapsedColumn, TimeRemainingColumn)
+    from prefect.logging import configuration
+    from rich.default_styles import DEFAULT_STYLES
+    from rich.theme import Theme
     from prefect.logging.handlers import PrefectConsoleHandler
 
     from ember.flows.prefect_stage import PROGRESS_LISTENERS
 
-    handlers = {id(h): h for name in ("prefect", "ember") for h in logging.getLogger(name).handlers
-                if isinstance(h, PrefectConsoleHandler)}.values()
-    shared = next(iter(handlers)).console if handlers else err_console
+    # Prefect configures its logging lazily; its console handlers exist once it has.
+    if not configuration.PROCESS_LOGGING_CONFIG:
+        configuration.setup_logging()
+    loggers = [logging.getLogger()] + [logger for logger in logging.root.manager.loggerDict.values()
+                                       if isinstance(logger, logging.Logger)]
+    handlers = list({id(h): h for logger in loggers for h in logger.handlers
+                     if isinstance(h, PrefectConsoleHandler)}.values())
+    shared = handlers[0].console if handlers else err_console
     for handler in handlers:
         handler.console = shared  # one console: a log line printed while the bars are live goes above them
+    # Prefect's console has a theme of its own, without the bars' styles: lend it rich's.
+    shared.push_theme(Theme({name: style for name, style in DEFAULT_STYLES.items()
+                             if name.startswith(("bar.", "progress."))}))
 
     def not_progress(record: logging.LogRecord) -> bool:
         return not getattr(record, "ember_progress", False)
@@ -200,6 +211,7 @@ def live_progress() -> Iterator[None]:
             yield
     finally:
         PROGRESS_LISTENERS.remove(listen)
+        shared.pop_theme()
         for handler in handlers:
             handler.removeFilter(not_progress)
 

@@ -72,3 +72,16 @@ def test_two_overlapping_runs_of_one_config_share_the_store(prefect_api, tmp_pat
     assert len(flow_runs) == 2 and all(r.state.is_completed() for r in flow_runs)
     first, second = sorted(flow_runs, key=lambda r: r.start_time)
     assert second.start_time < first.end_time
+
+    # What the terminal shows: the run's name first (the flow run's own name), a bar per long
+    # step (the trainer's 150 steps, with an ETA column), and none of the stages' report tables.
+    from ember.flows.config import load_config
+
+    name = f"build-tiny-{load_config(config).digest()}"
+    assert {r.name for r in flow_runs} == {name}
+    trained = outputs[[r["train"] for r in results].index("ran")]
+    assert trained.lstrip().startswith(f"{name}: 10 stages")
+    bar = next(line for line in trained.splitlines() if line.startswith("train ") and "150/150" in line)
+    assert "100%" in bar and "ETA" in bar, bar
+    for line in ("|---|", "train 100% (150/150)"):  # a card's table; the bar's own log line
+        assert line not in trained, trained[max(0, trained.find(line) - 1500):trained.find(line) + 300]
