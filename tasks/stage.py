@@ -3,8 +3,9 @@
 A stage is a plain function `run(cfg, ctx) -> metrics` over files: `cfg` is the stage's own
 pydantic config section, `ctx.inputs` maps each upstream stage name to its artifact folder,
 and everything written under `ctx.out` becomes the artifact. It knows nothing of Prefect; it
-tells a person what it did through `ctx.report`, which logs by default and becomes Prefect
-artifacts (tables, markdown, progress) when the stage runs inside a flow.
+tells a person what it did through `ctx.report`: progress as it goes, and a report of tables
+and markdown, kept in the artifact's manifest and shown as the stage's card when it runs inside a
+flow (flows/prefect_stage.py, flows/cards.py).
 
 `run_stage` wraps any stage with the store: compute the key, return at once when the artifact
 is complete (a cache hit), else take the key's lock, run into a temporary folder and commit.
