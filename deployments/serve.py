@@ -234,14 +234,8 @@ def demo_deployment(config: PipelineConfig) -> RunnerDeployment:
     )
 
 
-def pinned(config: PipelineConfig) -> PipelineConfig:
-    """Runs start in subprocesses of this one: pin the store to the folder it resolves to here
-    ($EMBER_HOME, the config's `store.root`, or .ember/ in this directory)."""
-    return config.model_copy(update={"store": config.store.model_copy(update={"root": str(config.store_root())})})
-
-
 def deployments(config: PipelineConfig) -> list[RunnerDeployment]:
-    config = pinned(config)
+    config = config.pinned()  # runs start in subprocesses of this one
     return [build_deployment(config), retrain_deployment(config), demo_deployment(config)]
 
 
@@ -259,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
                  "export PREFECT_API_URL=http://127.0.0.1:4200/api")
     stop = threading.Event()
     if config.schedule.watch_seconds:
-        threading.Thread(target=watch_sources, args=(pinned(config), config.schedule.watch_seconds, stop),
+        threading.Thread(target=watch_sources, args=(config.pinned(), config.schedule.watch_seconds, stop),
                          name="ember-watch", daemon=True).start()
     try:
         serve(*deployments(config))

@@ -132,8 +132,7 @@ def show_config(config_path: Path = typer.Argument(..., metavar="CONFIG", help="
         config = load_config(config_path)
     except ConfigError as err:
         _fail(str(err))
-    store = config.store.model_copy(update={"root": config.store_root()})
-    print(config.model_copy(update={"store": store}).model_dump_json())
+    print(config.pinned().model_dump_json())
 
 
 @app.command()

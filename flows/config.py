@@ -132,6 +132,11 @@ class PipelineConfig(BaseModel):
         location = str(override or os.environ.get(ROOT_ENV) or self.store.root or DEFAULT_ROOT)
         return location if is_url(location) else str(Path(location).absolute())
 
+    def pinned(self) -> "PipelineConfig":
+        """This config with `store.root` resolved here ($EMBER_HOME, the config's, or .ember/ in
+        this directory): what a run started elsewhere (a subprocess, a worker) must be given."""
+        return self.model_copy(update={"store": self.store.model_copy(update={"root": self.store_root()})})
+
     def open_store(self, override: str | Path | None = None) -> Store:
         return open_store(self.store_root(override), lock_timeout_s=self.store.lock_timeout_s)
 

@@ -45,6 +45,8 @@ from ember.storage.store import (
     StoreError,
     file_sha256,
     make_ref,
+    process_alive,
+    read_json_or_none,
     split_ref,
     write_json_atomic,
 )
@@ -126,9 +128,10 @@ class ObjectStore(Store):
         return artifact
 
     def _fetch(self, artifact: Artifact) -> None:
-        local = artifact.path
-        cached = _read_manifest(local)
-        if cached is not None and cached.get("digest") == artifact.manifest["digest"]:
+        def cached() -> bool:
+            return (read_json_or_none(artifact.path / MANIFEST) or {}).get("digest") == artifact.manifest["digest"]
+
+        if cached():
             return
         tmp = self.root / "tmp" / f"fetch-{artifact.ref.replace('/', '-')[:40]}-{os.getpid()}-{secrets.token_hex(4)}"
         tmp.mkdir(parents=True)
@@ -144,7 +147,7 @@ class ObjectStore(Store):
             write_json_atomic(tmp / MANIFEST, artifact.manifest)
             # Another process of this machine may have fetched it meanwhile: either copy will do.
             # (Checkpoints this machine kept for the same artifact go: it is complete.)
-            if _read_manifest(local) is None or _read_manifest(local).get("digest") != artifact.manifest["digest"]:
+            if not cached():
                 self._place(tmp, artifact.ref)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -351,7 +354,7 @@ class ObjectLock:
         except json.JSONDecodeError:
             body = {}
         host, _, rest = str(body.get("owner", "")).partition(":")
-        if host == socket.gethostname() and not _alive(rest.partition(":")[0]):
+        if host == socket.gethostname() and not process_alive(rest.partition(":")[0]):
             return True
         stamp = modified.timestamp() if hasattr(modified, "timestamp") else float(modified)
         return time.time() - stamp > STALE_S
@@ -391,23 +394,6 @@ class ObjectLock:
                 self.fs.rm_file(self.path)
         except (FileNotFoundError, json.JSONDecodeError):
             pass
-
-
-def _alive(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _read_manifest(folder: Path) -> dict | None:
-    try:
-        return json.loads((folder / MANIFEST).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
 
 
 def _remote_sha256(fs, path: str, chunk: int = 1 << 20) -> str:

@@ -244,7 +244,7 @@ class Store:
 
         The caller must hold `lock(ref)`. `manifest` holds what the caller knows (params,
         inputs, metrics, ...); it may be updated inside the block. File sizes and checksums are
-        added here. On an exception the temporary folder is deleted and nothing is committed.
+        added to it on commit. On an exception the temporary folder is deleted and nothing is committed.
         """
         stage, key = split_ref(ref)
         tmp_root = self.root / "tmp"
@@ -264,14 +264,14 @@ class Store:
         self._place(tmp, ref)
 
     def _seal(self, tmp: Path, ref: str, manifest: dict, started: float) -> dict:
-        """Add the file list (sizes, sha256) and timing to `manifest` and write it into `tmp`."""
+        """Add the file list (sizes, sha256) and timing to `manifest` (in place: the writer's
+        caller then holds the committed manifest) and write it into `tmp`."""
         stage, key = split_ref(ref)
         files = {}
         for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
             rel = path.relative_to(tmp).as_posix()
             files[rel] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
-        full = {
-            **manifest,
+        manifest.update({
             "ref": ref,
             "stage": stage,
             "key": key,
@@ -279,10 +279,10 @@ class Store:
             "files": files,
             "created": time.time(),
             "seconds": round(time.time() - started, 3),
-        }
+        })
         # The manifest is the last file written: until it exists, the folder is not an artifact.
-        write_json_atomic(tmp / MANIFEST, full)
-        return full
+        write_json_atomic(tmp / MANIFEST, manifest)
+        return manifest
 
     def _place(self, tmp: Path, ref: str) -> None:
         """Rename a sealed folder into `artifacts/`, replacing what was there."""
@@ -398,10 +398,14 @@ class Store:
 def _writer_alive(tmp_name: str) -> bool:
     """Whether the process that owns a tmp folder (`stage-key-pid-rand`) still runs."""
     parts = tmp_name.rsplit("-", 2)
+    return len(parts) == 3 and process_alive(parts[1])
+
+
+def process_alive(pid: str | int) -> bool:
+    """Whether a process of this machine with this id runs (one of another user's counts)."""
     try:
-        pid = int(parts[1])
-        os.kill(pid, 0)
-    except (IndexError, ValueError, ProcessLookupError):
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
         return False
     except PermissionError:
         return True

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel
 
-from ember.storage.store import Store, compute_key, make_ref
+from ember.storage.store import Artifact, Store, compute_key, make_ref
 
 
 class Reporter:
@@ -32,26 +32,32 @@ class Reporter:
     UI shows as the stage's one card. This base class logs; see PrefectReporter."""
 
     PROGRESS_EVERY_S = 5.0  # progress log lines, at most this often (and always at 100%)
+    NOTIFY_EVERY_S = 0.1  # `_on_progress` (a live bar, the run's progress card): this often, and at 100%
 
     def __init__(self, stage: str):
         self.stage = stage
         self.log = logging.getLogger(f"ember.{stage}")
         self.sections: dict[str, dict] = {}
         self._last_progress = 0.0
+        self._last_notice = 0.0
         self._unfinished: dict[str, float] = {}  # what -> total, for loops that have not reached it
 
     def progress(self, done: float, total: float, what: str = "") -> None:
-        """Long loops call this often: listeners (a live bar) hear of it at once, the log at most
-        every PROGRESS_EVERY_S seconds."""
+        """Long loops call this often (the tokenizer trainer once per document): it returns at once
+        unless NOTIFY_EVERY_S has passed; the log hears of it every PROGRESS_EVERY_S."""
         what = what or self.stage
-        pct = min(100.0 * done / total, 100.0) if total else 100.0
-        if done < total:
-            self._unfinished[what] = total
-        else:
+        finished = done >= total
+        if finished:
             self._unfinished.pop(what, None)
-        self._on_progress(pct, what, done, total)
+        else:
+            self._unfinished[what] = total
         now = time.monotonic()
-        if done < total and now - self._last_progress < self.PROGRESS_EVERY_S:
+        if not finished and now - self._last_notice < self.NOTIFY_EVERY_S:
+            return
+        self._last_notice = now
+        pct = min(100.0 * done / total, 100.0) if total else 100.0
+        self._on_progress(pct, what, done, total)
+        if not finished and now - self._last_progress < self.PROGRESS_EVERY_S:
             return
         self._last_progress = now
         # Marked, so that a terminal that draws a progress bar can leave the line out.
@@ -232,5 +238,6 @@ def run_stage(store: Store, stage: Stage, cfg: BaseModel | None, inputs: dict[st
                                map=mapper, resources=dict(resources or {}))
             manifest["metrics"] = stage.run(cfg, ctx) or {}
             manifest["report"] = reporter.report()
-    return _outcome(stage.name, store.require(ref), False, time.monotonic() - started)
+    # The writer completed `manifest`: no need to read back what was just committed.
+    return _outcome(stage.name, Artifact(ref, store.path(ref), manifest), False, time.monotonic() - started)
 
