@@ -4,10 +4,12 @@ pointing down only, and stage logic that never needs Prefect."""
 from __future__ import annotations
 
 import ast
-import tomllib
+import os
 from pathlib import Path
 
 import pytest
+import setuptools
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ("storage", "model", "tasks", "flows", "deployments")
@@ -42,8 +44,12 @@ def python_files() -> list[Path]:
 
 def banned_in(rel: str, names: set[str], banned: tuple[str, ...]) -> list[str]:
     allowed = ALLOWED.get(rel, ())
-    return [f"{rel} imports {name}" for name in sorted(names) for ban in banned
-            if (name == ban or name.startswith(ban + ".")) and ban not in allowed]
+    return [
+        f"{rel} imports {name}"
+        for name in sorted(names)
+        for ban in banned
+        if (name == ban or name.startswith(ban + ".")) and ban not in allowed
+    ]
 
 
 @pytest.mark.parametrize("layer", sorted(FORBIDDEN))
@@ -70,21 +76,42 @@ def test_layers_are_imported_only_with_the_ember_prefix():
     assert not offending, "\n".join(offending)
 
 
-def test_pyproject_lists_every_package_folder():
-    # A package folder missing from pyproject.toml would work in the editable install and be
-    # missing from a wheel.
-    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    expected = sorted("ember." + init.parent.relative_to(ROOT).as_posix().replace("/", ".")
-                      for layer in LAYERS for init in (ROOT / layer).rglob("__init__.py"))
-    assert sorted(setuptools["packages"]) == expected
-    assert setuptools["package-dir"] == {f"ember.{layer}": layer for layer in LAYERS}
+def test_ember_links_each_layer_and_packages_every_folder():
+    # ember/<layer> is a relative link to the layer's folder, so the same tree serves Python, a
+    # wheel and the type checkers; a link missing or pointing elsewhere would split them.
+    for layer in LAYERS:
+        link = ROOT / "ember" / layer
+        assert link.is_symlink() and os.readlink(link) == f"../{layer}", f"ember/{layer} should link to ../{layer}"
+    # What a wheel holds: setuptools follows the links, so every package folder is in it.
+    expected = sorted(
+        ["ember"]
+        + [
+            "ember." + init.parent.relative_to(ROOT).as_posix().replace("/", ".")
+            for layer in LAYERS
+            for init in (ROOT / layer).rglob("__init__.py")
+        ]
+    )
+    assert sorted(setuptools.find_packages(str(ROOT), include=["ember*"])) == expected
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"] == {
+        "find": {"include": ["ember*"]}
+    }
 
 
 def test_the_stage_order_is_one_list():
     from ember.tasks.stages import STAGES
 
-    assert [s.name for s in STAGES] == ["download", "normalize", "filter", "dedup", "train_tokenizer", "tokenize",
-                                        "train", "quantize", "evaluate", "publish"]
+    assert [s.name for s in STAGES] == [
+        "download",
+        "normalize",
+        "filter",
+        "dedup",
+        "train_tokenizer",
+        "tokenize",
+        "train",
+        "quantize",
+        "evaluate",
+        "publish",
+    ]
     # Each stage reads only stages before it.
     seen: set[str] = set()
     for stage in STAGES:
