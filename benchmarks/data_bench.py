@@ -53,13 +53,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from tokenizer_train_bench import DEFAULT_CORPORA, OFFLINE_ENV, machine_line, markdown_table
+from tokenizer_train_bench import DEFAULT_CORPORA, OFFLINE_ENV, machine_line, markdown_table  # noqa: E402
 
 CHUNK_CHARS = 4000
 
 
 # ---------------------------------------------------------------------------------------------
 # Input
+
 
 def prepare(corpora: Path, mb: float, work: Path) -> dict:
     from ember.storage.shards import ShardWriter
@@ -97,8 +98,10 @@ def shard_bytes(folder: Path) -> int:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    return sum(int(pc.sum(pc.binary_length(pq.read_table(p, columns=["text"]).column("text"))).as_py() or 0)
-               for p in sorted(folder.glob("*.parquet")))
+    return sum(
+        int(pc.sum(pc.binary_length(pq.read_table(p, columns=["text"]).column("text"))).as_py() or 0)
+        for p in sorted(folder.glob("*.parquet"))
+    )
 
 
 def jsonl_bytes(folder: Path) -> tuple[int, int]:
@@ -117,36 +120,52 @@ def jsonl_bytes(folder: Path) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------
 # The two sides (each in its own child process)
 
+
 def child_ember(work: Path, workers: int) -> dict:
     import logging
     import multiprocessing
 
     multiprocessing.get_context("forkserver").set_forkserver_preload(
-        ["ember.tasks.normalize", "ember.tasks.filter", "ember.tasks.dedup", "pandas"])
+        ["ember.tasks.normalize", "ember.tasks.filter", "ember.tasks.dedup", "pandas"]
+    )
     from ember.tasks import dedup, normalize
     from ember.tasks import filter as quality_filter
     from ember.tasks.stage import Reporter, StageContext, pool_map
 
     logging.basicConfig(level=logging.WARNING)
     mapper = pool_map(workers)
-    steps = [("normalize", normalize, normalize.NormalizeConfig(), "download"),
-             ("filter", quality_filter, quality_filter.FilterConfig(), "normalize"),
-             ("dedup", dedup, dedup.DedupConfig(), "filter")]
+    steps = [
+        ("normalize", normalize, normalize.NormalizeConfig(), "download"),
+        ("filter", quality_filter, quality_filter.FilterConfig(), "normalize"),
+        ("dedup", dedup, dedup.DedupConfig(), "filter"),
+    ]
     previous, rows, started = work / "input", [], time.perf_counter()
     for name, module, cfg, upstream in steps:
         out = work / "ember" / name
         out.mkdir(parents=True)
-        ctx = StageContext(inputs={upstream: previous}, out=out, work=work / "ember" / f"{name}-work",
-                           report=Reporter(name), store_root=work, map=mapper)
+        ctx = StageContext(
+            inputs={upstream: previous},
+            out=out,
+            work=work / "ember" / f"{name}-work",
+            report=Reporter(name),
+            store_root=work,
+            map=mapper,
+        )
         (work / "step-ember").write_text(name)
         t0 = time.perf_counter()
         metrics = module.run(cfg, ctx)
-        rows.append({"step": name, "seconds": time.perf_counter() - t0, "in_dir": str(previous / "shards"),
-                     "metrics": metrics})
+        rows.append(
+            {"step": name, "seconds": time.perf_counter() - t0, "in_dir": str(previous / "shards"), "metrics": metrics}
+        )
         previous = out
     total = sum(r["seconds"] for r in rows)
-    return {"steps": rows, "seconds": total, "wall": time.perf_counter() - started,
-            "kept_docs": rows[-1]["metrics"].get("kept"), "filtered_docs": rows[1]["metrics"].get("kept")}
+    return {
+        "steps": rows,
+        "seconds": total,
+        "wall": time.perf_counter() - started,
+        "kept_docs": rows[-1]["metrics"].get("kept"),
+        "filtered_docs": rows[1]["metrics"].get("kept"),
+    }
 
 
 def child_dedup(work: Path, workers: int) -> dict:
@@ -161,15 +180,23 @@ def child_dedup(work: Path, workers: int) -> dict:
     logging.basicConfig(level=logging.WARNING)
     out = work / "dedup-only"
     out.mkdir(parents=True)
-    ctx = StageContext(inputs={"filter": work / "input"}, out=out, work=work / "dedup-only-work",
-                       report=Reporter("dedup"), store_root=work, map=pool_map(workers))
+    ctx = StageContext(
+        inputs={"filter": work / "input"},
+        out=out,
+        work=work / "dedup-only-work",
+        report=Reporter("dedup"),
+        store_root=work,
+        map=pool_map(workers),
+    )
     (work / "step-dedup").write_text("dedup")
     t0 = time.perf_counter()
     metrics = dedup.run(dedup.DedupConfig(), ctx)
     seconds = time.perf_counter() - t0
-    return {"steps": [{"step": "dedup", "seconds": seconds, "in_dir": str(work / "input" / "shards"),
-                       "metrics": metrics}],
-            "seconds": seconds, "kept_docs": metrics["kept"]}
+    return {
+        "steps": [{"step": "dedup", "seconds": seconds, "in_dir": str(work / "input" / "shards"), "metrics": metrics}],
+        "seconds": seconds,
+        "kept_docs": metrics["kept"],
+    }
 
 
 def regex_tokenizer():
@@ -209,8 +236,12 @@ def child_datatrove(work: Path, workers: int, regex_tokenizer_: bool = False) ->
     datatrove_xxhash.xxhash64 = xxhash64_of_text  # picked up by create_hash_func; pickled with the step
 
     from datatrove.executor import LocalPipelineExecutor
-    from datatrove.pipeline.dedup import (MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter,
-                                          MinhashDedupSignature)
+    from datatrove.pipeline.dedup import (
+        MinhashDedupBuckets,
+        MinhashDedupCluster,
+        MinhashDedupFilter,
+        MinhashDedupSignature,
+    )
     from datatrove.pipeline.dedup.minhash import MinhashConfig
     from datatrove.pipeline.filters import C4QualityFilter, GopherQualityFilter, GopherRepetitionFilter
     from datatrove.pipeline.formatters import FTFYFormatter
@@ -222,26 +253,60 @@ def child_datatrove(work: Path, workers: int, regex_tokenizer_: bool = False) ->
     dt = work / "datatrove"
     config = MinhashConfig()
     steps = [
-        ("filters", [JsonlReader(str(work / "dt_input")), FTFYFormatter(), GopherRepetitionFilter(language=language),
-                     GopherQualityFilter(language=language),
-                     # As FineWeb runs it: the terminal-punctuation line rule would drop most
-                     # hard-wrapped book lines, and MinHash would then have almost nothing to do.
-                     C4QualityFilter(filter_no_terminal_punct=False, language=language),
-                     JsonlWriter(str(dt / "filtered"))], workers),
-        ("minhash 1 signatures", [JsonlReader(str(dt / "filtered")),
-                                  MinhashDedupSignature(output_folder=str(dt / "sigs"), config=config,
-                                                        language=language)], workers),
-        ("minhash 2 buckets", [MinhashDedupBuckets(input_folder=str(dt / "sigs"), output_folder=str(dt / "buckets"),
-                                                   config=config)], config.num_buckets),
-        ("minhash 3 cluster", [MinhashDedupCluster(input_folder=str(dt / "buckets"),
-                                                   output_folder=str(dt / "remove_ids"), config=config)], 1),
-        ("minhash 4 filter", [JsonlReader(str(dt / "filtered")), MinhashDedupFilter(input_folder=str(dt / "remove_ids")),
-                              JsonlWriter(str(dt / "deduped"))], workers),
+        (
+            "filters",
+            [
+                JsonlReader(str(work / "dt_input")),
+                FTFYFormatter(),
+                GopherRepetitionFilter(language=language),
+                GopherQualityFilter(language=language),
+                # As FineWeb runs it: the terminal-punctuation line rule would drop most
+                # hard-wrapped book lines, and MinHash would then have almost nothing to do.
+                C4QualityFilter(filter_no_terminal_punct=False, language=language),
+                JsonlWriter(str(dt / "filtered")),
+            ],
+            workers,
+        ),
+        (
+            "minhash 1 signatures",
+            [
+                JsonlReader(str(dt / "filtered")),
+                MinhashDedupSignature(output_folder=str(dt / "sigs"), config=config, language=language),
+            ],
+            workers,
+        ),
+        (
+            "minhash 2 buckets",
+            [MinhashDedupBuckets(input_folder=str(dt / "sigs"), output_folder=str(dt / "buckets"), config=config)],
+            config.num_buckets,
+        ),
+        (
+            "minhash 3 cluster",
+            [
+                MinhashDedupCluster(
+                    input_folder=str(dt / "buckets"), output_folder=str(dt / "remove_ids"), config=config
+                )
+            ],
+            1,
+        ),
+        (
+            "minhash 4 filter",
+            [
+                JsonlReader(str(dt / "filtered")),
+                MinhashDedupFilter(input_folder=str(dt / "remove_ids")),
+                JsonlWriter(str(dt / "deduped")),
+            ],
+            workers,
+        ),
     ]
     rows, started = [], time.perf_counter()
     for name, pipeline, tasks in steps:
-        executor = LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=min(workers, tasks),
-                                         logging_dir=str(dt / "logs" / name.replace(" ", "_")))
+        executor = LocalPipelineExecutor(
+            pipeline=pipeline,
+            tasks=tasks,
+            workers=min(workers, tasks),
+            logging_dir=str(dt / "logs" / name.replace(" ", "_")),
+        )
         (work / "step-datatrove").write_text(name)
         t0 = time.perf_counter()
         executor.run()
@@ -250,22 +315,32 @@ def child_datatrove(work: Path, workers: int, regex_tokenizer_: bool = False) ->
     for row in rows[1:]:
         row["in_jsonl"] = str(dt / "filtered")
     total = sum(r["seconds"] for r in rows)
-    return {"steps": rows, "seconds": total, "wall": time.perf_counter() - started,
-            "tokenizer": "spaCy (spacy.blank('en'), datatrove's default)" if spacy else
-            "regex stand-in" + (" (--datatrove-regex-tokenizer)" if regex_tokenizer_ else " (spaCy not installed)"),
-            "filtered_jsonl": str(dt / "filtered"), "deduped_jsonl": str(dt / "deduped")}
+    return {
+        "steps": rows,
+        "seconds": total,
+        "wall": time.perf_counter() - started,
+        "tokenizer": "spaCy (spacy.blank('en'), datatrove's default)"
+        if spacy
+        else "regex stand-in" + (" (--datatrove-regex-tokenizer)" if regex_tokenizer_ else " (spaCy not installed)"),
+        "filtered_jsonl": str(dt / "filtered"),
+        "deduped_jsonl": str(dt / "deduped"),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # The parent: children, memory polling, tables
+
 
 def run_side(side: str, work: Path, workers: int, extra: tuple[str, ...] = ()) -> dict:
     import psutil
 
     result_path = work / f"result-{side}.json"
     env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, __file__, "--child", side, "--work", str(work), "--workers", str(workers),
-                             *extra], env=env, cwd=REPO)
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--child", side, "--work", str(work), "--workers", str(workers), *extra],
+        env=env,
+        cwd=REPO,
+    )
     # Per step (the child names its current step in a file): peak of the tree's summed RSS, and
     # CPU seconds of every process of the tree (pool workers are the forkserver's children, which
     # RUSAGE_CHILDREN misses), from samples every 50 ms.
@@ -322,10 +397,16 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--skip-recall", action="store_true", help="skip the recall/precision measure")
     parser.add_argument("--only", choices=["ember", "datatrove"], help="run one side only")
-    parser.add_argument("--dedup-only", action="store_true",
-                        help="time Ember's dedup stage alone on the input (the dedup speed target), no peer")
-    parser.add_argument("--datatrove-regex-tokenizer", action="store_true",
-                        help="give datatrove a regex word tokenizer instead of spaCy (the older, flattering comparison)")
+    parser.add_argument(
+        "--dedup-only",
+        action="store_true",
+        help="time Ember's dedup stage alone on the input (the dedup speed target), no peer",
+    )
+    parser.add_argument(
+        "--datatrove-regex-tokenizer",
+        action="store_true",
+        help="give datatrove a regex word tokenizer instead of spaCy (the older, flattering comparison)",
+    )
     parser.add_argument("--child", choices=["ember", "datatrove", "dedup"], help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -343,65 +424,110 @@ def main() -> None:
         work = Path(tmp)
         info = prepare(args.corpora, args.mb, work)
         mb = info["bytes"] / 1e6
-        print(f"input: gutenberg_en + tinyshakespeare, {info['docs']:,} chunks of <= {CHUNK_CHARS} chars, {mb:.1f} MB, "
-              f"{info['shards']} Ember shards, 2 datatrove files; {args.workers} workers each\n")
+        print(
+            f"input: gutenberg_en + tinyshakespeare, {info['docs']:,} chunks of <= {CHUNK_CHARS} chars, {mb:.1f} MB, "
+            f"{info['shards']} Ember shards, 2 datatrove files; {args.workers} workers each\n"
+        )
         sides = {}
         for side in ("dedup",) if args.dedup_only else ("ember", "datatrove"):
             if args.dedup_only or args.only in (None, side):
-                extra = ("--datatrove-regex-tokenizer",) if side == "datatrove" and args.datatrove_regex_tokenizer else ()
+                extra = (
+                    ("--datatrove-regex-tokenizer",) if side == "datatrove" and args.datatrove_regex_tokenizer else ()
+                )
                 sides[side] = run_side(side, work, args.workers, extra)
                 r = sides[side]
-                print(f"{side}: {r['seconds']:.1f} s, {mb / r['seconds']:.2f} MB/s, peak {r['peak_mb']:.0f} MB "
-                      f"(process tree PSS), CPU {r['cpu']:.1f} s", flush=True)
+                print(
+                    f"{side}: {r['seconds']:.1f} s, {mb / r['seconds']:.2f} MB/s, peak {r['peak_mb']:.0f} MB "
+                    f"(process tree PSS), CPU {r['cpu']:.1f} s",
+                    flush=True,
+                )
 
         rows = []
         for side, r in sides.items():
             for step in r["steps"]:
-                rows.append({"side": side, "step": step["step"], "seconds": f"{step['seconds']:.2f}",
-                             "step input MB": f"{step['in_bytes'] / 1e6:.1f}",
-                             "MB/s (step input)": f"{step['in_bytes'] / 1e6 / step['seconds']:.2f}",
-                             "CPU s": f"{step['cpu']:.1f}", "MB per CPU s": f"{step['in_bytes'] / 1e6 / step['cpu']:.2f}"
-                             if step["cpu"] else "", "peak MB (tree PSS)": f"{step['peak_mb']:.0f}"})
-            rows.append({"side": side, "step": "**end to end**", "seconds": f"{r['seconds']:.2f}",
-                         "step input MB": f"{mb:.1f}", "MB/s (step input)": f"**{mb / r['seconds']:.2f}**",
-                         "CPU s": f"{r['cpu']:.1f}", "MB per CPU s": f"{mb / r['cpu']:.2f}",
-                         "peak MB (tree PSS)": f"{r['peak_mb']:.0f}"})
+                rows.append(
+                    {
+                        "side": side,
+                        "step": step["step"],
+                        "seconds": f"{step['seconds']:.2f}",
+                        "step input MB": f"{step['in_bytes'] / 1e6:.1f}",
+                        "MB/s (step input)": f"{step['in_bytes'] / 1e6 / step['seconds']:.2f}",
+                        "CPU s": f"{step['cpu']:.1f}",
+                        "MB per CPU s": f"{step['in_bytes'] / 1e6 / step['cpu']:.2f}" if step["cpu"] else "",
+                        "peak MB (tree PSS)": f"{step['peak_mb']:.0f}",
+                    }
+                )
+            rows.append(
+                {
+                    "side": side,
+                    "step": "**end to end**",
+                    "seconds": f"{r['seconds']:.2f}",
+                    "step input MB": f"{mb:.1f}",
+                    "MB/s (step input)": f"**{mb / r['seconds']:.2f}**",
+                    "CPU s": f"{r['cpu']:.1f}",
+                    "MB per CPU s": f"{mb / r['cpu']:.2f}",
+                    "peak MB (tree PSS)": f"{r['peak_mb']:.0f}",
+                }
+            )
         print(markdown_table(rows))
         print()
-        summary = [{"side": side, "MB/s end to end": f"{mb / r['seconds']:.2f}", "CPU s": f"{r['cpu']:.1f}",
-                    "MB per CPU s": f"{mb / r['cpu']:.2f}" if r["cpu"] else "", "peak MB (tree PSS)": f"{r['peak_mb']:.0f}",
-                    "docs after filters": r.get("filtered_docs"), "docs out": r.get("kept_docs")}
-                   for side, r in sides.items()]
+        summary = [
+            {
+                "side": side,
+                "MB/s end to end": f"{mb / r['seconds']:.2f}",
+                "CPU s": f"{r['cpu']:.1f}",
+                "MB per CPU s": f"{mb / r['cpu']:.2f}" if r["cpu"] else "",
+                "peak MB (tree PSS)": f"{r['peak_mb']:.0f}",
+                "docs after filters": r.get("filtered_docs"),
+                "docs out": r.get("kept_docs"),
+            }
+            for side, r in sides.items()
+        ]
         print(markdown_table(summary))
         if "datatrove" in sides:
             print(f"\ndatatrove word tokenizer: {sides['datatrove']['tokenizer']}")
         if len(sides) == 2:
             e, d = sides["ember"], sides["datatrove"]
-            print(f"ratio Ember / datatrove: {d['seconds'] / e['seconds']:.1f}x wall, {d['cpu'] / e['cpu']:.1f}x CPU; "
-                  f"peak memory {e['peak_mb']:.0f} MB vs {d['peak_mb']:.0f} MB ({e['peak_mb'] / d['peak_mb']:.2f}x)")
+            print(
+                f"ratio Ember / datatrove: {d['seconds'] / e['seconds']:.1f}x wall, {d['cpu'] / e['cpu']:.1f}x CPU; "
+                f"peak memory {e['peak_mb']:.0f} MB vs {d['peak_mb']:.0f} MB ({e['peak_mb'] / d['peak_mb']:.2f}x)"
+            )
         for m in [sides[k]["steps"][-1]["metrics"] for k in ("ember", "dedup") if k in sides]:
-            print(f"ember dedup: {m['docs']:,} docs, {m['exact_dups']} exact + {m['near_dups']} near duplicates, "
-                  f"{m['index_bytes_per_doc']} bytes per document in the global step, steps {m['seconds_per_step']}")
+            print(
+                f"ember dedup: {m['docs']:,} docs, {m['exact_dups']} exact + {m['near_dups']} near duplicates, "
+                f"{m['index_bytes_per_doc']} bytes per document in the global step, steps {m['seconds_per_step']}"
+            )
         print(f"\n# load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
     if not args.skip_recall and not args.dedup_only:
         sys.path.insert(0, str(REPO / "tests"))
-        from test_dedup_recall import measure_recall
-
         from ember.tasks.stage import pool_map
+        from test_dedup_recall import measure_recall
 
         print("\n## Must-hold 2: recall and precision against brute-force exact Jaccard (threshold 0.8)")
         rows = []
         for unit, chunk in (("whole documents (chapters, books)", None), (f"{CHUNK_CHARS}-char chunks", CHUNK_CHARS)):
             with tempfile.TemporaryDirectory(prefix="ember-recall-") as tmp:
                 r = measure_recall(args.corpora, Path(tmp), pool_map(args.workers), chunk_chars=chunk)
-            rows.append({"documents": f"{r['documents']:,} {unit}", "pairs compared": f"{r['pairs_compared']:,}",
-                         "true pairs >= 0.8": r["true_pairs"], "found": r["found"], "recall": f"{r['recall']:.4f}",
-                         "recall 0.80-0.85": (f"{r['recall_below_0.85']:.3f} of {r['true_pairs_below_0.85']}"
-                                              if r["true_pairs_below_0.85"] else "-"),
-                         "红楼梦 pairs (recall)": f"{r['hongloumeng_true_pairs']} ({r['hongloumeng_recall']:.3f})",
-                         "dropped": r["asserted_pairs"], "precision": f"{r['precision']:.4f}",
-                         "dedup s": r["dedup_seconds"], "brute force s": r["brute_force_seconds"]})
+            rows.append(
+                {
+                    "documents": f"{r['documents']:,} {unit}",
+                    "pairs compared": f"{r['pairs_compared']:,}",
+                    "true pairs >= 0.8": r["true_pairs"],
+                    "found": r["found"],
+                    "recall": f"{r['recall']:.4f}",
+                    "recall 0.80-0.85": (
+                        f"{r['recall_below_0.85']:.3f} of {r['true_pairs_below_0.85']}"
+                        if r["true_pairs_below_0.85"]
+                        else "-"
+                    ),
+                    "红楼梦 pairs (recall)": f"{r['hongloumeng_true_pairs']} ({r['hongloumeng_recall']:.3f})",
+                    "dropped": r["asserted_pairs"],
+                    "precision": f"{r['precision']:.4f}",
+                    "dedup s": r["dedup_seconds"],
+                    "brute force s": r["brute_force_seconds"],
+                }
+            )
         print(markdown_table(rows))
 
 

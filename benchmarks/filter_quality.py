@@ -27,20 +27,39 @@ import time
 from collections import Counter
 from pathlib import Path
 
-
 from ember.tasks.download import chunk_text
 from ember.tasks.filter import FilterConfig, judge, line_rules
 
 CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 # The line rules alone: every document rule off, so no page is dropped whole.
 LINE_RULES_ONLY = dict(
-    languages=None, min_chars=None, min_words=None, max_words=None, cjk_min_words=None, drop_lorem_ipsum=False,
-    drop_curly_bracket=False, min_sentences=None, min_mean_word_length=None, max_mean_word_length=None,
-    max_hash_ratio=None, max_ellipsis_ratio=None, max_bullet_lines=None, max_ellipsis_lines=None,
-    min_alpha_words=None, min_stop_words=None, max_dup_paragraphs=None, max_dup_paragraph_chars=None,
-    max_dup_lines=None, max_dup_line_chars=None, top_ngram_chars=None, dup_ngram_chars=None,
-    fineweb_min_punct_paragraphs=None, fineweb_max_short_lines=None, fineweb_max_dup_line_chars=None,
-    fineweb_max_newlines_per_word=None)
+    languages=None,
+    min_chars=None,
+    min_words=None,
+    max_words=None,
+    cjk_min_words=None,
+    drop_lorem_ipsum=False,
+    drop_curly_bracket=False,
+    min_sentences=None,
+    min_mean_word_length=None,
+    max_mean_word_length=None,
+    max_hash_ratio=None,
+    max_ellipsis_ratio=None,
+    max_bullet_lines=None,
+    max_ellipsis_lines=None,
+    min_alpha_words=None,
+    min_stop_words=None,
+    max_dup_paragraphs=None,
+    max_dup_paragraph_chars=None,
+    max_dup_lines=None,
+    max_dup_line_chars=None,
+    top_ngram_chars=None,
+    dup_ngram_chars=None,
+    fineweb_min_punct_paragraphs=None,
+    fineweb_max_short_lines=None,
+    fineweb_max_dup_line_chars=None,
+    fineweb_max_newlines_per_word=None,
+)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -77,8 +96,10 @@ def messy_web_scores(corpora: Path = CORPORA, cfg: FilterConfig | None = None) -
                 other_total += 1
                 kept_other += line in kept
     return {
-        "pages": len(pages), "pages_dropped": pages_dropped,
-        "body_lines": body_total, "other_lines": other_total,
+        "pages": len(pages),
+        "pages_dropped": pages_dropped,
+        "body_lines": body_total,
+        "other_lines": other_total,
         "precision": kept_body / max(1, kept_body + kept_other),
         "recall": kept_body / max(1, body_total),
         "recall_chars": kept_body_chars / max(1, body_chars),
@@ -113,16 +134,26 @@ def keep_rates(docs: list[str], cfg: FilterConfig | None = None) -> dict:
         else:
             rules[verdict.drop.rule] += 1
     chars = sum(map(len, docs))
-    return {"docs": len(docs), "kept": kept / max(1, len(docs)), "kept_chars": kept_chars / max(1, chars),
-            "rules": dict(rules.most_common(4)), "line_drops": dict(line_drops.most_common(3))}
+    return {
+        "docs": len(docs),
+        "kept": kept / max(1, len(docs)),
+        "kept_chars": kept_chars / max(1, chars),
+        "rules": dict(rules.most_common(4)),
+        "line_drops": dict(line_drops.most_common(3)),
+    }
 
 
 def book_line_drop_rates(docs: list[str]) -> dict:
     """Share of non-blank lines C4's terminal-punctuation rule drops, line by line vs per paragraph."""
     out = {}
     for label, join in (("line by line", False), ("paragraphs", True)):
-        cfg = FilterConfig(join_wrapped_lines=join, line_min_words=None, line_javascript=False,
-                           line_policy_phrases=None, line_max_word_chars=None)
+        cfg = FilterConfig(
+            join_wrapped_lines=join,
+            line_min_words=None,
+            line_javascript=False,
+            line_policy_phrases=None,
+            line_max_word_chars=None,
+        )
         lines = dropped = 0
         for text in docs:
             lines += sum(1 for line in text.split("\n") if line.strip())
@@ -134,8 +165,8 @@ def book_line_drop_rates(docs: list[str]) -> dict:
 def speed(corpora: Path = CORPORA, shard_chars: int = 4_000_000) -> list[dict]:
     """MB/s of the normalize and filter stages on gutenberg_en, 1 process and 2 workers."""
     from ember.storage.shards import ShardWriter
-    from ember.tasks import normalize
     from ember.tasks import filter as quality_filter
+    from ember.tasks import normalize
     from ember.tasks.normalize import NormalizeConfig
     from ember.tasks.stage import Reporter, StageContext, pool_map, sequential_map
 
@@ -147,17 +178,30 @@ def speed(corpora: Path = CORPORA, shard_chars: int = 4_000_000) -> list[dict]:
         with ShardWriter(root / "download" / "shards", max_chars=shard_chars) as writer:
             writer.write_many({"id": f"doc{i}", "text": d, "source": "gutenberg_en"} for i, d in enumerate(docs))
         for workers, mapper in ((1, sequential_map), (2, pool_map(2))):
-            for stage, run, cfg, upstream in (("normalize", normalize.run, NormalizeConfig(), "download"),
-                                              ("filter", quality_filter.run, FilterConfig(), "normalize")):
+            for stage, run, cfg, upstream in (
+                ("normalize", normalize.run, NormalizeConfig(), "download"),
+                ("filter", quality_filter.run, FilterConfig(), "normalize"),
+            ):
                 out = root / f"{stage}-{workers}"
                 out.mkdir()
-                ctx = StageContext(inputs={upstream: root / (upstream if upstream == "download" else f"normalize-{workers}")},
-                                   out=out, work=root / "work", report=Reporter(stage), store_root=root, map=mapper)
+                ctx = StageContext(
+                    inputs={upstream: root / (upstream if upstream == "download" else f"normalize-{workers}")},
+                    out=out,
+                    work=root / "work",
+                    report=Reporter(stage),
+                    store_root=root,
+                    map=mapper,
+                )
                 started, cpu = time.perf_counter(), time.process_time()
                 run(cfg, ctx)
                 seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
-                row = {"stage": stage, "workers": workers, "MB": round(mb, 1), "seconds": round(seconds, 2),
-                       "MB/s": round(mb / seconds, 2)}
+                row = {
+                    "stage": stage,
+                    "workers": workers,
+                    "MB": round(mb, 1),
+                    "seconds": round(seconds, 2),
+                    "MB/s": round(mb / seconds, 2),
+                }
                 if workers == 1:  # CPU time of this process: what a busy machine does not blur
                     row.update({"cpu_s": round(cpu, 2), "MB/cpu_s": round(mb / cpu, 2)})
                 rows.append(row)
@@ -172,17 +216,21 @@ def main() -> None:
     print("== messy_web: lines of 181 full pages, article body = ground truth ==")
     for label, cfg in (("line rules only", FilterConfig(**LINE_RULES_ONLY)), ("whole default filter", FilterConfig())):
         s = messy_web_scores(cfg=cfg)
-        print(f"{label:22s} precision {s['precision']:.3f}  recall {s['recall']:.3f} (chars {s['recall_chars']:.3f})  "
-              f"boilerplate lines dropped {s['other_dropped']:.3f}  pages dropped {s['pages_dropped']}/{s['pages']}  "
-              f"({s['body_lines']} body / {s['other_lines']} other lines)")
+        print(
+            f"{label:22s} precision {s['precision']:.3f}  recall {s['recall']:.3f} (chars {s['recall_chars']:.3f})  "
+            f"boilerplate lines dropped {s['other_dropped']:.3f}  pages dropped {s['pages_dropped']}/{s['pages']}  "
+            f"({s['body_lines']} body / {s['other_lines']} other lines)"
+        )
 
     print("\n== keep rates with the default config (documents chunked at 4,000 characters) ==")
     for name in ("chinese_classic_novels", "chinese_poetry", "gutenberg_en", "tinyshakespeare", "tinystories_sample"):
         started = time.perf_counter()
         docs = corpus_docs(name)
         r = keep_rates(docs)
-        print(f"{name:24s} docs {r['docs']:6d}  kept {r['kept']:.4f}  chars kept {r['kept_chars']:.4f}  "
-              f"({time.perf_counter() - started:.1f}s)  drops {r['rules']}  line drops {r['line_drops']}")
+        print(
+            f"{name:24s} docs {r['docs']:6d}  kept {r['kept']:.4f}  chars kept {r['kept_chars']:.4f}  "
+            f"({time.perf_counter() - started:.1f}s)  drops {r['rules']}  line drops {r['line_drops']}"
+        )
 
     print("\n== C4 terminal punctuation on hard-wrapped books (share of non-blank lines dropped) ==")
     for name in ("gutenberg_en", "tinyshakespeare"):

@@ -34,11 +34,20 @@ from pathlib import Path
 import torch
 
 from ember.model.checkpoint import load_model, save_model  # noqa: E402
+from ember.model.decoding import use_decoding_layout  # noqa: E402
 from ember.model.generate import generate  # noqa: E402
 from ember.model.quantize import (  # noqa: E402
-    INT8_WEIGHTS, WO_INT8_WEIGHTS, DynamicLinear, Int8WeightOnlyLinear, linear_weight_bytes, quantize_int8,
-    quantize_per_channel, quantize_weight_only_int8, save_int8, save_weight_only_int8)
-from ember.model.decoding import use_decoding_layout  # noqa: E402
+    INT8_WEIGHTS,
+    WO_INT8_WEIGHTS,
+    DynamicLinear,
+    Int8WeightOnlyLinear,
+    linear_weight_bytes,
+    quantize_int8,
+    quantize_per_channel,
+    quantize_weight_only_int8,
+    save_int8,
+    save_weight_only_int8,
+)
 from ember.model.transformer import PRESETS, ModelConfig, Transformer  # noqa: E402
 
 SHAPES = {
@@ -174,81 +183,109 @@ def file_sizes(model: Transformer, dynamic, weight_only) -> dict[str, int]:
         save_model(model, tmp)
         save_int8(dynamic, tmp)
         save_weight_only_int8(weight_only, tmp)
-        return {name: (Path(tmp) / f).stat().st_size
-                for name, f in (("fp32", "model.safetensors"), ("int8", INT8_WEIGHTS), ("int8-wo", WO_INT8_WEIGHTS))}
+        return {
+            name: (Path(tmp) / f).stat().st_size
+            for name, f in (("fp32", "model.safetensors"), ("int8", INT8_WEIGHTS), ("int8-wo", WO_INT8_WEIGHTS))
+        }
 
 
 def bench_shape(label: str, model: Transformer, args) -> None:
     model = model.eval()
     dynamic = quantize_int8(model)
     weight_only = quantize_weight_only_int8(model)
-    runs = [("fp32", model, nullcontext), ("int8 (dynamic)", dynamic, nullcontext),
-            ("int8-wo (weight-only)", weight_only, nullcontext),
-            ("int8-wo, dequant path only", weight_only, _DequantPath)]
+    runs = [
+        ("fp32", model, nullcontext),
+        ("int8 (dynamic)", dynamic, nullcontext),
+        ("int8-wo (weight-only)", weight_only, nullcontext),
+        ("int8-wo, dequant path only", weight_only, _DequantPath),
+    ]
     # The same three models as the demo and the evaluate stage load them (use_decoding_layout):
     # fp32 gains most; the int8 models keep their kernels and gain a column-major output projection.
-    relaid = [(f"{name}, decoding layout", use_decoding_layout(copy.deepcopy(m)), nullcontext)
-              for name, m, _ in runs[:3]]
+    relaid = [
+        (f"{name}, decoding layout", use_decoding_layout(copy.deepcopy(m)), nullcontext) for name, m, _ in runs[:3]
+    ]
     cfg = model.config
-    print(f"\n## {label}: dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads ({cfg.n_kv_heads} kv), "
-          f"hidden {cfg.hidden_dim}, vocab {cfg.vocab_size}, context {cfg.max_seq_len}; "
-          f"{model.num_params():,} parameters\n")
+    print(
+        f"\n## {label}: dim {cfg.dim}, {cfg.n_layers} layers, {cfg.n_heads} heads ({cfg.n_kv_heads} kv), "
+        f"hidden {cfg.hidden_dim}, vocab {cfg.vocab_size}, context {cfg.max_seq_len}; "
+        f"{model.num_params():,} parameters\n"
+    )
 
     timed_runs = runs + relaid
     for _, m, ctx in timed_runs:  # warm-up: allocator, kernels' first calls, caches
         tokens_per_s(m, 32, ctx)
     speeds: dict[str, list[float]] = {name: [] for name, _, _ in timed_runs}
     for rep in range(args.repeat):
-        order = timed_runs[rep % len(timed_runs):] + timed_runs[:rep % len(timed_runs)]  # drift hits all alike
+        order = timed_runs[rep % len(timed_runs) :] + timed_runs[: rep % len(timed_runs)]  # drift hits all alike
         for name, m, ctx in order:
             speeds[name].append(tokens_per_s(m, args.new_tokens, ctx))
     base = statistics.median(speeds["fp32"])
     served = statistics.median(speeds["fp32, decoding layout"])
-    print(f"Generation: batch 1, greedy, {args.new_tokens} new tokens after a {len(PROMPT)}-token prompt, "
-          f"{torch.get_num_threads()} threads, median of {args.repeat}:\n")
+    print(
+        f"Generation: batch 1, greedy, {args.new_tokens} new tokens after a {len(PROMPT)}-token prompt, "
+        f"{torch.get_num_threads()} threads, median of {args.repeat}:\n"
+    )
     print("| model | tokens/s | per pass | vs fp32 | vs fp32, decoding layout |")
     print("|---|---:|---|---:|---:|")
     for name, values in speeds.items():
         med = statistics.median(values)
-        print(f"| {name} | {med:.1f} | {', '.join(f'{v:.0f}' for v in values)} | {med / base:.2f}x | "
-              f"{med / served:.2f}x |")
+        print(
+            f"| {name} | {med:.1f} | {', '.join(f'{v:.0f}' for v in values)} | {med / base:.2f}x | "
+            f"{med / served:.2f}x |"
+        )
 
     files = file_sizes(model, dynamic, weight_only)
-    linear = {"fp32": linear_weight_bytes(model), "int8": linear_weight_bytes(dynamic),
-              "int8-wo": linear_weight_bytes(weight_only)}
+    linear = {
+        "fp32": linear_weight_bytes(model),
+        "int8": linear_weight_bytes(dynamic),
+        "int8-wo": linear_weight_bytes(weight_only),
+    }
     print("\n| model | file bytes | vs fp32 | Linear weight bytes | vs fp32 |")
     print("|---|---:|---:|---:|---:|")
     for name in files:
-        print(f"| {name} | {files[name]:,} | {files[name] / files['fp32']:.3f} | {linear[name]:,} | "
-              f"{linear[name] / linear['fp32']:.3f} |")
+        print(
+            f"| {name} | {files[name]:,} | {files[name] / files['fp32']:.3f} | {linear[name]:,} | "
+            f"{linear[name] / linear['fp32']:.3f} |"
+        )
 
     print("\nOne decoding step (one token at position 64), microseconds, pieces timed in place by forward hooks:\n")
-    print("| model | step | step with hooks | Linear layers | output projection (fp32, tied) | "
-          "rest (attention, norms, rope, Python, hooks) |")
+    print(
+        "| model | step | step with hooks | Linear layers | output projection (fp32, tied) | "
+        "rest (attention, norms, rope, Python, hooks) |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     breakdowns = {}
     for name, m, ctx in runs:
         b = breakdowns[name] = step_breakdown(m, ctx)
         share = {k: f"{b[k]:.0f} ({100 * b[k] / b['hooked']:.0f}%)" for k in ("linears", "head", "rest")}
-        print(f"| {name} | {b['step']:.0f} | {b['hooked']:.0f} | {share['linears']} | {share['head']} | "
-              f"{share['rest']} |")
-    print("\nOne forward over T positions at once (a prompt's prefill), milliseconds: where weight-only int8's "
-          f"two paths cross (it switches at {Int8WeightOnlyLinear.packed_max_rows} rows):\n")
+        print(
+            f"| {name} | {b['step']:.0f} | {b['hooked']:.0f} | {share['linears']} | {share['head']} | {share['rest']} |"
+        )
+    print(
+        "\nOne forward over T positions at once (a prompt's prefill), milliseconds: where weight-only int8's "
+        f"two paths cross (it switches at {Int8WeightOnlyLinear.packed_max_rows} rows):\n"
+    )
     print("| T | fp32 | int8 (dynamic) | int8-wo, packed kernel | int8-wo, dequantizing |")
     print("|---:|---:|---:|---:|---:|")
     for rows in (1, 8, 16, 24, 32, 48, 64, 128):
         if rows <= cfg.max_seq_len:
             packed, dequant = forward_ms(weight_only, rows, _PackedPath), forward_ms(weight_only, rows, _DequantPath)
-            print(f"| {rows} | {forward_ms(model, rows):.2f} | {forward_ms(dynamic, rows):.2f} | "
-                  f"{packed:.2f} | {dequant:.2f} |")
+            print(
+                f"| {rows} | {forward_ms(model, rows):.2f} | {forward_ms(dynamic, rows):.2f} | "
+                f"{packed:.2f} | {dequant:.2f} |"
+            )
 
     head8 = int8_head_us(model)
-    print(f"\nThe output projection alone as a packed int8 matmul: {head8:.0f} us (in cache; in place it "
-          f"took {breakdowns['fp32']['head']:.0f} us in fp32).")
+    print(
+        f"\nThe output projection alone as a packed int8 matmul: {head8:.0f} us (in cache; in place it "
+        f"took {breakdowns['fp32']['head']:.0f} us in fp32)."
+    )
     for name in ("int8 (dynamic)", "int8-wo (weight-only)"):
         b, f = breakdowns[name], breakdowns["fp32"]
-        print(f"{name}: step {f['step'] / b['step']:.2f}x faster than fp32; with an int8 output projection "
-              f"about {f['hooked'] / (b['hooked'] - b['head'] + head8):.2f}x (an estimate)")
+        print(
+            f"{name}: step {f['step'] / b['step']:.2f}x faster than fp32; with an int8 output projection "
+            f"about {f['hooked'] / (b['hooked'] - b['head'] + head8):.2f}x (an estimate)"
+        )
 
 
 def main() -> None:
@@ -261,9 +298,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    print(f"# quant_bench, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
-          f"{platform.processor() or platform.machine()}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start")
+    print(
+        f"# quant_bench, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
+        f"{platform.processor() or platform.machine()}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start"
+    )
     for label, shape in SHAPES.items():
         if args.only and label != args.only:
             continue

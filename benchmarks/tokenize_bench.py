@@ -57,16 +57,27 @@ def child_ember(args: dict) -> dict:
     out, work = Path(args["out"]), Path(args["work"])
     out.mkdir(parents=True)
     work.mkdir(parents=True)
-    ctx = StageContext(inputs={"dedup": Path(args["dedup"]), "train_tokenizer": Path(args["tokenizer"])}, out=out,
-                       work=work, report=Reporter("tokenize"), store_root=work)
+    ctx = StageContext(
+        inputs={"dedup": Path(args["dedup"]), "train_tokenizer": Path(args["tokenizer"])},
+        out=out,
+        work=work,
+        report=Reporter("tokenize"),
+        store_root=work,
+    )
     cfg = tokenize.TokenizeConfig(batch_size=args["batch_size"])
     rss_before = rss_mb()
     started, cpu_started = time.perf_counter(), time.process_time()
     metrics = tokenize.run(cfg, ctx)
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     meta = json.loads((out / "meta.json").read_text())
-    return {"seconds": seconds, "cpu_seconds": cpu, "tokens": metrics["tokens"], "docs": metrics["docs"],
-            "bytes": meta["train_bytes"] + meta["val_bytes"], "rss_after_imports_mb": rss_before}
+    return {
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "tokens": metrics["tokens"],
+        "docs": metrics["docs"],
+        "bytes": meta["train_bytes"] + meta["val_bytes"],
+        "rss_after_imports_mb": rss_before,
+    }
 
 
 def _load_texts(dedup: Path) -> list[str]:
@@ -95,9 +106,12 @@ def child_raw(args: dict) -> dict:
         tokens = 0
         started, cpu_started = time.perf_counter(), time.process_time()
         for start in range(0, len(texts), batch):
-            tokens += sum(len(e.ids) for e in encode(texts[start:start + batch], add_special_tokens=False))
-        timings[method] = {"seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started,
-                           "tokens": tokens}
+            tokens += sum(len(e.ids) for e in encode(texts[start : start + batch], add_special_tokens=False))
+        timings[method] = {
+            "seconds": time.perf_counter() - started,
+            "cpu_seconds": time.process_time() - cpu_started,
+            "tokens": tokens,
+        }
     return {"timings": timings, "docs": len(texts), "bytes": n_bytes, "rss_after_imports_mb": rss_before}
 
 
@@ -110,11 +124,20 @@ def child_datatrove(args: dict) -> dict:
     executor = LocalPipelineExecutor(
         pipeline=[
             ParquetReader(str(Path(args["dedup"]) / "shards"), text_key="text", id_key="id", glob_pattern="*.parquet"),
-            DocumentTokenizer(output_folder=str(out / "tokens"), tokenizer_name_or_path=str(
-                Path(args["tokenizer"]) / "tokenizer.json"), eos_token="<eos>", local_working_dir=str(out / "work"),
-                shuffle_documents=args["shuffle"], batch_size=args["batch_size"], seed=0),
+            DocumentTokenizer(
+                output_folder=str(out / "tokens"),
+                tokenizer_name_or_path=str(Path(args["tokenizer"]) / "tokenizer.json"),
+                eos_token="<eos>",
+                local_working_dir=str(out / "work"),
+                shuffle_documents=args["shuffle"],
+                batch_size=args["batch_size"],
+                seed=0,
+            ),
         ],
-        tasks=1, workers=1, logging_dir=str(out / "logs"), skip_completed=False,
+        tasks=1,
+        workers=1,
+        logging_dir=str(out / "logs"),
+        skip_completed=False,
     )
     rss_before = rss_mb()
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -136,24 +159,41 @@ def train_tokenizer_once(dedup: Path, out: Path, vocab_size: int) -> dict:
 
     out.mkdir(parents=True)
     (out.parent / "tok-work").mkdir()
-    ctx = StageContext(inputs={"dedup": dedup}, out=out, work=out.parent / "tok-work",
-                       report=Reporter("train_tokenizer"), store_root=out.parent)
+    ctx = StageContext(
+        inputs={"dedup": dedup},
+        out=out,
+        work=out.parent / "tok-work",
+        report=Reporter("train_tokenizer"),
+        store_root=out.parent,
+    )
     return train_tokenizer.run(train_tokenizer.TokenizerConfig(vocab_size=vocab_size), ctx)
 
 
-def measure(script: Path, tmp: Path, run_no: int, dedup: Path, tok: Path, threads: int, skip_datatrove: bool,
-            n_bytes: int, verbose: bool) -> list[dict]:
+def measure(
+    script: Path,
+    tmp: Path,
+    run_no: int,
+    dedup: Path,
+    tok: Path,
+    threads: int,
+    skip_datatrove: bool,
+    n_bytes: int,
+    verbose: bool,
+) -> list[dict]:
     """One pass over the measures (started in an order rotated by `run_no`, so that no measure always
     runs first or last on a machine whose load drifts); rows in a fixed order."""
     env = bench_env(threads)
     base = {"dedup": str(dedup), "tokenizer": str(tok)}
     ember_dir = tmp / f"ember-{run_no}"
-    jobs = [("ember", {**base, "out": str(ember_dir / "out"), "work": str(ember_dir / "work"),
-                       "batch_size": BATCH_SIZE}),
-            ("raw", {**base, "batch_size": BATCH_SIZE})]
+    jobs = [
+        ("ember", {**base, "out": str(ember_dir / "out"), "work": str(ember_dir / "work"), "batch_size": BATCH_SIZE}),
+        ("raw", {**base, "batch_size": BATCH_SIZE}),
+    ]
     if not skip_datatrove:
-        jobs += [("datatrove", {**base, "out": str(tmp / f"dt-{run_no}-{shuffle}"), "shuffle": shuffle,
-                                "batch_size": batch}) for shuffle, batch in ((True, 10_000), (False, BATCH_SIZE))]
+        jobs += [
+            ("datatrove", {**base, "out": str(tmp / f"dt-{run_no}-{shuffle}"), "shuffle": shuffle, "batch_size": batch})
+            for shuffle, batch in ((True, 10_000), (False, BATCH_SIZE))
+        ]
     shift = run_no % len(jobs)
     results = {}
     for i in list(range(shift, len(jobs))) + list(range(shift)):
@@ -179,10 +219,14 @@ def measure(script: Path, tmp: Path, run_no: int, dedup: Path, tok: Path, thread
 
 def _row(name: str, r: dict) -> dict:
     peak, after_imports = r.get("peak_rss_mb"), r.get("rss_after_imports_mb")
-    row = {"measure": name, "seconds": r.get("seconds"), "cpu_seconds": round(r["cpu_seconds"], 2)
-           if r.get("cpu_seconds") else None, "tokens": r.get("tokens"),
-           "peak_rss_mb": round(peak) if peak else None,
-           "rss_after_imports_mb": round(after_imports) if after_imports else None}
+    row = {
+        "measure": name,
+        "seconds": r.get("seconds"),
+        "cpu_seconds": round(r["cpu_seconds"], 2) if r.get("cpu_seconds") else None,
+        "tokens": r.get("tokens"),
+        "peak_rss_mb": round(peak) if peak else None,
+        "rss_after_imports_mb": round(after_imports) if after_imports else None,
+    }
     if "error" in r:
         row["error"] = r["error"]
     return row
@@ -210,18 +254,31 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ember-tokenize-bench-") as tmp:
         tmp = Path(tmp)
         corpus = write_corpus_shards(args.corpora, tmp / "dedup", names)
-        print(f"input: {', '.join(names) if names else 'all corpora'}: {corpus['docs']:,} documents, "
-              f"{corpus['bytes'] / 1e6:.1f} MB in {corpus['shards']} shard(s)")
+        print(
+            f"input: {', '.join(names) if names else 'all corpora'}: {corpus['docs']:,} documents, "
+            f"{corpus['bytes'] / 1e6:.1f} MB in {corpus['shards']} shard(s)"
+        )
         os.environ.update(bench_env(args.threads))
         started = time.perf_counter()
         tok_metrics = train_tokenizer_once(tmp / "dedup", tmp / "tok", args.vocab_size)
-        print(f"tokenizer: vocab {tok_metrics['vocab_size']}, trained by the stage in "
-              f"{time.perf_counter() - started:.1f} s (not timed)")
+        print(
+            f"tokenizer: vocab {tok_metrics['vocab_size']}, trained by the stage in "
+            f"{time.perf_counter() - started:.1f} s (not timed)"
+        )
 
         passes = []
         for run_no in range(args.repeat):
-            rows = measure(Path(__file__).resolve(), tmp, run_no, tmp / "dedup", tmp / "tok", args.threads,
-                           args.skip_datatrove, corpus["bytes"], args.verbose)
+            rows = measure(
+                Path(__file__).resolve(),
+                tmp,
+                run_no,
+                tmp / "dedup",
+                tmp / "tok",
+                args.threads,
+                args.skip_datatrove,
+                corpus["bytes"],
+                args.verbose,
+            )
             print(f"\npass {run_no + 1} (load average {os.getloadavg()[0]:.2f}):")
             print(markdown_table(rows))
             passes.append(rows)
@@ -236,23 +293,38 @@ def main() -> None:
         s = statistics.median(seconds)
         cpu = statistics.median(r["cpu_seconds"] for r in same if r.get("cpu_seconds"))
         tokens = first["tokens"]
-        summary.append({"measure": first["measure"], "seconds": round(s, 2), "tokens": tokens,
-                        "M tokens/s": round(tokens / s / 1e6, 3), "MB/s": round(corpus["bytes"] / 1e6 / s, 2),
-                        "CPU s": round(cpu, 2), "MB per CPU s": round(corpus["bytes"] / 1e6 / cpu, 2),
-                        "peak RSS MB": max(r["peak_rss_mb"] or 0 for r in same),
-                        "RSS after imports MB": max(r["rss_after_imports_mb"] or 0 for r in same)})
+        summary.append(
+            {
+                "measure": first["measure"],
+                "seconds": round(s, 2),
+                "tokens": tokens,
+                "M tokens/s": round(tokens / s / 1e6, 3),
+                "MB/s": round(corpus["bytes"] / 1e6 / s, 2),
+                "CPU s": round(cpu, 2),
+                "MB per CPU s": round(corpus["bytes"] / 1e6 / cpu, 2),
+                "peak RSS MB": max(r["peak_rss_mb"] or 0 for r in same),
+                "RSS after imports MB": max(r["rss_after_imports_mb"] or 0 for r in same),
+            }
+        )
     by_name = {r["measure"].split(" (")[0] + (" shipped" if "shipped" in r["measure"] else ""): r for r in summary}
     ember = by_name.get("ember tokenize.run")
     ratios = []
     if ember and "MB/s" in ember:
-        for name, label in (("raw encode_batch", "Ember / raw encode_batch (target >= 0.9)"),
-                            ("raw encode_batch_fast", "Ember / raw encode_batch_fast"),
-                            ("datatrove DocumentTokenizer shipped", "Ember / datatrove (as shipped)"),
-                            ("datatrove DocumentTokenizer", "Ember / datatrove (no shuffle, batch 1000)")):
+        for name, label in (
+            ("raw encode_batch", "Ember / raw encode_batch (target >= 0.9)"),
+            ("raw encode_batch_fast", "Ember / raw encode_batch_fast"),
+            ("datatrove DocumentTokenizer shipped", "Ember / datatrove (as shipped)"),
+            ("datatrove DocumentTokenizer", "Ember / datatrove (no shuffle, batch 1000)"),
+        ):
             peer = by_name.get(name)
             if peer and "MB/s" in peer:
-                ratios.append({"ratio": label, "wall (MB/s)": f"{ember['MB/s'] / peer['MB/s']:.2f}x",
-                               "CPU (MB per CPU s)": f"{ember['MB per CPU s'] / peer['MB per CPU s']:.2f}x"})
+                ratios.append(
+                    {
+                        "ratio": label,
+                        "wall (MB/s)": f"{ember['MB/s'] / peer['MB/s']:.2f}x",
+                        "CPU (MB per CPU s)": f"{ember['MB per CPU s'] / peer['MB per CPU s']:.2f}x",
+                    }
+                )
             elif peer:
                 ratios.append({"ratio": label, "wall (MB/s)": f"n/a ({peer.get('error')})"})
         ratios.append({"ratio": "Ember peak RSS (target < 1024 MB)", "wall (MB/s)": f"{ember['peak RSS MB']} MB"})
@@ -264,9 +336,11 @@ def main() -> None:
     counts = {r["measure"]: r.get("tokens") for r in summary if r.get("tokens")}
     if ember and counts:
         raw_tokens = by_name.get("raw encode_batch", {}).get("tokens")
-        print(f"\ntoken counts: ember {ember['tokens']:,} (with one EOS per doc, {corpus['docs']:,} docs)"
-              + (f"; raw + EOS {raw_tokens + corpus['docs']:,}" if raw_tokens else "")
-              + "".join(f"; {n} {t:,}" for n, t in counts.items() if n.startswith("datatrove")))
+        print(
+            f"\ntoken counts: ember {ember['tokens']:,} (with one EOS per doc, {corpus['docs']:,} docs)"
+            + (f"; raw + EOS {raw_tokens + corpus['docs']:,}" if raw_tokens else "")
+            + "".join(f"; {n} {t:,}" for n, t in counts.items() if n.startswith("datatrove"))
+        )
 
 
 if __name__ == "__main__":

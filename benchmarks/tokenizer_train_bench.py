@@ -31,13 +31,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere, without installing
 
-from ember.storage.shards import ShardWriter, list_shards, read_shard
-from ember.tasks.download import chunk_text
+from ember.storage.shards import ShardWriter, list_shards, read_shard  # noqa: E402
+from ember.tasks.download import chunk_text  # noqa: E402
 
 DEFAULT_CORPORA = REPO.parent / "shared" / "corpora"
-OFFLINE_ENV = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "GRADIO_ANALYTICS_ENABLED": "False",
-               "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-               "TRANSFORMERS_OFFLINE": "1"}
+OFFLINE_ENV = {
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "GRADIO_ANALYTICS_ENABLED": "False",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+}
 HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\U00020000-\U0002a6df\uf900-\ufaff]")
 ZH_SHARE = 0.3
 
@@ -69,8 +75,7 @@ def _texts(path: Path) -> Iterator[str]:
             yield text
 
 
-def write_corpus_shards(corpora: Path, folder: Path, names: list[str] | None = None,
-                        chunk_chars: int = 4000) -> dict:
+def write_corpus_shards(corpora: Path, folder: Path, names: list[str] | None = None, chunk_chars: int = 4000) -> dict:
     """Text shards of the corpora in `folder/shards`, ids and sources as the download stage makes them."""
     docs = chars = 0
     n_bytes = 0
@@ -112,17 +117,28 @@ def run_child(script: Path, kind: str, args: dict, env: dict, verbose: bool = Fa
         result_path = Path(f.name)
     started = time.perf_counter()
     # The child's own output (datatrove's stats, logs) is shown only when it fails or with --verbose.
-    proc = subprocess.run([sys.executable, str(script), "--child", kind, json.dumps(args), str(result_path)],
-                          env=env, check=False, stdout=None if verbose else subprocess.PIPE,
-                          stderr=None if verbose else subprocess.STDOUT, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(script), "--child", kind, json.dumps(args), str(result_path)],
+        env=env,
+        check=False,
+        stdout=None if verbose else subprocess.PIPE,
+        stderr=None if verbose else subprocess.STDOUT,
+        text=True,
+    )
     wall = time.perf_counter() - started
     try:
         if proc.returncode != 0:
-            print(f"--- {kind} child failed (exit {proc.returncode}); the end of its output:\n"
-                  f"{(proc.stdout or '')[-4000:]}\n---", file=sys.stderr)
+            print(
+                f"--- {kind} child failed (exit {proc.returncode}); the end of its output:\n"
+                f"{(proc.stdout or '')[-4000:]}\n---",
+                file=sys.stderr,
+            )
             lines = [line for line in (proc.stdout or "").strip().splitlines() if line.strip()]
-            return {"error": lines[-1][:200] if lines else f"exit {proc.returncode}", "process_seconds": wall,
-                    "peak_rss_mb": None}
+            return {
+                "error": lines[-1][:200] if lines else f"exit {proc.returncode}",
+                "process_seconds": wall,
+                "peak_rss_mb": None,
+            }
         return {**json.loads(result_path.read_text()), "process_seconds": wall}
     finally:
         result_path.unlink(missing_ok=True)
@@ -148,8 +164,10 @@ def rss_mb(field: str = "VmHWM") -> float:
 
 def machine_line() -> str:
     load = os.getloadavg()
-    return (f"{time.strftime('%Y-%m-%d %H:%M %Z')}, {platform.node()}, {os.cpu_count()} cores, "
-            f"Python {platform.python_version()}, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    return (
+        f"{time.strftime('%Y-%m-%d %H:%M %Z')}, {platform.node()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+    )
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -184,15 +202,22 @@ def child_train(args: dict) -> dict:
     out.mkdir(parents=True)
     work.mkdir(parents=True)
     report = Capture("train_tokenizer")
-    ctx = StageContext(inputs={"dedup": Path(args["dedup"])}, out=out, work=work, report=report,
-                       store_root=Path(args["work"]))
-    cfg = train_tokenizer.TokenizerConfig(vocab_size=args["vocab_size"],
-                                          **({"max_chars": args["max_chars"]} if args["max_chars"] else {}))
+    ctx = StageContext(
+        inputs={"dedup": Path(args["dedup"])}, out=out, work=work, report=report, store_root=Path(args["work"])
+    )
+    cfg = train_tokenizer.TokenizerConfig(
+        vocab_size=args["vocab_size"], **({"max_chars": args["max_chars"]} if args["max_chars"] else {})
+    )
     rss_before = rss_mb()
     started = time.perf_counter()
     metrics = train_tokenizer.run(cfg, ctx)
-    return {"run_seconds": time.perf_counter() - started, "metrics": metrics, "rss_after_imports_mb": rss_before,
-            "max_chars": cfg.max_chars, "stage_bytes_per_token": report.tables.get("tokenizer-bytes-per-token", [])}
+    return {
+        "run_seconds": time.perf_counter() - started,
+        "metrics": metrics,
+        "rss_after_imports_mb": rss_before,
+        "max_chars": cfg.max_chars,
+        "stage_bytes_per_token": report.tables.get("tokenizer-bytes-per-token", []),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,7 +238,7 @@ def held_out_bytes_per_token(dedup: Path, tokenizer_dir: Path) -> tuple[list[dic
     by_source: dict[str, list[str]] = defaultdict(list)
     for path in list_shards(dedup / "shards"):
         table = read_shard(path)
-        for doc_id, text, source in zip(*(table[c].to_pylist() for c in ("id", "text", "source"))):
+        for doc_id, text, source in zip(*(table[c].to_pylist() for c in ("id", "text", "source")), strict=True):
             if text and sample_fraction(doc_id) >= 1.0 - HELD_FRACTION:
                 by_source[source].append(text)
 
@@ -223,15 +248,24 @@ def held_out_bytes_per_token(dedup: Path, tokenizer_dir: Path) -> tuple[list[dic
         texts = by_source[source]
         encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
         n_bytes = n_tokens = 0
-        for text, encoding in zip(texts, encodings):
+        for text, encoding in zip(texts, encodings, strict=True):
             b, t = len(text.encode("utf-8")), len(encoding.ids)
             n_bytes, n_tokens = n_bytes + b, n_tokens + t
             script = totals["Chinese (>=30% Han)" if is_chinese(text) else "other (English, mixed)"]
             script[0], script[1], script[2] = script[0] + 1, script[1] + b, script[2] + t
-        rows.append({"corpus": source, "held-out docs": len(texts), "bytes": n_bytes, "tokens": n_tokens,
-                     "bytes/token": round(n_bytes / max(n_tokens, 1), 3)})
-    script_rows = [{"script": s, "held-out docs": d, "bytes": b, "tokens": t, "bytes/token": round(b / max(t, 1), 3)}
-                   for s, (d, b, t) in sorted(totals.items())]
+        rows.append(
+            {
+                "corpus": source,
+                "held-out docs": len(texts),
+                "bytes": n_bytes,
+                "tokens": n_tokens,
+                "bytes/token": round(n_bytes / max(n_tokens, 1), 3),
+            }
+        )
+    script_rows = [
+        {"script": s, "held-out docs": d, "bytes": b, "tokens": t, "bytes/token": round(b / max(t, 1), 3)}
+        for s, (d, b, t) in sorted(totals.items())
+    ]
     return rows, script_rows
 
 
@@ -260,28 +294,49 @@ def main() -> None:
         tmp = Path(tmp)
         started = time.perf_counter()
         corpus = write_corpus_shards(args.corpora, tmp / "dedup", chunk_chars=args.chunk_chars)
-        print(f"input: {corpus['docs']:,} documents, {corpus['chars']:,} chars, {corpus['bytes'] / 1e6:.1f} MB "
-              f"in {corpus['shards']} shards from {args.corpora} (written in {time.perf_counter() - started:.1f} s, "
-              f"not timed)")
+        print(
+            f"input: {corpus['docs']:,} documents, {corpus['chars']:,} chars, {corpus['bytes'] / 1e6:.1f} MB "
+            f"in {corpus['shards']} shards from {args.corpora} (written in {time.perf_counter() - started:.1f} s, "
+            f"not timed)"
+        )
 
-        child_args = {"dedup": str(tmp / "dedup"), "out": str(tmp / "tok"), "work": str(tmp / "work"),
-                      "vocab_size": args.vocab_size, "max_chars": args.max_chars, "verbose": args.verbose}
+        child_args = {
+            "dedup": str(tmp / "dedup"),
+            "out": str(tmp / "tok"),
+            "work": str(tmp / "work"),
+            "vocab_size": args.vocab_size,
+            "max_chars": args.max_chars,
+            "verbose": args.verbose,
+        }
         result = run_child(Path(__file__).resolve(), "train", child_args, bench_env(args.threads), args.verbose)
         if "error" in result:
             sys.exit(f"training failed: {result['error']}")
         metrics = result["metrics"]
-        print(f"\ntrain_tokenizer.run, vocab {args.vocab_size}, max_chars {result['max_chars']:,}: "
-              f"{metrics['docs_trained_on']:,} docs, {metrics['chars_trained_on']:,} chars trained on")
-        print(markdown_table([
-            {"measure": "run() wall time", "value": f"{result['run_seconds']:.1f} s"},
-            {"measure": "of which BPE training (train_seconds)", "value": f"{metrics['train_seconds']:.1f} s"},
-            {"measure": "child process wall time (with imports)", "value": f"{result['process_seconds']:.1f} s"},
-            {"measure": "child RSS after imports", "value": f"{result['rss_after_imports_mb']:.0f} MB"},
-            {"measure": "child peak RSS (its VmHWM)", "value": f"{result['peak_rss_mb']:.0f} MB "
-                                                               f"(target < 4096 MB)"},
-            {"measure": "chars trained on per second of run()",
-             "value": f"{metrics['chars_trained_on'] / result['run_seconds'] / 1e6:.2f} M"},
-        ]))
+        print(
+            f"\ntrain_tokenizer.run, vocab {args.vocab_size}, max_chars {result['max_chars']:,}: "
+            f"{metrics['docs_trained_on']:,} docs, {metrics['chars_trained_on']:,} chars trained on"
+        )
+        print(
+            markdown_table(
+                [
+                    {"measure": "run() wall time", "value": f"{result['run_seconds']:.1f} s"},
+                    {"measure": "of which BPE training (train_seconds)", "value": f"{metrics['train_seconds']:.1f} s"},
+                    {
+                        "measure": "child process wall time (with imports)",
+                        "value": f"{result['process_seconds']:.1f} s",
+                    },
+                    {"measure": "child RSS after imports", "value": f"{result['rss_after_imports_mb']:.0f} MB"},
+                    {
+                        "measure": "child peak RSS (its VmHWM)",
+                        "value": f"{result['peak_rss_mb']:.0f} MB (target < 4096 MB)",
+                    },
+                    {
+                        "measure": "chars trained on per second of run()",
+                        "value": f"{metrics['chars_trained_on'] / result['run_seconds'] / 1e6:.2f} M",
+                    },
+                ]
+            )
+        )
 
         rows, script_rows = held_out_bytes_per_token(tmp / "dedup", tmp / "tok")
         print("\nbytes per token on the held-out documents, per corpus:")

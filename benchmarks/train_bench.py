@@ -61,10 +61,10 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import torch  # noqa: E402
 
 from ember.model.checkpoint import save_model  # noqa: E402
-from ember.model.export import export_hf  # noqa: E402
-from ember.model.generate import generate  # noqa: E402
 from ember.model.decoding import use_decoding_layout  # noqa: E402
 from ember.model.device import autocast  # noqa: E402
+from ember.model.export import export_hf  # noqa: E402
+from ember.model.generate import generate  # noqa: E402
 from ember.model.transformer import PRESETS, ModelConfig, Transformer, configure_optimizer  # noqa: E402
 from ember.tasks.train import resolve_precision  # noqa: E402
 
@@ -78,13 +78,27 @@ def llama_config(cfg: ModelConfig):
     """The `LlamaConfig` of Ember's shapes."""
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim,
-                       num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-                       num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
-                       max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-                       rope_theta=cfg.rope_theta, hidden_act="silu", attention_bias=False, mlp_bias=False,
-                       tie_word_embeddings=True, attn_implementation="sdpa", use_cache=False,
-                       bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.dim,
+        intermediate_size=cfg.hidden_dim,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.norm_eps,
+        rope_theta=cfg.rope_theta,
+        hidden_act="silu",
+        attention_bias=False,
+        mlp_bias=False,
+        tie_word_embeddings=True,
+        attn_implementation="sdpa",
+        use_cache=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
 
 
 def hf_model(cfg: ModelConfig, device: torch.device):
@@ -133,8 +147,9 @@ def train_step(model, opt, loss_fn, x, y, device, precision: str) -> tuple[float
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def matmul_gflops(m: int, k: int, n: int, device: torch.device, dtype: torch.dtype,
-                  seconds: float = 0.3) -> tuple[float, float]:
+def matmul_gflops(
+    m: int, k: int, n: int, device: torch.device, dtype: torch.dtype, seconds: float = 0.3
+) -> tuple[float, float]:
     """(GFLOP/s by wall time, GFLOP per CPU-second) of (m, k) @ (k, n): the best of a few tries."""
     a = torch.randn(m, k, device=device, dtype=dtype)
     b = torch.randn(k, n, device=device, dtype=dtype)
@@ -176,7 +191,7 @@ def ember_uncached(model: Transformer, prompt: list[int], new_tokens: int) -> li
     for _ in range(new_tokens):
         logits, _ = model(torch.tensor([ids], device=device))
         ids.append(int(logits[0, -1].argmax()))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 def timed(fn) -> tuple[float, object]:
@@ -200,12 +215,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq", type=int, default=256, help="training sequence length")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3, help="timed training steps per side (times --repeat)")
-    parser.add_argument("--repeat", type=int, default=3, help="generation runs per side; training rounds "
-                        "are --steps x --repeat")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="generation runs per side; training rounds are --steps x --repeat"
+    )
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                        help="Ember's training precision, as the train stage's `precision` (auto: a probe decides)")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="Ember's training precision, as the train stage's `precision` (auto: a probe decides)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--skip-generation", action="store_true")
@@ -222,11 +242,15 @@ def main(argv: list[str] | None = None) -> None:
     n_params = ember.num_params()
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     print(f"# train_bench {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}")
-    print(f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs, "
-          f"device {device}{' ' + torch.cuda.get_device_name() if device.type == 'cuda' else ''}, "
-          f"torch {torch.__version__}, {args.threads} threads, load average {load[0]:.2f} at start")
-    print(f"model: preset {args.preset}, vocab {cfg.vocab_size}, dim {cfg.dim}, {cfg.n_layers} layers, "
-          f"{cfg.n_heads} heads ({cfg.n_kv_heads} kv), hidden {cfg.hidden_dim}: {n_params:,} parameters")
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs, "
+        f"device {device}{' ' + torch.cuda.get_device_name() if device.type == 'cuda' else ''}, "
+        f"torch {torch.__version__}, {args.threads} threads, load average {load[0]:.2f} at start"
+    )
+    print(
+        f"model: preset {args.preset}, vocab {cfg.vocab_size}, dim {cfg.dim}, {cfg.n_layers} layers, "
+        f"{cfg.n_heads} heads ({cfg.n_kv_heads} kv), hidden {cfg.hidden_dim}: {n_params:,} parameters"
+    )
 
     if not args.skip_training:
         run_training(args, cfg, ember, n_params, device)
@@ -281,28 +305,36 @@ def run_training(args, cfg: ModelConfig, ember: Transformer, n_params: int, devi
     names = list(sides)
     for r in range(args.repeat * args.steps):
         row = {f"matmul {p}": matmul_gflops(*peak_shapes[p], device, dtypes[p], seconds=0.1) for p in dtypes}
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             model, loss_fn, p = sides[name]
             row[name] = train_step(model, opts[name], loss_fn, *batch(), device, p)
         rounds.append(row)
     del opts
 
     flops_step = train_flops_per_token(cfg, n_params, args.seq) * tokens
-    print(f"\n## Training: batch {args.batch} x seq {args.seq} = {tokens} tokens per step, fused AdamW, "
-          f"grad clipping{', compiled' if args.compile else ''}; {len(rounds)} rounds, one step of each side per "
-          f"round (rotating order), medians")
+    print(
+        f"\n## Training: batch {args.batch} x seq {args.seq} = {tokens} tokens per step, fused AdamW, "
+        f"grad clipping{', compiled' if args.compile else ''}; {len(rounds)} rounds, one step of each side per "
+        f"round (rotating order), medians"
+    )
     print(f"Ember's precision: {precision} ({why})")
     for p, sweep in sweeps.items():
         lo, hi = min(v[0] for v in sweep.values()), max(v[0] for v in sweep.values())
-        print(f"matmul {p} at the model's {len(shapes)} shapes (forward and both backward products of each "
-              f"projection, same threads): {lo:.0f}-{hi:.0f} GFLOP/s; the best, {peak_shapes[p]} (m, k, n), "
-              f"re-measured in every round: median {statistics.median(r[f'matmul {p}'][0] for r in rounds):.0f} "
-              f"GFLOP/s ({statistics.median(r[f'matmul {p}'][1] for r in rounds):.0f} GFLOP per CPU-second)")
-    print(f"training FLOPs per token = 6 * N + 6 * n_layers * seq * dim = 6 * {n_params:,} + 6 * {cfg.n_layers} * "
-          f"{args.seq} * {cfg.dim} = {flops_step / tokens / 1e6:.1f} MFLOP")
-    print("MFU = FLOPs per step / median s per step / median matmul FLOP/s of the side's precision in the same "
-          "rounds; 'by CPU time' uses the process's CPU seconds, which time-slicing by other processes leaves "
-          "alone")
+        print(
+            f"matmul {p} at the model's {len(shapes)} shapes (forward and both backward products of each "
+            f"projection, same threads): {lo:.0f}-{hi:.0f} GFLOP/s; the best, {peak_shapes[p]} (m, k, n), "
+            f"re-measured in every round: median {statistics.median(r[f'matmul {p}'][0] for r in rounds):.0f} "
+            f"GFLOP/s ({statistics.median(r[f'matmul {p}'][1] for r in rounds):.0f} GFLOP per CPU-second)"
+        )
+    print(
+        f"training FLOPs per token = 6 * N + 6 * n_layers * seq * dim = 6 * {n_params:,} + 6 * {cfg.n_layers} * "
+        f"{args.seq} * {cfg.dim} = {flops_step / tokens / 1e6:.1f} MFLOP"
+    )
+    print(
+        "MFU = FLOPs per step / median s per step / median matmul FLOP/s of the side's precision in the same "
+        "rounds; 'by CPU time' uses the process's CPU seconds, which time-slicing by other processes leaves "
+        "alone"
+    )
     med = {}
     for name, (_, _, p) in sides.items():
         wall = statistics.median(r[name][0] for r in rounds)
@@ -313,18 +345,25 @@ def run_training(args, cfg: ModelConfig, ember: Transformer, n_params: int, devi
         mfu_cpu = flops_step / cpu / 1e9 / statistics.median(r[f"matmul {p}"][1] for r in rounds)
         med[name] = (wall, cpu, mfu, mfu_cpu)
     on_cpu = device.type == "cpu"
-    print(f"\n| side | s/step (median) | tokens/s | MFU | CPU s/step | MFU by CPU time | vs {baseline} "
-          f"(wall / CPU time) | vs transformers in the same precision (wall) |")
+    print(
+        f"\n| side | s/step (median) | tokens/s | MFU | CPU s/step | MFU by CPU time | vs {baseline} "
+        f"(wall / CPU time) | vs transformers in the same precision (wall) |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, (wall, cpu, mfu, mfu_cpu) in med.items():
         base, same = med[baseline], med.get(f"transformers {sides[name][2]}")
         # the host's CPU time says nothing about GPU work
         ratio = f"{base[0] / wall:.2f}x / {base[1] / cpu:.2f}x" if on_cpu else f"{base[0] / wall:.2f}x / -"
         cpu_cols = f"{cpu:.3f} | {mfu_cpu:.1%}" if on_cpu else "- | -"
-        print(f"| {name} | {wall:.3f} | {fmt(tokens / wall)} | {mfu:.1%} | {cpu_cols} | {ratio} | "
-              f"{same[0] / wall:.2f}x |")
-    print("\nper-round wall seconds (" + " / ".join(names) + "): "
-          + ", ".join("/".join(f"{r[name][0]:.2f}" for name in names) for r in rounds))
+        print(
+            f"| {name} | {wall:.3f} | {fmt(tokens / wall)} | {mfu:.1%} | {cpu_cols} | {ratio} | {same[0] / wall:.2f}x |"
+        )
+    print(
+        "\nper-round wall seconds ("
+        + " / ".join(names)
+        + "): "
+        + ", ".join("/".join(f"{r[name][0]:.2f}" for name in names) for r in rounds)
+    )
     del sides, hf
 
 
@@ -353,27 +392,31 @@ def run_generation(args, cfg: ModelConfig, ember: Transformer, device: torch.dev
 
     def hf_generate(model, n: int) -> list[int]:
         with torch.inference_mode(), autocast(device):
-            out = model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True,
-                                 pad_token_id=0)
-        return out[0, len(PROMPT):].tolist()
+            out = model.generate(
+                prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=0
+            )
+        return out[0, len(PROMPT) :].tolist()
 
     def run_uncached(n=args.new_tokens):
         with autocast(device):
             return ember_uncached(ember, PROMPT, n)
 
-    runs = {"ember (KV cache)": run_ember,
-            "transformers generate() (KV cache)": lambda n=args.new_tokens: hf_generate(hf, n)}
+    runs = {
+        "ember (KV cache)": run_ember,
+        "transformers generate() (KV cache)": lambda n=args.new_tokens: hf_generate(hf, n),
+    }
     if device.type == "cpu":  # on a GPU the layout changes nothing: the row would repeat the one above
         hf_relaid = use_decoding_layout(copy.deepcopy(hf))
-        runs["transformers generate(), Ember's decoding layout (reference)"] = \
-            lambda n=args.new_tokens: hf_generate(hf_relaid, n)
+        runs["transformers generate(), Ember's decoding layout (reference)"] = lambda n=args.new_tokens: hf_generate(
+            hf_relaid, n
+        )
     for fn in runs.values():  # warm-up: first calls, allocations
         fn(16)
     times = {name: [] for name in runs}
     outputs = {}
     order = list(runs)
     for r in range(args.repeat):
-        for name in order[r % len(order):] + order[:r % len(order)]:
+        for name in order[r % len(order) :] + order[: r % len(order)]:
             seconds, outputs[name] = timed(runs[name])
             times[name].append(seconds)
     if not args.skip_uncached:  # once: it is slow, and its gap to the cached run is wide
@@ -383,11 +426,13 @@ def run_generation(args, cfg: ModelConfig, ember: Transformer, device: torch.dev
         assert len(out) == args.new_tokens, f"{name} generated {len(out)} tokens"
     same = outputs["ember (KV cache)"] == outputs["transformers generate() (KV cache)"]
     same_uncached = outputs.get("ember (no cache)", outputs["ember (KV cache)"]) == outputs["ember (KV cache)"]
-    print(f"\n## Generation: batch 1, greedy, {len(PROMPT)}-token prompt + {args.new_tokens} new tokens, "
-          f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}; {args.repeat} runs each in rotating order "
-          f"(the no-cache run once), medians. The HF model is `export_hf` of Ember's weights: logits agree "
-          f"to {diff:.1e}; greedy tokens {'identical' if same else 'differ'} between the two"
-          f"{'' if same_uncached else '; the no-cache run differs from the cached one'}")
+    print(
+        f"\n## Generation: batch 1, greedy, {len(PROMPT)}-token prompt + {args.new_tokens} new tokens, "
+        f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}; {args.repeat} runs each in rotating order "
+        f"(the no-cache run once), medians. The HF model is `export_hf` of Ember's weights: logits agree "
+        f"to {diff:.1e}; greedy tokens {'identical' if same else 'differ'} between the two"
+        f"{'' if same_uncached else '; the no-cache run differs from the cached one'}"
+    )
     print("\n| run | s (median) | tokens/s | vs transformers | vs ember no cache |")
     print("|---|---:|---:|---:|---:|")
     hf_s = statistics.median(times["transformers generate() (KV cache)"])
@@ -396,8 +441,9 @@ def run_generation(args, cfg: ModelConfig, ember: Transformer, device: torch.dev
         sec = statistics.median(ts)
         vs_nocache = f"{nocache_s / sec:.2f}x" if nocache_s else "-"
         print(f"| {name} | {sec:.3f} | {fmt(args.new_tokens / sec)} | {hf_s / sec:.2f}x | {vs_nocache} |")
-    print("\nper-run seconds: " + "; ".join(f"{name}: {' '.join(f'{t:.2f}' for t in ts)}"
-                                            for name, ts in times.items()))
+    print(
+        "\nper-run seconds: " + "; ".join(f"{name}: {' '.join(f'{t:.2f}' for t in ts)}" for name, ts in times.items())
+    )
 
 
 def write_dummy_tokenizer(folder: Path, vocab_size: int) -> None:
@@ -410,8 +456,12 @@ def write_dummy_tokenizer(folder: Path, vocab_size: int) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=list(SPECIAL_TOKENS),
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(["a tiny text for a tokenizer the benchmark never uses"], trainer=trainer)
     tokenizer.save(str(folder / "tokenizer.json"))
     write_transformers_files(folder)

@@ -29,18 +29,18 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: no look-ups
 import gradio as gr  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
 from ember.model.checkpoint import load_model  # noqa: E402
+from ember.model.decoding import use_decoding_layout  # noqa: E402
 from ember.model.generate import generate  # noqa: E402
 from ember.model.quantize import INT8_WEIGHTS, load_int8  # noqa: E402
-from ember.model.decoding import use_decoding_layout  # noqa: E402
 from ember.model.scripts import model_languages, text_languages  # noqa: E402
 from ember.model.tokenizer import EOS_ID, load_tokenizer  # noqa: E402
 from ember.storage.releases import CARD, LATEST, VERSION_RE, current_version, list_versions  # noqa: E402
@@ -65,27 +65,52 @@ MAX_EXAMPLES = 8
 TEXT = {
     "en": {
         "intro": "## Ember\n\nA small language model trained from scratch by Ember. Type the start of a text "
-                 "and it writes on.",
-        "prompt": "Prompt", "prompt_hint": "Once upon a time",
-        "max_new": "Max new tokens", "temperature": "Temperature", "temperature_info": "0 = greedy (always the likeliest token)",
-        "top_k": "Top-K", "top_k_info": "0 = off", "advanced": "Advanced",
-        "top_p": "Top-P", "top_p_info": "1 = off", "repetition_penalty": "Repetition penalty",
+        "and it writes on.",
+        "prompt": "Prompt",
+        "prompt_hint": "Once upon a time",
+        "max_new": "Max new tokens",
+        "temperature": "Temperature",
+        "temperature_info": "0 = greedy (always the likeliest token)",
+        "top_k": "Top-K",
+        "top_k_info": "0 = off",
+        "advanced": "Advanced",
+        "top_p": "Top-P",
+        "top_p_info": "1 = off",
+        "repetition_penalty": "Repetition penalty",
         "repetition_penalty_info": "1 = off; above 1 discourages repeating tokens",
-        "seed": "Seed", "seed_info": "-1 = random; the same seed and settings give the same text",
-        "release": "Release", "precision": "Weights", "generate": "Generate", "stop": "Stop",
-        "output": "Output: your prompt highlighted, then what the model wrote", "examples": "Examples",
+        "seed": "Seed",
+        "seed_info": "-1 = random; the same seed and settings give the same text",
+        "release": "Release",
+        "precision": "Weights",
+        "generate": "Generate",
+        "stop": "Stop",
+        "output": "Output: your prompt highlighted, then what the model wrote",
+        "examples": "Examples",
         "card": "### Model card",
     },
     "zh": {
         "intro": "## Ember\n\n由 Ember 从零训练的小型语言模型。输入一段文字的开头，它会接着写下去。",
-        "prompt": "提示词", "prompt_hint": "话说天下大势，",
-        "max_new": "最大长度", "temperature": "温度", "temperature_info": "0 = 贪心解码（总选最可能的词元）",
-        "top_k": "Top-K", "top_k_info": "0 = 不限", "advanced": "高级选项",
-        "top_p": "Top-P", "top_p_info": "1 = 不限", "repetition_penalty": "重复惩罚",
+        "prompt": "提示词",
+        "prompt_hint": "话说天下大势，",
+        "max_new": "最大长度",
+        "temperature": "温度",
+        "temperature_info": "0 = 贪心解码（总选最可能的词元）",
+        "top_k": "Top-K",
+        "top_k_info": "0 = 不限",
+        "advanced": "高级选项",
+        "top_p": "Top-P",
+        "top_p_info": "1 = 不限",
+        "repetition_penalty": "重复惩罚",
         "repetition_penalty_info": "1 = 不惩罚；大于 1 时减少重复",
-        "seed": "随机种子", "seed_info": "-1 = 随机；相同的种子和设置生成相同的文字",
-        "release": "版本", "precision": "权重精度", "generate": "生成", "stop": "停止",
-        "output": "输出：高亮的是提示词，其后是模型写的", "examples": "示例", "card": "### 模型卡片",
+        "seed": "随机种子",
+        "seed_info": "-1 = 随机；相同的种子和设置生成相同的文字",
+        "release": "版本",
+        "precision": "权重精度",
+        "generate": "生成",
+        "stop": "停止",
+        "output": "输出：高亮的是提示词，其后是模型写的",
+        "examples": "示例",
+        "card": "### 模型卡片",
     },
 }
 LANGUAGES = {"English": "en", "中文": "zh"}
@@ -121,8 +146,10 @@ def render_output(prompt: str | None, generated: str) -> str:
         return f'<div class="ember-output ember-message">{html.escape(generated)}</div>'
     if not prompt and not generated:
         return ""
-    return (f'<div class="ember-output"><span class="ember-prompt" title="prompt / 提示词">{html.escape(prompt)}'
-            f'</span><span class="ember-generated">{html.escape(generated)}</span></div>')
+    return (
+        f'<div class="ember-output"><span class="ember-prompt" title="prompt / 提示词">{html.escape(prompt)}'
+        f'</span><span class="ember-generated">{html.escape(generated)}</span></div>'
+    )
 
 
 def example_prompts(languages: list[str], release_prompts: list[str], limit: int = MAX_EXAMPLES) -> list[str]:
@@ -162,15 +189,23 @@ def load_release(release_dir: Path | str, precision: str = "fp32") -> Release:
     path = Path(release_dir).resolve()
     if precision == "int8":
         if not (path / INT8_WEIGHTS).is_file():
-            raise gr.Error(f"Release {path.name} has no int8 model (published with include_int8: false); "
-                           f"choose fp32. / 该版本没有 int8 模型，请选择 fp32。")
+            raise gr.Error(
+                f"Release {path.name} has no int8 model (published with include_int8: false); "
+                f"choose fp32. / 该版本没有 int8 模型，请选择 fp32。"
+            )
         model = load_int8(path)
     else:
         model = load_model(path)
     use_decoding_layout(model)  # about 1.5x faster decoding on CPU (see its docstring)
-    return Release(path=path, model=model, tokenizer=load_tokenizer(path), config=_read_json(path / "config.json"),
-                   report=_read_json(path / "report.json"), info=_read_json(path / "release.json"),
-                   precision=precision)
+    return Release(
+        path=path,
+        model=model,
+        tokenizer=load_tokenizer(path),
+        config=_read_json(path / "config.json"),
+        report=_read_json(path / "report.json"),
+        info=_read_json(path / "release.json"),
+        precision=precision,
+    )
 
 
 class Releases:
@@ -239,7 +274,9 @@ class Releases:
         if (folder / CARD).is_file():
             return (folder / CARD).read_text(encoding="utf-8")
         info = _read_json(folder / "release.json")  # a release published before model cards
-        return f"# Ember model {info.get('version', folder.name)}\n\nPublished {info.get('created', '?')}; no model card."
+        return (
+            f"# Ember model {info.get('version', folder.name)}\n\nPublished {info.get('created', '?')}; no model card."
+        )
 
 
 # -- generation ------------------------------------------------------------------------------------
@@ -256,26 +293,53 @@ def _bounded(value, name: str, low: float, high: float) -> float:
     return min(max(number, low), high)
 
 
-def continue_text(releases: Releases, prompt: str, max_new_tokens: float = DEFAULTS["max_new_tokens"],
-                  temperature: float = DEFAULTS["temperature"], top_k: float = DEFAULTS["top_k"],
-                  top_p: float = DEFAULTS["top_p"], repetition_penalty: float = DEFAULTS["repetition_penalty"],
-                  seed: float = DEFAULTS["seed"], release: str = LATEST, precision: str = "fp32",
-                  status: dict | None = None) -> Iterator[str]:
+def continue_text(
+    releases: Releases,
+    prompt: str,
+    max_new_tokens: float = DEFAULTS["max_new_tokens"],
+    temperature: float = DEFAULTS["temperature"],
+    top_k: float = DEFAULTS["top_k"],
+    top_p: float = DEFAULTS["top_p"],
+    repetition_penalty: float = DEFAULTS["repetition_penalty"],
+    seed: float = DEFAULTS["seed"],
+    release: str = LATEST,
+    precision: str = "fp32",
+    status: dict | None = None,
+) -> Iterator[str]:
     """Yields the prompt plus the text generated so far, growing token by token.
 
     Out-of-range values are clamped (a temperature of 0 or below is greedy decoding); `status`,
     when given, is filled with what was served (version, weights, tokens, seconds).
     """
-    for used, generated in continue_pieces(releases, prompt, max_new_tokens, temperature, top_k, top_p,
-                                           repetition_penalty, seed, release, precision, status):
+    for used, generated in continue_pieces(
+        releases,
+        prompt,
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        repetition_penalty,
+        seed,
+        release,
+        precision,
+        status,
+    ):
         yield generated if used is None else used + generated
 
 
-def continue_pieces(releases: Releases, prompt: str, max_new_tokens: float = DEFAULTS["max_new_tokens"],
-                    temperature: float = DEFAULTS["temperature"], top_k: float = DEFAULTS["top_k"],
-                    top_p: float = DEFAULTS["top_p"], repetition_penalty: float = DEFAULTS["repetition_penalty"],
-                    seed: float = DEFAULTS["seed"], release: str = LATEST, precision: str = "fp32",
-                    status: dict | None = None) -> Iterator[tuple[str | None, str]]:
+def continue_pieces(
+    releases: Releases,
+    prompt: str,
+    max_new_tokens: float = DEFAULTS["max_new_tokens"],
+    temperature: float = DEFAULTS["temperature"],
+    top_k: float = DEFAULTS["top_k"],
+    top_p: float = DEFAULTS["top_p"],
+    repetition_penalty: float = DEFAULTS["repetition_penalty"],
+    seed: float = DEFAULTS["seed"],
+    release: str = LATEST,
+    precision: str = "fp32",
+    status: dict | None = None,
+) -> Iterator[tuple[str | None, str]]:
     """`continue_text` in two parts: (the prompt used, the text generated so far). The prompt
     used is the end of a prompt that was too long; before any release it is None and the text
     says so."""
@@ -287,8 +351,10 @@ def continue_pieces(releases: Releases, prompt: str, max_new_tokens: float = DEF
     if not prompt.strip():
         raise gr.Error(EMPTY_PROMPT)
     if len(prompt) > MAX_PROMPT_CHARS:
-        gr.Warning(f"提示词过长，只保留最后 {MAX_PROMPT_CHARS:,} 个字符。 / The prompt has {len(prompt):,} "
-                   f"characters; only its last {MAX_PROMPT_CHARS:,} are used.")
+        gr.Warning(
+            f"提示词过长，只保留最后 {MAX_PROMPT_CHARS:,} 个字符。 / The prompt has {len(prompt):,} "
+            f"characters; only its last {MAX_PROMPT_CHARS:,} are used."
+        )
         prompt = prompt[-MAX_PROMPT_CHARS:]
     max_new = int(_bounded(max_new_tokens, "max new tokens", 1, MAX_NEW_TOKENS))
     temperature = _bounded(temperature, "temperature", 0.0, 2.0)
@@ -301,13 +367,21 @@ def continue_pieces(releases: Releases, prompt: str, max_new_tokens: float = DEF
     # Training documents start right after an EOS, so one in front makes the prompt a document
     # start. Keep the end of a long prompt: that is what the model continues.
     ids = [loaded.eos_id] + loaded.tokenizer.encode(prompt, add_special_tokens=False).ids
-    ids = ids[-max(1, context - 1):]
+    ids = ids[-max(1, context - 1) :]
     started = time.monotonic()
     new: list[int] = []
     text = ""
-    for token in generate(loaded.model, ids, max_new_tokens=max_new, temperature=temperature,
-                          top_k=top_k or None, top_p=top_p if 0 < top_p < 1 else None, eos_id=loaded.eos_id,
-                          seed=None if seed < 0 else seed, repetition_penalty=penalty):
+    for token in generate(
+        loaded.model,
+        ids,
+        max_new_tokens=max_new,
+        temperature=temperature,
+        top_k=top_k or None,
+        top_p=top_p if 0 < top_p < 1 else None,
+        eos_id=loaded.eos_id,
+        seed=None if seed < 0 else seed,
+        repetition_penalty=penalty,
+    ):
         new.append(token)
         piece = loaded.tokenizer.decode(new)
         if not piece.endswith("\ufffd"):  # else half of a multi-byte character: wait for the rest
@@ -318,8 +392,9 @@ def continue_pieces(releases: Releases, prompt: str, max_new_tokens: float = DEF
     # A last token that ends inside a character (cut by max_new_tokens) shows nothing of it.
     final = loaded.tokenizer.decode(new).rstrip("\ufffd")
     if status is not None:
-        status.update(version=loaded.version, precision=loaded.precision, tokens=len(new),
-                      seconds=time.monotonic() - started)
+        status.update(
+            version=loaded.version, precision=loaded.precision, tokens=len(new), seconds=time.monotonic() - started
+        )
     if final != text or not new:
         yield prompt, final
 
@@ -328,15 +403,16 @@ def _status_line(status: dict | None) -> str:
     if not status:
         return ""
     rate = status["tokens"] / status["seconds"] if status["seconds"] > 0 else 0.0
-    return (f"{status['version']} · {status['precision']} · {status['tokens']} tokens · "
-            f"{status['seconds']:.1f} s ({rate:.0f} tokens/s)")
+    return (
+        f"{status['version']} · {status['precision']} · {status['tokens']} tokens · "
+        f"{status['seconds']:.1f} s ({rate:.0f} tokens/s)"
+    )
 
 
 # -- the app ---------------------------------------------------------------------------------------
 
 
-def build_app(releases_root: Path | str, release: str = LATEST, concurrency: int = 1,
-              max_queue: int = 32) -> gr.Blocks:
+def build_app(releases_root: Path | str, release: str = LATEST, concurrency: int = 1, max_queue: int = 32) -> gr.Blocks:
     """The demo's Blocks, queued `concurrency` generations at a time; `launch()` or mount it
     (with `css=DEMO_CSS`)."""
     releases = Releases(releases_root, release)
@@ -344,31 +420,59 @@ def build_app(releases_root: Path | str, release: str = LATEST, concurrency: int
         releases.get(release)  # load now: the first answer is quick
     en = TEXT["en"]
 
-    def show(prompt: str, max_new_tokens: float = DEFAULTS["max_new_tokens"],
-             temperature: float = DEFAULTS["temperature"], top_k: float = DEFAULTS["top_k"],
-             top_p: float = DEFAULTS["top_p"], repetition_penalty: float = DEFAULTS["repetition_penalty"],
-             seed: float = DEFAULTS["seed"], release: str = release,
-             precision: str = "fp32") -> Iterator[tuple[str, dict]]:
+    def show(
+        prompt: str,
+        max_new_tokens: float = DEFAULTS["max_new_tokens"],
+        temperature: float = DEFAULTS["temperature"],
+        top_k: float = DEFAULTS["top_k"],
+        top_p: float = DEFAULTS["top_p"],
+        repetition_penalty: float = DEFAULTS["repetition_penalty"],
+        seed: float = DEFAULTS["seed"],
+        release: str = release,
+        precision: str = "fp32",
+    ) -> Iterator[tuple[str, dict]]:
         status: dict = {}
-        for used, generated in continue_pieces(releases, prompt, max_new_tokens, temperature, top_k, top_p,
-                                               repetition_penalty, seed, release, precision, status):
+        for used, generated in continue_pieces(
+            releases,
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            seed,
+            release,
+            precision,
+            status,
+        ):
             yield render_output(used, generated), status
 
-    def handler(prompt: str, max_new_tokens: float = DEFAULTS["max_new_tokens"],
-                temperature: float = DEFAULTS["temperature"], top_k: float = DEFAULTS["top_k"],
-                top_p: float = DEFAULTS["top_p"], repetition_penalty: float = DEFAULTS["repetition_penalty"],
-                seed: float = DEFAULTS["seed"], release: str = release,
-                precision: str = "fp32") -> Iterator[str]:
-        yield from continue_text(releases, prompt, max_new_tokens, temperature, top_k, top_p,
-                                 repetition_penalty, seed, release, precision)
+    def handler(
+        prompt: str,
+        max_new_tokens: float = DEFAULTS["max_new_tokens"],
+        temperature: float = DEFAULTS["temperature"],
+        top_k: float = DEFAULTS["top_k"],
+        top_p: float = DEFAULTS["top_p"],
+        repetition_penalty: float = DEFAULTS["repetition_penalty"],
+        seed: float = DEFAULTS["seed"],
+        release: str = release,
+        precision: str = "fp32",
+    ) -> Iterator[str]:
+        yield from continue_text(
+            releases, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, release, precision
+        )
 
     def release_info(release: str = release) -> dict:
         folder = releases.folder(release)
         if folder is None:
             return {"release": None, "message": NO_RELEASE}
         info = _read_json(folder / "release.json")
-        return {"release": info.get("version", folder.name), "created": info.get("created"),
-                "folder": str(folder), "latest": current_version(releases.root)}
+        return {
+            "release": info.get("version", folder.name),
+            "created": info.get("created"),
+            "folder": str(folder),
+            "latest": current_version(releases.root),
+        }
 
     def examples_update(name: str | None):
         samples = releases.examples(name)
@@ -381,39 +485,74 @@ def build_app(releases_root: Path | str, release: str = LATEST, concurrency: int
             language = gr.Radio(list(LANGUAGES), value="English", label="Language / 语言", scale=0, min_width=200)
         with gr.Row():
             with gr.Column(scale=3):
-                prompt = gr.Textbox(label=en["prompt"], lines=4, max_length=MAX_PROMPT_CHARS,
-                                    placeholder=en["prompt_hint"], elem_id="prompt")
+                prompt = gr.Textbox(
+                    label=en["prompt"],
+                    lines=4,
+                    max_length=MAX_PROMPT_CHARS,
+                    placeholder=en["prompt_hint"],
+                    elem_id="prompt",
+                )
                 with gr.Row():
-                    max_new = gr.Slider(1, MAX_NEW_TOKENS, value=DEFAULTS["max_new_tokens"], step=1,
-                                        label=en["max_new"])
-                    temperature = gr.Slider(0.0, 2.0, value=DEFAULTS["temperature"], step=0.05,
-                                            label=en["temperature"], info=en["temperature_info"])
-                    top_k = gr.Slider(0, 200, value=DEFAULTS["top_k"], step=1, label=en["top_k"],
-                                      info=en["top_k_info"])
+                    max_new = gr.Slider(
+                        1, MAX_NEW_TOKENS, value=DEFAULTS["max_new_tokens"], step=1, label=en["max_new"]
+                    )
+                    temperature = gr.Slider(
+                        0.0,
+                        2.0,
+                        value=DEFAULTS["temperature"],
+                        step=0.05,
+                        label=en["temperature"],
+                        info=en["temperature_info"],
+                    )
+                    top_k = gr.Slider(0, 200, value=DEFAULTS["top_k"], step=1, label=en["top_k"], info=en["top_k_info"])
                 with gr.Accordion(en["advanced"], open=False) as advanced:
                     with gr.Row():
-                        top_p = gr.Slider(0.05, 1.0, value=DEFAULTS["top_p"], step=0.05, label=en["top_p"],
-                                          info=en["top_p_info"])
-                        penalty = gr.Slider(1.0, 2.0, value=DEFAULTS["repetition_penalty"], step=0.05,
-                                            label=en["repetition_penalty"], info=en["repetition_penalty_info"])
-                        seed = gr.Number(value=DEFAULTS["seed"], precision=0, minimum=-1, label=en["seed"],
-                                         info=en["seed_info"])
+                        top_p = gr.Slider(
+                            0.05, 1.0, value=DEFAULTS["top_p"], step=0.05, label=en["top_p"], info=en["top_p_info"]
+                        )
+                        penalty = gr.Slider(
+                            1.0,
+                            2.0,
+                            value=DEFAULTS["repetition_penalty"],
+                            step=0.05,
+                            label=en["repetition_penalty"],
+                            info=en["repetition_penalty_info"],
+                        )
+                        seed = gr.Number(
+                            value=DEFAULTS["seed"], precision=0, minimum=-1, label=en["seed"], info=en["seed_info"]
+                        )
                     with gr.Row():
                         # Versions published after start are valid too (checked in Releases.folder).
-                        choice = gr.Dropdown(releases.choices(), value=release, label=en["release"],
-                                             allow_custom_value=True)
+                        choice = gr.Dropdown(
+                            releases.choices(), value=release, label=en["release"], allow_custom_value=True
+                        )
                         precision = gr.Radio(list(PRECISIONS), value="fp32", label=en["precision"])
                 with gr.Row():
                     button = gr.Button(en["generate"], variant="primary", elem_id="generate")
                     stop = gr.Button(en["stop"], variant="secondary")
-                output = gr.HTML(render_output("", ""), label=en["output"], show_label=True, container=True,
-                                 padding=True, min_height=280, max_height=560, autoscroll=True, elem_id="output")
+                output = gr.HTML(
+                    render_output("", ""),
+                    label=en["output"],
+                    show_label=True,
+                    container=True,
+                    padding=True,
+                    min_height=280,
+                    max_height=560,
+                    autoscroll=True,
+                    elem_id="output",
+                )
                 # What `/generate` answers: the same text as one plain string, for scripts.
                 api_output = gr.Textbox(visible=False)
                 status_line = gr.Markdown("", elem_id="status")
                 status = gr.State({})
-                sample_prompts = gr.Dataset(components=[prompt], samples=[[p] for p in examples], type="values",
-                                            label=en["examples"], visible=bool(examples), elem_id="examples")
+                sample_prompts = gr.Dataset(
+                    components=[prompt],
+                    samples=[[p] for p in examples],
+                    type="values",
+                    label=en["examples"],
+                    visible=bool(examples),
+                    elem_id="examples",
+                )
             with gr.Column(scale=2):
                 card_title = gr.Markdown(en["card"])
                 card = gr.Markdown(releases.card(release), max_height=720, elem_id="card")
@@ -422,43 +561,95 @@ def build_app(releases_root: Path | str, release: str = LATEST, concurrency: int
         # Two endpoints sharing one concurrency group: the page streams highlighted HTML, while
         # `/generate` (no trigger on the page) keeps its plain string and the controls' range
         # checks, so gradio_client scripts see no change.
-        event = button.click(show, inputs=controls, outputs=[output, status], api_visibility="private",
-                             concurrency_id="generate", time_limit=MAX_SECONDS + 30)
+        event = button.click(
+            show,
+            inputs=controls,
+            outputs=[output, status],
+            api_visibility="private",
+            concurrency_id="generate",
+            time_limit=MAX_SECONDS + 30,
+        )
         event.then(_status_line, inputs=status, outputs=status_line, api_visibility="private")
         stop.click(None, cancels=[event])
-        gr.on([], handler, inputs=controls, outputs=api_output, api_name="generate", concurrency_id="generate",
-              time_limit=MAX_SECONDS + 30)
-        sample_prompts.click(lambda sample: sample[0], inputs=sample_prompts, outputs=prompt,
-                             api_visibility="private", queue=False)
-        choice.change(lambda name: (releases.card(name), examples_update(name)), inputs=choice,
-                      outputs=[card, sample_prompts], api_visibility="private")
+        gr.on(
+            [],
+            handler,
+            inputs=controls,
+            outputs=api_output,
+            api_name="generate",
+            concurrency_id="generate",
+            time_limit=MAX_SECONDS + 30,
+        )
+        sample_prompts.click(
+            lambda sample: sample[0], inputs=sample_prompts, outputs=prompt, api_visibility="private", queue=False
+        )
+        choice.change(
+            lambda name: (releases.card(name), examples_update(name)),
+            inputs=choice,
+            outputs=[card, sample_prompts],
+            api_visibility="private",
+        )
 
-        labelled = [intro, prompt, max_new, temperature, top_k, advanced, top_p, penalty, seed, choice, precision,
-                    button, stop, output, sample_prompts, card_title]
+        labelled = [
+            intro,
+            prompt,
+            max_new,
+            temperature,
+            top_k,
+            advanced,
+            top_p,
+            penalty,
+            seed,
+            choice,
+            precision,
+            button,
+            stop,
+            output,
+            sample_prompts,
+            card_title,
+        ]
 
         def relabel(name: str) -> list:
             t = TEXT[LANGUAGES.get(name, "en")]
-            return [gr.update(value=t["intro"]), gr.update(label=t["prompt"], placeholder=t["prompt_hint"]),
-                    gr.update(label=t["max_new"]), gr.update(label=t["temperature"], info=t["temperature_info"]),
-                    gr.update(label=t["top_k"], info=t["top_k_info"]), gr.update(label=t["advanced"]),
-                    gr.update(label=t["top_p"], info=t["top_p_info"]),
-                    gr.update(label=t["repetition_penalty"], info=t["repetition_penalty_info"]),
-                    gr.update(label=t["seed"], info=t["seed_info"]), gr.update(label=t["release"]),
-                    gr.update(label=t["precision"]), gr.update(value=t["generate"]), gr.update(value=t["stop"]),
-                    gr.update(label=t["output"]), gr.update(label=t["examples"]), gr.update(value=t["card"])]
+            return [
+                gr.update(value=t["intro"]),
+                gr.update(label=t["prompt"], placeholder=t["prompt_hint"]),
+                gr.update(label=t["max_new"]),
+                gr.update(label=t["temperature"], info=t["temperature_info"]),
+                gr.update(label=t["top_k"], info=t["top_k_info"]),
+                gr.update(label=t["advanced"]),
+                gr.update(label=t["top_p"], info=t["top_p_info"]),
+                gr.update(label=t["repetition_penalty"], info=t["repetition_penalty_info"]),
+                gr.update(label=t["seed"], info=t["seed_info"]),
+                gr.update(label=t["release"]),
+                gr.update(label=t["precision"]),
+                gr.update(value=t["generate"]),
+                gr.update(value=t["stop"]),
+                gr.update(label=t["output"]),
+                gr.update(label=t["examples"]),
+                gr.update(value=t["card"]),
+            ]
 
         language.change(relabel, inputs=language, outputs=labelled, api_visibility="private", queue=False)
         # On page load: the browser's language, and the releases published since the app started.
-        demo.load(lambda name: name, inputs=language, outputs=language, js=BROWSER_LANGUAGE_JS,
-                  api_visibility="private", queue=False)
+        demo.load(
+            lambda name: name,
+            inputs=language,
+            outputs=language,
+            js=BROWSER_LANGUAGE_JS,
+            api_visibility="private",
+            queue=False,
+        )
 
         def refresh(name: str):
             names = [value for _, value in releases.choices()]
-            return (gr.update(choices=releases.choices(), value=name if name in names else LATEST),
-                    releases.card(name), examples_update(name))
+            return (
+                gr.update(choices=releases.choices(), value=name if name in names else LATEST),
+                releases.card(name),
+                examples_update(name),
+            )
 
-        demo.load(refresh, inputs=choice, outputs=[choice, card, sample_prompts], api_visibility="private",
-                  queue=False)
+        demo.load(refresh, inputs=choice, outputs=[choice, card, sample_prompts], api_visibility="private", queue=False)
         gr.api(release_info, api_name="release_info")
     return demo.queue(default_concurrency_limit=concurrency, max_size=max_queue)
 
@@ -478,9 +669,17 @@ def parse_auth(value: str | tuple[str, str] | None) -> tuple[str, str] | None:
     return str(user), str(password)
 
 
-def launch(releases_root, release: str = LATEST, host: str = "127.0.0.1", port: int | None = 7860,
-           share: bool = False, prevent_thread_lock: bool = False, auth: str | tuple[str, str] | None = None,
-           concurrency: int = 1, quiet: bool = False) -> gr.Blocks:
+def launch(
+    releases_root,
+    release: str = LATEST,
+    host: str = "127.0.0.1",
+    port: int | None = 7860,
+    share: bool = False,
+    prevent_thread_lock: bool = False,
+    auth: str | tuple[str, str] | None = None,
+    concurrency: int = 1,
+    quiet: bool = False,
+) -> gr.Blocks:
     """Serve the demo (blocking unless `prevent_thread_lock`); returns the Blocks, to `close()` it.
 
     `releases_root` is a releases folder or a Store (its `releases_dir`). `auth` is USER:PASSWORD
@@ -489,7 +688,16 @@ def launch(releases_root, release: str = LATEST, host: str = "127.0.0.1", port: 
     root = getattr(releases_root, "releases_dir", releases_root)
     credentials = parse_auth(auth if auth is not None else os.environ.get(AUTH_ENV))
     demo = build_app(root, release, concurrency=concurrency)
-    demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=prevent_thread_lock,
-                inbrowser=False, show_error=True, auth=credentials, quiet=quiet, css=DEMO_CSS,
-                auth_message="Ember demo: log in / 请登录" if credentials else None)
+    demo.launch(
+        server_name=host,
+        server_port=port,
+        share=share,
+        prevent_thread_lock=prevent_thread_lock,
+        inbrowser=False,
+        show_error=True,
+        auth=credentials,
+        quiet=quiet,
+        css=DEMO_CSS,
+        auth_message="Ember demo: log in / 请登录" if credentials else None,
+    )
     return demo

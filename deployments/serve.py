@@ -43,10 +43,14 @@ import time
 from datetime import timedelta
 from uuid import UUID
 
-import ember.flows  # noqa: F401  (offline defaults before Prefect loads)
 from prefect import flow, get_client, get_run_logger, serve
-from prefect.client.schemas.filters import (FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterState,
-                                            FlowRunFilterStateType)
+from prefect.client.schemas.filters import (
+    FlowFilter,
+    FlowFilterName,
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy, State, StateType
 from prefect.context import FlowRunContext
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
@@ -56,6 +60,7 @@ from prefect.schedules import Cron, Interval
 from prefect.settings import PREFECT_API_URL
 from prefect.states import Cancelled
 
+import ember.flows  # noqa: F401  (offline defaults before Prefect loads)
 from ember.flows.config import ConfigError, PipelineConfig, load_config
 from ember.flows.pipeline import DEMO_URL, build_llm, retrain_config
 from ember.flows.watch import EVENT, resource_id, watch_sources
@@ -96,8 +101,10 @@ def demo_serving(port: int, other_than: UUID | None) -> str | None:
         with get_client(sync_client=True) as client:
             runs = client.read_flow_runs(
                 flow_filter=FlowFilter(name=FlowFilterName(any_=[demo.name])),
-                flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
-                    type=FlowRunFilterStateType(any_=[StateType.RUNNING]))))
+                flow_run_filter=FlowRunFilter(
+                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))
+                ),
+            )
     except Exception:  # only for the message
         return None
     for run in runs:
@@ -106,8 +113,9 @@ def demo_serving(port: int, other_than: UUID | None) -> str | None:
     return None
 
 
-def until_stopped(flow_run_id: UUID, logger: logging.Logger, every: float = STATE_CHECK_SECONDS,
-                  grace: float = CANCEL_GRACE_SECONDS) -> str:
+def until_stopped(
+    flow_run_id: UUID, logger: logging.Logger, every: float = STATE_CHECK_SECONDS, grace: float = CANCEL_GRACE_SECONDS
+) -> str:
     """Block while the run is meant to go on; return why it is not any more.
 
     Normally the serve process stops a cancelled run itself (it kills this process within
@@ -152,8 +160,9 @@ def until_stopped(flow_run_id: UUID, logger: logging.Logger, every: float = STAT
 
 
 @flow(name="ember-demo", persist_result=False)
-def demo(store_root: str | None = None, release: str = "latest", host: str = "127.0.0.1",
-         port: int = DEMO_PORT) -> State:
+def demo(
+    store_root: str | None = None, release: str = "latest", host: str = "127.0.0.1", port: int = DEMO_PORT
+) -> State:
     """Serve the Gradio demo on a release until the run is cancelled.
 
     One demo per port: if the port is taken the run fails at once, naming the demo run that
@@ -168,9 +177,11 @@ def demo(store_root: str | None = None, release: str = "latest", host: str = "12
     flow_run_id = FlowRunContext.get().flow_run.id
     if port_taken(host, port):
         owner = demo_serving(port, other_than=flow_run_id)
-        raise PortTaken(f"port {port} on {host} is taken{' by the demo run ' + owner if owner else ''}: "
-                        f"one demo per port. Cancel that run first (prefect flow-run cancel ID) "
-                        f"or start this one on another port (--param port=N)")
+        raise PortTaken(
+            f"port {port} on {host} is taken{' by the demo run ' + owner if owner else ''}: "
+            f"one demo per port. Cancel that run first (prefect flow-run cancel ID) "
+            f"or start this one on another port (--param port=N)"
+        )
     store = open_store(store_root or default_root())
     logger.info("demo of %s/releases/%s at http://%s:%d", store.location, release, host, port)
     releases = store.sync_releases()
@@ -208,13 +219,17 @@ def retrain_deployment(config: PipelineConfig) -> RunnerDeployment:
         name="retrain",
         parameters={"config": retrain_config(config).model_dump(mode="json"), "purpose": "retrain"},
         schedules=schedules,
-        triggers=[DeploymentEventTrigger(
-            name=f"retrain {config.name} when its corpus changes",
-            expect={EVENT},
-            match={"prefect.resource.id": resource_id(config.name)},
-        )],
-        description=(f"Retrain {config.name} on its schedule and when its sources change: warm start, "
-                     "cached stages reused, published only through the gate"),
+        triggers=[
+            DeploymentEventTrigger(
+                name=f"retrain {config.name} when its corpus changes",
+                expect={EVENT},
+                match={"prefect.resource.id": resource_id(config.name)},
+            )
+        ],
+        description=(
+            f"Retrain {config.name} on its schedule and when its sources change: warm start, "
+            "cached stages reused, published only through the gate"
+        ),
         tags=["ember", config.name, "retrain"],
         # A retrain that fires while another runs waits for it, then finds its work in the store.
         concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
@@ -249,12 +264,18 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {err}")
     if not PREFECT_API_URL.value():
         # Without a server, Prefect would serve against a temporary one that nobody else can see.
-        sys.exit("error: PREFECT_API_URL is not set. Start a server (`make server`) and "
-                 "export PREFECT_API_URL=http://127.0.0.1:4200/api")
+        sys.exit(
+            "error: PREFECT_API_URL is not set. Start a server (`make server`) and "
+            "export PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
     stop = threading.Event()
     if config.schedule.watch_seconds:
-        threading.Thread(target=watch_sources, args=(config.pinned(), config.schedule.watch_seconds, stop),
-                         name="ember-watch", daemon=True).start()
+        threading.Thread(
+            target=watch_sources,
+            args=(config.pinned(), config.schedule.watch_seconds, stop),
+            name="ember-watch",
+            daemon=True,
+        ).start()
     try:
         serve(*deployments(config))
     finally:

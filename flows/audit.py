@@ -52,8 +52,12 @@ def _describe_id(doc_id: str) -> dict:
     base, _, chunk = doc_id.partition("#chunk")
     source, _, rest = base.partition("/")
     file, _, record = rest.rpartition(":")
-    return {"source": source, "file": file or rest, "record": record if file else "",
-            "chunk": int(chunk) if chunk.isdigit() else None}
+    return {
+        "source": source,
+        "file": file or rest,
+        "record": record if file else "",
+        "chunk": int(chunk) if chunk.isdigit() else None,
+    }
 
 
 def _dedup_entry(artifact: Artifact, doc_id: str) -> dict | None:
@@ -70,8 +74,12 @@ def _dedup_entry(artifact: Artifact, doc_id: str) -> dict | None:
             if entry.get("id") == doc_id:
                 return entry
             if doc_id in entry.get("removed", ()):
-                return {"id": doc_id, "kept_id": entry.get("kept"), "kind": entry.get("kind"),
-                        "jaccard": entry.get("similarity")}
+                return {
+                    "id": doc_id,
+                    "kept_id": entry.get("kept"),
+                    "kind": entry.get("kind"),
+                    "jaccard": entry.get("similarity"),
+                }
     return None
 
 
@@ -101,8 +109,7 @@ def audit_document(store: Store, doc_id: str) -> dict:
 def _follow(store: Store, download: Artifact, doc_id: str, runs: list[dict]) -> dict:
     (raw,) = _rows(download.path / "shards", [doc_id])[:1] or [{}]
     text = raw.get("text") or ""
-    doc = {"id": doc_id, **_describe_id(doc_id), "download": {"ref": download.ref, "chars": len(text)},
-           "paths": []}
+    doc = {"id": doc_id, **_describe_id(doc_id), "download": {"ref": download.ref, "chars": len(text)}, "paths": []}
     refs_seen = {download.ref}
     for normalize in _children(store, "normalize", download.ref) or [None]:
         path: dict = {"normalize": None, "filter": None, "dedup": None}
@@ -112,8 +119,11 @@ def _follow(store: Store, download: Artifact, doc_id: str, runs: list[dict]) -> 
         refs_seen.add(normalize.ref)
         (after,) = _rows(normalize.path / "shards", [doc_id], ["id", "text"])[:1] or [{}]
         normalized = after.get("text")
-        path["normalize"] = {"ref": normalize.ref, "changed": normalized is not None and normalized != text,
-                             "chars": len(normalized or "")}
+        path["normalize"] = {
+            "ref": normalize.ref,
+            "changed": normalized is not None and normalized != text,
+            "chars": len(normalized or ""),
+        }
         for flt in _children(store, "filter", normalize.ref) or [None]:
             if flt is None:
                 continue
@@ -127,27 +137,55 @@ def _follow(store: Store, download: Artifact, doc_id: str, runs: list[dict]) -> 
             for dedup in _children(store, "dedup", flt.ref):
                 refs_seen.add(dedup.ref)
                 entry = _dedup_entry(dedup, doc_id)
-                path["dedup"] = ({"ref": dedup.ref, "outcome": "kept"} if entry is None else
-                                 {"ref": dedup.ref, "outcome": "duplicate", "kept_id": entry.get("kept_id"),
-                                  "kind": entry.get("kind"), "jaccard": entry.get("jaccard")})
-    doc["runs"] = [{"name": r.get("name"), "file": r["file"], "flow_run_id": r.get("flow_run_id", ""),
-                    "created": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.get("created", 0))),
-                    "stages": sorted(stage for stage, ref in r.get("refs", {}).items() if ref in refs_seen)}
-                   for r in runs if refs_seen & set(r.get("refs", {}).values())]
+                path["dedup"] = (
+                    {"ref": dedup.ref, "outcome": "kept"}
+                    if entry is None
+                    else {
+                        "ref": dedup.ref,
+                        "outcome": "duplicate",
+                        "kept_id": entry.get("kept_id"),
+                        "kind": entry.get("kind"),
+                        "jaccard": entry.get("jaccard"),
+                    }
+                )
+    doc["runs"] = [
+        {
+            "name": r.get("name"),
+            "file": r["file"],
+            "flow_run_id": r.get("flow_run_id", ""),
+            "created": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.get("created", 0))),
+            "stages": sorted(stage for stage, ref in r.get("refs", {}).items() if ref in refs_seen),
+        }
+        for r in runs
+        if refs_seen & set(r.get("refs", {}).values())
+    ]
     return doc
 
 
 def _filter_outcome(artifact: Artifact, doc_id: str) -> dict:
-    lines = [{"line": r["line"], "rule": r["rule"], "text": r["text"]}
-             for r in _rows(artifact.path / "removed_lines", [doc_id], ["id", "line", "text", "rule"])]
+    lines = [
+        {"line": r["line"], "rule": r["rule"], "text": r["text"]}
+        for r in _rows(artifact.path / "removed_lines", [doc_id], ["id", "line", "text", "rule"])
+    ]
     removed = _rows(artifact.path / "removed", [doc_id], ["id", "rule", "value", "threshold", "detail"])
     if removed:
         r = removed[0]
-        return {"ref": artifact.ref, "outcome": "removed", "rule": r["rule"], "value": r["value"],
-                "threshold": r["threshold"], "detail": r.get("detail") or "", "removed_lines": lines}
+        return {
+            "ref": artifact.ref,
+            "outcome": "removed",
+            "rule": r["rule"],
+            "value": r["value"],
+            "threshold": r["threshold"],
+            "detail": r.get("detail") or "",
+            "removed_lines": lines,
+        }
     kept = _rows(artifact.path / "shards", [doc_id], ["id", "text"])
-    return {"ref": artifact.ref, "outcome": "kept" if kept else "absent",
-            "chars": len(kept[0]["text"] or "") if kept else 0, "removed_lines": lines}
+    return {
+        "ref": artifact.ref,
+        "outcome": "kept" if kept else "absent",
+        "chars": len(kept[0]["text"] or "") if kept else 0,
+        "removed_lines": lines,
+    }
 
 
 def format_audit(report: dict) -> str:
@@ -160,22 +198,27 @@ def format_audit(report: dict) -> str:
         if doc["chunk"] is not None:
             where += f", chunk {doc['chunk']}"
         out.append(f"{doc['id']}")
-        out.append(f"  download   {_short(doc['download']['ref'])}: found ({where}; {doc['download']['chars']:,} chars)")
+        out.append(
+            f"  download   {_short(doc['download']['ref'])}: found ({where}; {doc['download']['chars']:,} chars)"
+        )
         for path in doc["paths"]:
             n = path["normalize"]
             if n is None:
                 out.append("  normalize  (not built from this download)")
                 continue
-            out.append(f"  normalize  {_short(n['ref'])}: {'changed' if n['changed'] else 'unchanged'}"
-                       f" ({n['chars']:,} chars)")
+            out.append(
+                f"  normalize  {_short(n['ref'])}: {'changed' if n['changed'] else 'unchanged'} ({n['chars']:,} chars)"
+            )
             f = path["filter"]
             if f is None:
                 out.append("  filter     (not built)")
                 continue
             if f["outcome"] == "removed":
                 detail = f" [{f['detail']}]" if f["detail"] else ""
-                out.append(f"  filter     {_short(f['ref'])}: REMOVED by {f['rule']}{detail} "
-                           f"(value {f['value']:.4g}, threshold {f['threshold']:.4g})")
+                out.append(
+                    f"  filter     {_short(f['ref'])}: REMOVED by {f['rule']}{detail} "
+                    f"(value {f['value']:.4g}, threshold {f['threshold']:.4g})"
+                )
             else:
                 out.append(f"  filter     {_short(f['ref'])}: {f['outcome']}")
             for line in f["removed_lines"][:20]:
@@ -189,12 +232,16 @@ def format_audit(report: dict) -> str:
                 elif d["outcome"] == "kept":
                     out.append(f"  dedup      {_short(d['ref'])}: kept")
                 else:
-                    out.append(f"  dedup      {_short(d['ref'])}: DROPPED as a duplicate ({d['kind']}) of {d['kept_id']}"
-                               + (f" (Jaccard {d['jaccard']})" if d.get("jaccard") is not None else ""))
+                    out.append(
+                        f"  dedup      {_short(d['ref'])}: DROPPED as a duplicate ({d['kind']}) of {d['kept_id']}"
+                        + (f" (Jaccard {d['jaccard']})" if d.get("jaccard") is not None else "")
+                    )
         for run in doc["runs"]:
-            out.append(f"  run        {run['name']} at {run['created']} UTC ({run['file']}"
-                       + (f", flow run {run['flow_run_id']}" if run["flow_run_id"] else "")
-                       + f") used its {', '.join(run['stages'])} artifacts")
+            out.append(
+                f"  run        {run['name']} at {run['created']} UTC ({run['file']}"
+                + (f", flow run {run['flow_run_id']}" if run["flow_run_id"] else "")
+                + f") used its {', '.join(run['stages'])} artifacts"
+            )
         if not doc["runs"]:
             out.append("  run        (no recorded pipeline run used these artifacts)")
     return "\n".join(out)

@@ -80,28 +80,41 @@ def stage_card(outcome: Outcome, stages: list[str], ui_url: str | None = None) -
     took = made.get("seconds")
     if outcome.cached:
         status = "cached"
-        head = (f"**Cached**: found complete in the store, made by run {run_link(made, ui_url)} on "
-                f"{_when(made.get('created'))}" + (f" in {took:.1f} s" if took is not None else "") + ".")
+        head = (
+            f"**Cached**: found complete in the store, made by run {run_link(made, ui_url)} on "
+            f"{_when(made.get('created'))}" + (f" in {took:.1f} s" if took is not None else "") + "."
+        )
     else:
         status = f"ran in {outcome.seconds:.1f} s"
         head = f"**Ran** in {outcome.seconds:.1f} s in this run."
     short_ref = outcome.ref[: len(outcome.stage) + 13]
-    lines = [f"## {outcome.stage} · stage {position(outcome.stage, stages)}", "",
-             head + f" Artifact `{short_ref}` (`ember show {short_ref}`).", ""]
+    lines = [
+        f"## {outcome.stage} · stage {position(outcome.stage, stages)}",
+        "",
+        head + f" Artifact `{short_ref}` (`ember show {short_ref}`).",
+        "",
+    ]
     if not outcome.report:
         lines.append("_This artifact was made before stages kept their report; see the run above._")
     lines += report_lines(outcome.report)
-    return (f"Stage {position(outcome.stage, stages)}: {outcome.stage}, {status}",
-            embed_images("\n".join(lines).rstrip() + "\n", outcome.path))
+    return (
+        f"Stage {position(outcome.stage, stages)}: {outcome.stage}, {status}",
+        embed_images("\n".join(lines).rstrip() + "\n", outcome.path),
+    )
 
 
 def failed_card(stage: str, error: BaseException, report: list[dict], stages: list[str]) -> tuple[str, str]:
     """(description, markdown) of the card of a stage that failed: the error, and what it had
     reported until then. Nothing of it is in the store (a crash leaves no artifact)."""
-    lines = [f"## {stage} · stage {position(stage, stages)}", "",
-             f"**Failed**: `{type(error).__name__}: {str(error)[:2000]}`", "",
-             "The run's log has the traceback. Nothing was written to the store; run again to retry"
-             " (training resumes from its last checkpoint).", ""]
+    lines = [
+        f"## {stage} · stage {position(stage, stages)}",
+        "",
+        f"**Failed**: `{type(error).__name__}: {str(error)[:2000]}`",
+        "",
+        "The run's log has the traceback. Nothing was written to the store; run again to retry"
+        " (training resumes from its last checkpoint).",
+        "",
+    ]
     lines += report_lines(report)
     return f"Stage {position(stage, stages)}: {stage}, failed", "\n".join(lines).rstrip() + "\n"
 
@@ -114,9 +127,13 @@ def stages_table(outcomes: list[Outcome], ui_url: str | None = None) -> str:
         made = run_link(o.made_by, ui_url) if o.cached else "this run"
         lines.append(f"| {i} | {o.stage} | {result} | {o.seconds:.1f} | {made} | `{o.ref[: len(o.stage) + 13]}` |")
     ran = sum(not o.cached for o in outcomes)
-    head = (f"All {ran} stages ran." if ran == len(outcomes) else
-            f"All {len(outcomes)} stages were cached in the store: nothing changed." if ran == 0 else
-            f"{ran} stages ran, {len(outcomes) - ran} were cached in the store.")
+    head = (
+        f"All {ran} stages ran."
+        if ran == len(outcomes)
+        else f"All {len(outcomes)} stages were cached in the store: nothing changed."
+        if ran == 0
+        else f"{ran} stages ran, {len(outcomes) - ran} were cached in the store."
+    )
     return head + "\n\n" + "\n".join(lines) + "\n"
 
 
@@ -129,6 +146,8 @@ def release_markdown(release: str, reason: str, latest: Path, demo_url: str, sto
         head = f"**{reason}**\n\nStill published: {latest.resolve().name}, in `{latest.resolve()}`"
     else:
         return f"**{reason}**"
-    return (f"{head}\n\n**Demo:** [{demo_url}]({demo_url}), which serves `releases/latest` once started: "
-            f"`prefect deployment run 'ember-demo/demo'` (with `make serve` running) or "
-            f"`ember demo --store {store_root}`")
+    return (
+        f"{head}\n\n**Demo:** [{demo_url}]({demo_url}), which serves `releases/latest` once started: "
+        f"`prefect deployment run 'ember-demo/demo'` (with `make serve` running) or "
+        f"`ember demo --store {store_root}`"
+    )

@@ -8,11 +8,11 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
 from importlib import metadata
 from pathlib import Path
-from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -40,15 +40,23 @@ def _print_version(value: bool) -> None:
 
 
 @app.callback()
-def main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
-                                      help="print Ember's version and exit")) -> None:
+def main(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="print Ember's version and exit"
+    ),
+) -> None:
     """`ember`: run the pipeline, look into the store, launch the demo."""
 
-StoreOption = typer.Option(None, "--store", metavar="FOLDER|URL",
-                           help="store folder or URL, e.g. s3://bucket/ember (default: $EMBER_HOME, else .ember/)")
+
+StoreOption = typer.Option(
+    None,
+    "--store",
+    metavar="FOLDER|URL",
+    help="store folder or URL, e.g. s3://bucket/ember (default: $EMBER_HOME, else .ember/)",
+)
 
 
-def _store(root: Optional[str]) -> Store:
+def _store(root: str | None) -> Store:
     return open_store(root or default_root())
 
 
@@ -68,15 +76,21 @@ def _size(n: int) -> str:
 @app.command()
 def run(
     config_path: Path = typer.Argument(..., metavar="CONFIG", help="pipeline YAML, e.g. configs/sample.yaml"),
-    force: list[StageChoice] = typer.Option([], "--force", metavar="STAGE",
-                                            help=f"rerun this stage even if cached (repeatable); {STAGES_HELP}"),
-    from_stage: Optional[StageChoice] = typer.Option(None, "--from", metavar="STAGE",
-                                                     help=f"rerun this stage and every stage after it; {STAGES_HELP}"),
-    retrain: bool = typer.Option(False, "--retrain", help="run as the retrain deployment does: warm start from "
-                                                           "the published release, publish only through the gate"),
-    force_publish: bool = typer.Option(False, "--force-publish",
-                                       help="publish even if the model is not better than the published one"),
-    store: Optional[str] = StoreOption,
+    force: list[StageChoice] = typer.Option(
+        [], "--force", metavar="STAGE", help=f"rerun this stage even if cached (repeatable); {STAGES_HELP}"
+    ),
+    from_stage: StageChoice | None = typer.Option(
+        None, "--from", metavar="STAGE", help=f"rerun this stage and every stage after it; {STAGES_HELP}"
+    ),
+    retrain: bool = typer.Option(
+        False,
+        "--retrain",
+        help="run as the retrain deployment does: warm start from the published release, publish only through the gate",
+    ),
+    force_publish: bool = typer.Option(
+        False, "--force-publish", help="publish even if the model is not better than the published one"
+    ),
+    store: str | None = StoreOption,
 ) -> None:
     """Run every stage of the pipeline; unchanged stages are cache hits."""
     from ember.tasks.download import SourceError, preflight
@@ -101,9 +115,13 @@ def run(
     started = time.monotonic()
     try:
         with live_progress():
-            summary = build_llm(config, force=[stage.value for stage in force] or None,
-                                from_stage=from_stage.value if from_stage else None,
-                                store_root=str(store) if store else None, purpose=purpose)
+            summary = build_llm(
+                config,
+                force=[stage.value for stage in force] or None,
+                from_stage=from_stage.value if from_stage else None,
+                store_root=str(store) if store else None,
+                purpose=purpose,
+            )
     except Exception as err:  # the flow's log has the traceback; the terminal gets the reason
         _fail(f"{type(err).__name__}: {err}", code=1)
 
@@ -136,10 +154,13 @@ def show_config(config_path: Path = typer.Argument(..., metavar="CONFIG", help="
 
 
 @app.command()
-def watch(config_path: Path = typer.Argument(..., metavar="CONFIG", help="pipeline YAML"),
-          every: Optional[float] = typer.Option(None, min=0.1, help="seconds between checks "
-                                                "(default: the config's schedule.watch_seconds)"),
-          store: Optional[str] = StoreOption) -> None:
+def watch(
+    config_path: Path = typer.Argument(..., metavar="CONFIG", help="pipeline YAML"),
+    every: float | None = typer.Option(
+        None, min=0.1, help="seconds between checks (default: the config's schedule.watch_seconds)"
+    ),
+    store: str | None = StoreOption,
+) -> None:
     """Watch a config's sources and emit `ember.corpus.changed` when they change, until Ctrl-C
     (what `make serve` does in a thread; for workers deployed from prefect.yaml)."""
     from ember.flows.watch import watch_sources
@@ -165,34 +186,52 @@ def live_progress() -> Iterator[None]:
     """A live bar with an ETA for each long step of a stage (what its `ctx.report.progress` says),
     drawn on the console Prefect logs to, so log lines scroll above the bars; the progress log
     lines themselves stay out of the terminal (they still reach the run log)."""
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
     from prefect.logging import configuration
-    from rich.default_styles import DEFAULT_STYLES
-    from rich.theme import Theme
     from prefect.logging.handlers import PrefectConsoleHandler
+    from rich.default_styles import DEFAULT_STYLES
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.theme import Theme
 
     from ember.flows.prefect_stage import PROGRESS_LISTENERS
 
     # Prefect configures its logging lazily; its console handlers exist once it has.
     if not configuration.PROCESS_LOGGING_CONFIG:
         configuration.setup_logging()
-    loggers = [logging.getLogger()] + [logger for logger in logging.root.manager.loggerDict.values()
-                                       if isinstance(logger, logging.Logger)]
-    handlers = list({id(h): h for logger in loggers for h in logger.handlers
-                     if isinstance(h, PrefectConsoleHandler)}.values())
+    loggers = [logging.getLogger()] + [
+        logger for logger in logging.root.manager.loggerDict.values() if isinstance(logger, logging.Logger)
+    ]
+    handlers = list(
+        {id(h): h for logger in loggers for h in logger.handlers if isinstance(h, PrefectConsoleHandler)}.values()
+    )
     shared = handlers[0].console if handlers else err_console
     for handler in handlers:
         handler.console = shared  # one console: a log line printed while the bars are live goes above them
     # Prefect's console has a theme of its own, without the bars' styles: lend it rich's.
-    shared.push_theme(Theme({name: style for name, style in DEFAULT_STYLES.items()
-                             if name.startswith(("bar.", "progress."))}))
+    shared.push_theme(
+        Theme({name: style for name, style in DEFAULT_STYLES.items() if name.startswith(("bar.", "progress."))})
+    )
 
     def not_progress(record: logging.LogRecord) -> bool:
         return not getattr(record, "ember_progress", False)
 
-    bars = Progress(TextColumn("{task.description:<34}"), BarColumn(), TaskProgressColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=shared)
+    bars = Progress(
+        TextColumn("{task.description:<34}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=shared,
+    )
     tasks: dict[tuple[str, str], int] = {}
     lock = threading.Lock()
 
@@ -216,7 +255,9 @@ def live_progress() -> Iterator[None]:
 
 
 @app.command("ls")
-def list_artifacts(stage: Optional[str] = typer.Option(None, help="only this stage"), store: Optional[str] = StoreOption) -> None:
+def list_artifacts(
+    stage: str | None = typer.Option(None, help="only this stage"), store: str | None = StoreOption
+) -> None:
     """List complete artifacts in the store, oldest first."""
     s = _store(store)
     table = Table(title=f"artifacts in {s.location}")
@@ -224,15 +265,21 @@ def list_artifacts(stage: Optional[str] = typer.Option(None, help="only this sta
         table.add_column(column)
     for artifact in s.ls(stage):
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(artifact.manifest.get("created", 0)))
-        table.add_row(artifact.ref[: len(artifact.stage) + 13], created, _size(artifact.size),
-                      f"{artifact.manifest.get('seconds', 0):.1f}")
+        table.add_row(
+            artifact.ref[: len(artifact.stage) + 13],
+            created,
+            _size(artifact.size),
+            f"{artifact.manifest.get('seconds', 0):.1f}",
+        )
     console.print(table)
 
 
 @app.command()
-def show(ref: str = typer.Argument(..., help="a ref or key prefix, as `ember ls` prints"),
-         as_json: bool = typer.Option(False, "--json", help="the whole manifest as JSON, report included"),
-         store: Optional[str] = StoreOption) -> None:
+def show(
+    ref: str = typer.Argument(..., help="a ref or key prefix, as `ember ls` prints"),
+    as_json: bool = typer.Option(False, "--json", help="the whole manifest as JSON, report included"),
+    store: str | None = StoreOption,
+) -> None:
     """Print an artifact's manifest (inputs, params, metrics, files), then the report its stage gave."""
     from rich.markdown import Markdown
 
@@ -256,10 +303,11 @@ def show(ref: str = typer.Argument(..., help="a ref or key prefix, as `ember ls`
 def audit_document(
     doc_id: str = typer.Argument(..., help="a document id (`source/file:record`, with or without `#chunkN`)"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
-    store: Optional[str] = StoreOption,
+    store: str | None = StoreOption,
 ) -> None:
     """Tell what happened to a document: download, normalize, filter (rule), dedup, and which runs."""
-    from ember.flows.audit import audit_document as audit, format_audit
+    from ember.flows.audit import audit_document as audit
+    from ember.flows.audit import format_audit
 
     report = audit(_store(store), doc_id)
     if as_json:
@@ -271,7 +319,7 @@ def audit_document(
 
 
 @app.command()
-def verify(store: Optional[str] = StoreOption) -> None:
+def verify(store: str | None = StoreOption) -> None:
     """Check every artifact's files against the sizes and checksums in its manifest."""
     s = _store(store)
     problems = s.verify()
@@ -283,8 +331,10 @@ def verify(store: Optional[str] = StoreOption) -> None:
 
 
 @app.command()
-def gc(dry_run: bool = typer.Option(False, "--dry-run", help="only list what would be deleted"),
-       store: Optional[str] = StoreOption) -> None:
+def gc(
+    dry_run: bool = typer.Option(False, "--dry-run", help="only list what would be deleted"),
+    store: str | None = StoreOption,
+) -> None:
     """Delete artifacts that no recent run or release uses, and leftovers of crashed runs."""
     removed = _store(store).gc(dry_run=dry_run)
     verb = "would delete" if dry_run else "deleted"
@@ -294,7 +344,7 @@ def gc(dry_run: bool = typer.Option(False, "--dry-run", help="only list what wou
 
 
 @app.command()
-def releases(store: Optional[str] = StoreOption) -> None:
+def releases(store: str | None = StoreOption) -> None:
     """List published releases with their eval figures; the one `latest` points to is marked."""
     from ember.storage.releases import list_releases
 
@@ -305,32 +355,43 @@ def releases(store: Optional[str] = StoreOption) -> None:
         return
     table = Table(title=f"releases in {s.releases_dir}")
     for column in ("version", "created (UTC)", "bits/byte", "val loss", "int8 bpb", "tokens", "size", "latest"):
-        table.add_column(column, no_wrap=True,
-                         justify="left" if column in ("version", "created (UTC)", "latest") else "right")
+        table.add_column(
+            column, no_wrap=True, justify="left" if column in ("version", "created (UTC)", "latest") else "right"
+        )
 
     def fig(value, digits=4):
         return "n/a" if value is None else f"{value:.{digits}f}"
 
     for row in rows:
-        table.add_row(row["version"], row["created"].replace("T", " ")[:16], fig(row["bpb"]), fig(row["val_loss"]),
-                      fig(row["int8_bpb"]), f"{row['tokens'] or 0:,}", _size(row["size_bytes"]),
-                      "[bold green]← latest[/]" if row["latest"] else "")
+        table.add_row(
+            row["version"],
+            row["created"].replace("T", " ")[:16],
+            fig(row["bpb"]),
+            fig(row["val_loss"]),
+            fig(row["int8_bpb"]),
+            f"{row['tokens'] or 0:,}",
+            _size(row["size_bytes"]),
+            "[bold green]← latest[/]" if row["latest"] else "",
+        )
     console.print(table)
 
 
 @app.command()
 def publish(
-    version: Optional[str] = typer.Argument(None, metavar="[VERSION]", help="release to point latest at"),
-    rollback: bool = typer.Option(False, "--rollback", help="point latest back: to VERSION, default the one "
-                                                             "before the current latest"),
-    store: Optional[str] = StoreOption,
+    version: str | None = typer.Argument(None, metavar="[VERSION]", help="release to point latest at"),
+    rollback: bool = typer.Option(
+        False, "--rollback", help="point latest back: to VERSION, default the one before the current latest"
+    ),
+    store: str | None = StoreOption,
 ) -> None:
     """Point `latest` at another release (`--rollback [VERSION]`); `ember run` publishes new ones."""
     from ember.storage.releases import rollback as point_back
 
     if not rollback and version is None:
-        _fail("nothing to do: `ember publish --rollback [VERSION]` points latest back; "
-              "`ember run CONFIG` publishes a new release")
+        _fail(
+            "nothing to do: `ember publish --rollback [VERSION]` points latest back; "
+            "`ember run CONFIG` publishes a new release"
+        )
     s = _store(store)
     try:
         with s.releases_lock():
@@ -346,11 +407,12 @@ def demo(
     release: str = typer.Option("latest", help="release version to serve"),
     host: str = typer.Option("127.0.0.1", help="address to bind; 0.0.0.0 exposes it to your network"),
     port: int = typer.Option(7860),
-    auth: Optional[str] = typer.Option(None, "--auth", metavar="USER:PASSWORD",
-                                       help="require this login (default: $EMBER_DEMO_AUTH, else none)"),
+    auth: str | None = typer.Option(
+        None, "--auth", metavar="USER:PASSWORD", help="require this login (default: $EMBER_DEMO_AUTH, else none)"
+    ),
     concurrency: int = typer.Option(1, min=1, help="generations running at once; others wait in the queue"),
     share: bool = typer.Option(False, "--share", help="ask Gradio for a public link (off by default)"),
-    store: Optional[str] = StoreOption,
+    store: str | None = StoreOption,
 ) -> None:
     """Launch the Gradio demo on a published release."""
     from ember.deployments.app import AUTH_ENV, launch, parse_auth
@@ -364,8 +426,7 @@ def demo(
     s = _store(store)
     releases_dir = s.sync_releases()
     s.follow_releases()
-    launch(releases_dir, release=release, host=host, port=port, share=share, auth=login,
-           concurrency=concurrency)
+    launch(releases_dir, release=release, host=host, port=port, share=share, auth=login, concurrency=concurrency)
 
 
 if __name__ == "__main__":

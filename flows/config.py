@@ -33,7 +33,6 @@ from ember.tasks.tokenize import TokenizeConfig
 from ember.tasks.train import TrainConfig
 from ember.tasks.train_tokenizer import TokenizerConfig
 
-
 # An unknown key with no close match lists the valid keys at its level when there are at most this many.
 MAX_LISTED_KEYS = 8
 
@@ -45,9 +44,14 @@ class ConfigError(ValueError):
 class StoreConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    root: str | None = Field(None, description=f"store folder, or a URL fsspec opens (s3://bucket/ember); default "
-                                               f"${ROOT_ENV} or {DEFAULT_ROOT}/ in the working directory")
-    lock_timeout_s: float = Field(3600.0, gt=0, description="how long a run waits for another run writing the same artifact")
+    root: str | None = Field(
+        None,
+        description=f"store folder, or a URL fsspec opens (s3://bucket/ember); default "
+        f"${ROOT_ENV} or {DEFAULT_ROOT}/ in the working directory",
+    )
+    lock_timeout_s: float = Field(
+        3600.0, gt=0, description="how long a run waits for another run writing the same artifact"
+    )
 
 
 class ScheduleConfig(BaseModel):
@@ -55,11 +59,14 @@ class ScheduleConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    cron: str | None = Field("0 3 * * *", description="retrain on this cron schedule (default nightly, 03:00); null = none")
+    cron: str | None = Field(
+        "0 3 * * *", description="retrain on this cron schedule (default nightly, 03:00); null = none"
+    )
     timezone: str = Field("UTC", description="the cron schedule's time zone (IANA name)")
     interval_seconds: float | None = Field(None, gt=0, description="also retrain every N seconds (tests, demos)")
     watch_seconds: float | None = Field(
-        600, gt=0, description="check the sources this often and retrain when they changed; null = no watcher")
+        600, gt=0, description="check the sources this often and retrain when they changed; null = no watcher"
+    )
 
     @field_validator("cron")
     @classmethod
@@ -87,15 +94,19 @@ class RunnerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: Literal["sequential", "processes", "dask"] = Field(
-        "sequential", description="sequential: one after the other in the flow's process; processes: a local "
-        "process pool (Prefect's ProcessPoolTaskRunner); dask: a Dask cluster (prefect-dask's DaskTaskRunner)")
+        "sequential",
+        description="sequential: one after the other in the flow's process; processes: a local "
+        "process pool (Prefect's ProcessPoolTaskRunner); dask: a Dask cluster (prefect-dask's DaskTaskRunner)",
+    )
     workers: int = Field(2, ge=1, description="units running at once (pool processes; Dask workers without an address)")
     address: str | None = Field(
-        None, description="dask only: a scheduler address such as tcp://10.0.0.5:8786; null = a local cluster "
-        "of `workers` single-threaded processes, started for each stage that needs it")
+        None,
+        description="dask only: a scheduler address such as tcp://10.0.0.5:8786; null = a local cluster "
+        "of `workers` single-threaded processes, started for each stage that needs it",
+    )
 
     @model_validator(mode="after")
-    def _address_needs_dask(self) -> "RunnerConfig":
+    def _address_needs_dask(self) -> RunnerConfig:
         if self.address and self.kind != "dask":
             raise ValueError(f"address is for kind dask, not {self.kind}")
         return self
@@ -132,7 +143,7 @@ class PipelineConfig(BaseModel):
         location = str(override or os.environ.get(ROOT_ENV) or self.store.root or DEFAULT_ROOT)
         return location if is_url(location) else str(Path(location).absolute())
 
-    def pinned(self) -> "PipelineConfig":
+    def pinned(self) -> PipelineConfig:
         """This config with `store.root` resolved here ($EMBER_HOME, the config's, or .ember/ in
         this directory): what a run started elsewhere (a subprocess, a worker) must be given."""
         return self.model_copy(update={"store": self.store.model_copy(update={"root": self.store_root()})})
@@ -208,7 +219,7 @@ def _suggestion(key: str, models: list[type[BaseModel]]) -> str:
         for name, description in fields.items():
             text = _words(description)
             for start in range(len(text) - len(words) + 1):
-                window = " ".join(text[start:start + len(words)])
+                window = " ".join(text[start : start + len(words)])
                 score = (round(difflib.SequenceMatcher(None, phrase, window).ratio(), 2), len(words) / len(text))
                 if score[0] >= 0.85 and (best is None or score > best[0]):
                     best = (score, name)

@@ -16,8 +16,8 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.runtime import flow_run
 
-from ember.flows.config import PipelineConfig
 from ember.flows.cards import release_markdown, stages_table
+from ember.flows.config import PipelineConfig
 from ember.flows.prefect_stage import UnitMap, artifact_key, stage_task, ui_url
 from ember.storage.releases import LATEST, RELEASE_JSON, WEIGHTS, pick_release
 from ember.storage.store import file_sha256
@@ -35,7 +35,7 @@ def stages_to_force(force: list[str] | None, from_stage: str | None) -> set[str]
     """The stages a run rebuilds. The names are checked before: the flow's parameters are `StageName`s."""
     forced = set(force or [])
     if from_stage:
-        forced.update(STAGE_NAMES[STAGE_NAMES.index(from_stage):])
+        forced.update(STAGE_NAMES[STAGE_NAMES.index(from_stage) :])
     return forced
 
 
@@ -82,8 +82,12 @@ Purpose = Literal["build", "retrain"]
 def retrain_config(config: PipelineConfig) -> PipelineConfig:
     """The config a retrain runs: training warm-starts from the published release when it can,
     and the new model is published only if the gate finds it better (never forced)."""
-    return config.model_copy(update={"train": config.train.model_copy(update={"warm_start": True}),
-                                     "publish": config.publish.model_copy(update={"force": False})})
+    return config.model_copy(
+        update={
+            "train": config.train.model_copy(update={"warm_start": True}),
+            "publish": config.publish.model_copy(update={"force": False}),
+        }
+    )
 
 
 def run_name(purpose: str, config: PipelineConfig) -> str:
@@ -99,8 +103,13 @@ def _run_name() -> str:
 
 
 @flow(name="build-llm", flow_run_name=_run_name, persist_result=False)
-def build_llm(config: PipelineConfig, force: list[StageName] | None = None, from_stage: StageName | None = None,
-              store_root: str | None = None, purpose: Purpose = "build") -> dict:
+def build_llm(
+    config: PipelineConfig,
+    force: list[StageName] | None = None,
+    from_stage: StageName | None = None,
+    store_root: str | None = None,
+    purpose: Purpose = "build",
+) -> dict:
     """Raw text to a published model. Returns each stage's ref, whether it was cached, and the release.
 
     `force` reruns the stages named, `from_stage` a stage and every one after it (the UI offers the
@@ -119,8 +128,9 @@ def build_llm(config: PipelineConfig, force: list[StageName] | None = None, from
     outcomes: dict[str, Outcome] = {}
     mapper = UnitMap(config.runner.kind, config.runner.workers, config.runner.address, store=store)
     # One progress card for the whole run: the stage under way and how far it is.
-    progress_id = create_progress_artifact(0.0, key=artifact_key(config.name, "progress"),
-                                           description=f"Stage 1 of {len(STAGES)}: starting")
+    progress_id = create_progress_artifact(
+        0.0, key=artifact_key(config.name, "progress"), description=f"Stage 1 of {len(STAGES)}: starting"
+    )
 
     for stage in STAGES:
         cfg, identity, resources = getattr(config, stage.name), None, None
@@ -131,10 +141,20 @@ def build_llm(config: PipelineConfig, force: list[StageName] | None = None, from
             # the key) and its folder (what the stage reads).
             cfg, identity, release = plan_warm_start(cfg, store.sync_releases(), outcomes["tokenize"].ref)
             resources = {"warm_start": release} if release else None
-        state = stage_task(store, stage, cfg, {name: outcomes[name].ref for name in stage.inputs},
-                           force=stage.name in forced, identity=identity, artifact_prefix=config.name,
-                           mapper=mapper, resources=resources, stages=STAGE_NAMES, progress_id=progress_id,
-                           return_state=True)
+        state = stage_task(
+            store,
+            stage,
+            cfg,
+            {name: outcomes[name].ref for name in stage.inputs},
+            force=stage.name in forced,
+            identity=identity,
+            artifact_prefix=config.name,
+            mapper=mapper,
+            resources=resources,
+            stages=STAGE_NAMES,
+            progress_id=progress_id,
+            return_state=True,
+        )
         outcome: Outcome = state.result()
         outcomes[stage.name] = outcome
         how = "cache hit" if outcome.cached else f"ran in {outcome.seconds:.1f}s"
@@ -145,8 +165,9 @@ def build_llm(config: PipelineConfig, force: list[StageName] | None = None, from
     published = outcomes["publish"].metrics
     release = published.get("path", "")
     ran = sum(not o.cached for o in outcomes.values())
-    update_progress_artifact(progress_id, progress=100.0,
-                             description=f"All {len(STAGES)} stages done: {ran} ran, {len(STAGES) - ran} cached")
+    update_progress_artifact(
+        progress_id, progress=100.0, description=f"All {len(STAGES)} stages done: {ran} ran, {len(STAGES) - ran} cached"
+    )
     create_markdown_artifact(
         key=artifact_key(config.name, "stages"),
         markdown=stages_table(list(outcomes.values()), ui_url()),
@@ -154,14 +175,16 @@ def build_llm(config: PipelineConfig, force: list[StageName] | None = None, from
     )
     create_markdown_artifact(
         key=artifact_key(config.name, "release"),
-        markdown=release_markdown(release, published.get("reason", "not published"),
-                                  store.releases_dir / LATEST, DEMO_URL, store.location),
+        markdown=release_markdown(
+            release, published.get("reason", "not published"), store.releases_dir / LATEST, DEMO_URL, store.location
+        ),
         description="The published model and how to try it",
     )
     return {
         "store": store.location,
         "release": release,
         "not_published": "" if release else published.get("reason", "not published"),
-        "stages": [{"stage": name, "cached": o.cached, "seconds": o.seconds, "ref": o.ref}
-                   for name, o in outcomes.items()],
+        "stages": [
+            {"stage": name, "cached": o.cached, "seconds": o.seconds, "ref": o.ref} for name, o in outcomes.items()
+        ],
     }

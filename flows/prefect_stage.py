@@ -16,8 +16,9 @@ import secrets
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 from uuid import UUID
 
 import cloudpickle
@@ -76,8 +77,13 @@ class PrefectReporter(Reporter):
         if self.progress_id is None or (pct < 100 and now - self._last_update < self.ARTIFACT_EVERY_S):
             return
         self._last_update = now
-        self._in_task(update_progress_artifact, self.progress_id, progress=pct,
-                      description=f"Stage {self.position}: {what}, {pct:.0f}%")
+        self._in_task(
+            update_progress_artifact,
+            self.progress_id,
+            progress=pct,
+            description=f"Stage {self.position}: {what}, {pct:.0f}%",
+        )
+
 
 def unit_run_name(name: str, item: Any, index: int) -> str:
     """`name-<item>` for a unit's task run: a file's name for a path, the value for a short scalar,
@@ -115,8 +121,9 @@ class UnitMap:
     stage's first map and `stage_task` closes it when the stage ends, failed or not.
     """
 
-    def __init__(self, kind: str = "sequential", workers: int = 2, address: str | None = None,
-                 store: Store | None = None):
+    def __init__(
+        self, kind: str = "sequential", workers: int = 2, address: str | None = None, store: Store | None = None
+    ):
         if kind not in ("sequential", "processes", "dask"):
             raise ValueError(f"runner.kind: unknown kind {kind!r}")
         self.kind, self.workers, self.address = kind, workers, address
@@ -136,9 +143,18 @@ class UnitMap:
             else:
                 from prefect_dask import DaskTaskRunner
 
-                runner = (DaskTaskRunner(address=self.address) if self.address else DaskTaskRunner(
-                    cluster_kwargs={"n_workers": self.workers, "threads_per_worker": 1, "processes": True,
-                                    "dashboard_address": None}))
+                runner = (
+                    DaskTaskRunner(address=self.address)
+                    if self.address
+                    else DaskTaskRunner(
+                        cluster_kwargs={
+                            "n_workers": self.workers,
+                            "threads_per_worker": 1,
+                            "processes": True,
+                            "dashboard_address": None,
+                        }
+                    )
+                )
             self._runner = runner.__enter__()
         return self._runner
 
@@ -162,8 +178,12 @@ class UnitMap:
         try:
             cloudpickle.dumps(fn)
         except Exception as err:  # a closure over the stage's context breaks the ctx.map contract
-            logging.getLogger("ember").warning("%s: its units cannot go to other processes (%s: %s); running them "
-                                               "here, one after the other", name, type(err).__name__, err)
+            logging.getLogger("ember").warning(
+                "%s: its units cannot go to other processes (%s: %s); running them here, one after the other",
+                name,
+                type(err).__name__,
+                err,
+            )
             return prefect_map(fn, items, name)
         runner = self._started()
         folders: set[str] = set()
@@ -178,8 +198,9 @@ class UnitMap:
         for i, item in enumerate(items):
             if len(in_flight) >= self.workers:
                 results.append(in_flight.popleft().result())
-            in_flight.append(runner.submit(unit.with_options(task_run_name=unit_run_name(name, item, i)),
-                                           {"fn": fn, "item": item}))
+            in_flight.append(
+                runner.submit(unit.with_options(task_run_name=unit_run_name(name, item, i)), {"fn": fn, "item": item})
+            )
         results.extend(future.result() for future in in_flight)
         if self.store is not None:
             sync_down(self.store, folders, self._staging, self._sent)
@@ -200,10 +221,19 @@ def ui_url() -> str | None:
 
 
 @task(task_run_name=_task_run_name, cache_policy=NO_CACHE, persist_result=False)
-def stage_task(store: Store, stage: Stage, cfg: BaseModel | None, inputs: dict[str, str],
-               force: bool = False, identity: object = None, artifact_prefix: str = "ember",
-               mapper: Callable[..., list] = prefect_map, resources: dict[str, Path] | None = None,
-               stages: list[str] | None = None, progress_id: UUID | None = None):
+def stage_task(
+    store: Store,
+    stage: Stage,
+    cfg: BaseModel | None,
+    inputs: dict[str, str],
+    force: bool = False,
+    identity: object = None,
+    artifact_prefix: str = "ember",
+    mapper: Callable[..., list] = prefect_map,
+    resources: dict[str, Path] | None = None,
+    stages: list[str] | None = None,
+    progress_id: UUID | None = None,
+):
     """Run one stage through the store. Returns an `Outcome`; a hit ends in state "Cached".
 
     `mapper` runs the stage's units (`prefect_map`, or a `UnitMap` from the config's runner);
@@ -217,20 +247,34 @@ def stage_task(store: Store, stage: Stage, cfg: BaseModel | None, inputs: dict[s
     reporter = PrefectReporter(stage.name, progress_id, where)
     run_info = {"flow_run_id": str(flow_run.id or ""), "flow_run_name": flow_run.name or ""}
     try:
-        outcome: Outcome = run_stage(store, stage, cfg, inputs, force=force, reporter=reporter,
-                                     run_info=run_info, identity=identity, mapper=mapper, resources=resources)
+        outcome: Outcome = run_stage(
+            store,
+            stage,
+            cfg,
+            inputs,
+            force=force,
+            reporter=reporter,
+            run_info=run_info,
+            identity=identity,
+            mapper=mapper,
+            resources=resources,
+        )
     except Exception as err:
         description, markdown = failed_card(stage.name, err, reporter.report(), stages)
-        create_markdown_artifact(markdown=markdown, key=artifact_key(artifact_prefix, stage.name),
-                                 description=description)
+        create_markdown_artifact(
+            markdown=markdown, key=artifact_key(artifact_prefix, stage.name), description=description
+        )
         raise
     finally:
         if isinstance(mapper, UnitMap):
             mapper.close()
     reporter.finish()
     if progress_id is not None:
-        update_progress_artifact(progress_id, progress=100.0,
-                                 description=f"Stage {where}: {stage.name}, " + ("cached" if outcome.cached else "done"))
+        update_progress_artifact(
+            progress_id,
+            progress=100.0,
+            description=f"Stage {where}: {stage.name}, " + ("cached" if outcome.cached else "done"),
+        )
     description, markdown = stage_card(outcome, stages, ui_url())
     create_markdown_artifact(markdown=markdown, key=artifact_key(artifact_prefix, stage.name), description=description)
     if outcome.cached:

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ember.storage.objects import ObjectStore
 
@@ -43,7 +44,7 @@ def _rewrite(value: Any, old: str, new: str, seen: Callable[[str], None] | None 
     if isinstance(value, (str, Path)):
         text = str(value)
         if text == old or text.startswith(old + "/"):
-            rel = text[len(old) + 1:]
+            rel = text[len(old) + 1 :]
             if seen is not None:
                 seen(rel)
             moved = new + ("/" + rel if rel else "")
@@ -70,8 +71,15 @@ def folders_in(fn: Callable, items: list, root: str) -> set[str]:
 
 
 def _files(base: Path) -> dict[str, tuple[int, int]]:
-    return {p.relative_to(base).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in base.rglob("*") if p.is_file()} if base.is_dir() else {}
+    return (
+        {
+            p.relative_to(base).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in base.rglob("*")
+            if p.is_file()
+        }
+        if base.is_dir()
+        else {}
+    )
 
 
 def _push(store: ObjectStore, root: Path, folder: str, staging: str, since: dict[str, tuple[int, int]]) -> None:
@@ -85,7 +93,7 @@ def _pull(store: ObjectStore, root: Path, folder: str, staging: str) -> None:
     if not store.fs.exists(remote):
         return
     for path, info in store.fs.find(remote, detail=True).items():
-        rel = path[len(remote) + 1:]
+        rel = path[len(remote) + 1 :]
         target = root / folder / rel
         if not target.is_file() or target.stat().st_size != info["size"]:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -129,8 +137,9 @@ class Relocated:
 
         fn = self.fn
         if isinstance(fn, functools.partial):
-            fn = functools.partial(fn.func, *_rewrite(fn.args, self.origin, here, seen),
-                                   **_rewrite(fn.keywords, self.origin, here, seen))
+            fn = functools.partial(
+                fn.func, *_rewrite(fn.args, self.origin, here, seen), **_rewrite(fn.keywords, self.origin, here, seen)
+            )
         item = _rewrite(item, self.origin, here, seen)
         for ref in refs:
             store.require(ref)

@@ -52,12 +52,18 @@ def check_sources(config: PipelineConfig, store_root: str | Path | None = None) 
     elif changed:
         # Emitted before the new identity is recorded: if this process dies in between, the next
         # check sees the change again rather than never.
-        emit_event(event=EVENT,
-                   resource={"prefect.resource.id": resource_id(config.name), "prefect.resource.name": config.name},
-                   payload={"digest": digest, "previous_digest": previous.get("digest"),
-                            "sources": [entry.get("name") for entry in identity]})
-        log.info("%s's sources changed (%s -> %s): emitted %s", config.name, previous["digest"][:12],
-                 digest[:12], EVENT)
+        emit_event(
+            event=EVENT,
+            resource={"prefect.resource.id": resource_id(config.name), "prefect.resource.name": config.name},
+            payload={
+                "digest": digest,
+                "previous_digest": previous.get("digest"),
+                "sources": [entry.get("name") for entry in identity],
+            },
+        )
+        log.info(
+            "%s's sources changed (%s -> %s): emitted %s", config.name, previous["digest"][:12], digest[:12], EVENT
+        )
     else:
         log.info("%s's sources unchanged (%s)", config.name, digest[:12])
     if previous is None or changed:
@@ -66,8 +72,9 @@ def check_sources(config: PipelineConfig, store_root: str | Path | None = None) 
     return {"digest": digest, "changed": changed}
 
 
-def watch_sources(config: PipelineConfig, every_s: float, stop: threading.Event,
-                  store_root: str | Path | None = None) -> None:
+def watch_sources(
+    config: PipelineConfig, every_s: float, stop: threading.Event, store_root: str | Path | None = None
+) -> None:
     """`check_sources` every `every_s` seconds until `stop` is set. A failed check (a source folder
     gone for a moment, a server not reachable) is logged and tried again at the next one."""
     log.info("watching %s's sources every %g s", config.name, every_s)

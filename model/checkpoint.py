@@ -7,11 +7,12 @@ output projection reuses `tok_embeddings.weight` rather than holding a copy) and
 A training checkpoint is a folder `ckpt-<step>/` with the weights as safetensors and
 `state.pt` (optimizer state, RNG states, step, elapsed seconds, the training config, whatever
 the trainer adds; the data loader needs no state of its own because the trainer draws each
-step's batch from (seed, step) alone), written as `ckpt-<step>.tmp/` and renamed, so a folder named `ckpt-<step>` is always complete.
-`LATEST` then names it (os.replace), and older checkpoints are deleted last: after a crash at
-any point there is one complete checkpoint to resume from. `state.pt` is a torch pickle, but it
-only ever holds tensors, numbers, strings, lists and dicts, so it loads with
-`torch.load(weights_only=True)`, which refuses arbitrary objects.
+step's batch from (seed, step) alone), written as `ckpt-<step>.tmp/` and renamed, so a folder
+named `ckpt-<step>` is always complete. `LATEST` then names it (os.replace), and older
+checkpoints are deleted last: after a crash at any point there is one complete checkpoint to
+resume from. `state.pt` is a torch pickle, but it only ever holds tensors, numbers, strings,
+lists and dicts, so it loads with `torch.load(weights_only=True)`, which refuses arbitrary
+objects.
 """
 
 from __future__ import annotations
@@ -84,8 +85,15 @@ def _set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_checkpoint(work: Path | str, step: int, model: Transformer, optimizer: torch.optim.Optimizer,
-                    elapsed_s: float, extra: dict | None = None, config: dict | None = None) -> Path:
+def save_checkpoint(
+    work: Path | str,
+    step: int,
+    model: Transformer,
+    optimizer: torch.optim.Optimizer,
+    elapsed_s: float,
+    extra: dict | None = None,
+    config: dict | None = None,
+) -> Path:
     """Write `work/ckpt-<step>` atomically, point LATEST at it, delete older checkpoints.
 
     `model` is the plain module (not a DDP or torch.compile wrapper, whose parameter names
@@ -97,8 +105,14 @@ def save_checkpoint(work: Path | str, step: int, model: Transformer, optimizer: 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(_state_dict(model), tmp / WEIGHTS)
-    state = {"step": step, "elapsed_s": elapsed_s, "optimizer": optimizer.state_dict(),
-             "rng": _rng_states(), "config": config or {}, "extra": extra or {}}
+    state = {
+        "step": step,
+        "elapsed_s": elapsed_s,
+        "optimizer": optimizer.state_dict(),
+        "rng": _rng_states(),
+        "config": config or {},
+        "extra": extra or {},
+    }
     torch.save(state, tmp / STATE)
     if final.exists():  # the same step saved before a crash: the new one replaces it
         shutil.rmtree(final)
@@ -138,5 +152,10 @@ def load_checkpoint(work: Path | str, model: Transformer, optimizer: torch.optim
     state = torch.load(folder / STATE, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     _set_rng_states(state["rng"])
-    return {"step": state["step"], "elapsed_s": state["elapsed_s"], "config": state.get("config", {}),
-            "extra": state["extra"], "path": folder}
+    return {
+        "step": state["step"],
+        "elapsed_s": state["elapsed_s"],
+        "config": state.get("config", {}),
+        "extra": state["extra"],
+        "path": folder,
+    }

@@ -47,6 +47,7 @@ def use_decoding_layout(model: nn.Module) -> nn.Module:
     files. GPU weights are left alone (their kernels read either order at full speed).
     Returns `model`.
     """
+
     def on_cpu_float(w: torch.Tensor) -> bool:
         return w.device.type == "cpu" and w.is_floating_point() and w.dim() == 2
 
@@ -58,7 +59,7 @@ def use_decoding_layout(model: nn.Module) -> nn.Module:
         start = 0
         for lin in linears:
             width = lin.weight.size(0)
-            lin.weight.data = fused[:, start:start + width].t()  # a view: (out, in), column-major
+            lin.weight.data = fused[:, start : start + width].t()  # a view: (out, in), column-major
             start += width
             fused_linears.add(id(lin))
         return fused
@@ -70,7 +71,11 @@ def use_decoding_layout(model: nn.Module) -> nn.Module:
             module.wqkv_t = fuse((module.wq, module.wk, module.wv))
         elif hasattr(module, "w13_t"):
             module.w13_t = fuse((module.w1, module.w3))
-        elif (isinstance(module, (nn.Linear, nn.Embedding)) and id(module) not in fused_linears
-              and on_cpu_float(module.weight) and module.weight.size(0) >= module.weight.size(1)):
+        elif (
+            isinstance(module, (nn.Linear, nn.Embedding))
+            and id(module) not in fused_linears
+            and on_cpu_float(module.weight)
+            and module.weight.size(0) >= module.weight.size(1)
+        ):
             module.weight.data = module.weight.data.t().contiguous().t()
     return model

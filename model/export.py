@@ -97,8 +97,7 @@ def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
 def special_ids(model_dir: Path) -> dict[str, int]:
     """bos/eos/pad ids from the checkpoint's config.json ("tokenizer" section), else Ember's."""
     _, config = read_config(model_dir)
-    return {**SPECIAL_IDS, **{k: int(v) for k, v in config.get("tokenizer", {}).items()
-                                      if k in SPECIAL_IDS}}
+    return {**SPECIAL_IDS, **{k: int(v) for k, v in config.get("tokenizer", {}).items() if k in SPECIAL_IDS}}
 
 
 def hf_config(cfg: ModelConfig, ids: dict[str, int]) -> dict:
@@ -170,9 +169,11 @@ def permute_for_llama_cpp(weights: torch.Tensor, n_head: int) -> torch.Tensor:
     `LlamaModel.permute` of convert_hf_to_gguf.py, called as permute(q, n_head, n_head) and
     permute(k, n_head, n_kv_head), i.e. with the number of heads the matrix holds.
     """
-    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
-            .swapaxes(1, 2)
-            .reshape(weights.shape))
+    return (
+        weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
 
 
 def gguf_tensors(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
@@ -239,8 +240,9 @@ def gguf_vocab(tokenizer_dir: Path, vocab_size: int) -> tuple[list[str], list[in
     return tokens, [int(t) for t in types], merges
 
 
-def export_gguf(model_dir: Path, tokenizer_dir: Path, out_path: Path,
-                outtype: Literal["f32", "f16", "q8_0"] = "f16") -> Path:
+def export_gguf(
+    model_dir: Path, tokenizer_dir: Path, out_path: Path, outtype: Literal["f32", "f16", "q8_0"] = "f16"
+) -> Path:
     """Write a llama.cpp GGUF file (architecture "llama") of the checkpoint and its tokenizer."""
     if outtype not in GGUF_FILE_TYPES:
         raise ValueError(f"outtype must be one of {', '.join(GGUF_FILE_TYPES)}, got {outtype!r}")
@@ -252,8 +254,9 @@ def export_gguf(model_dir: Path, tokenizer_dir: Path, out_path: Path,
     tokens, token_types, merges = gguf_vocab(tokenizer_dir, cfg.vocab_size)
     for key in ("bos_id", "eos_id", "pad_id"):
         if token_types[ids[key]] != gguf.TokenType.CONTROL:
-            raise ValueError(f"{tokenizer_dir / 'tokenizer.json'}: {key} {ids[key]} ({tokens[ids[key]]!r}) "
-                             "is not a special token")
+            raise ValueError(
+                f"{tokenizer_dir / 'tokenizer.json'}: {key} {ids[key]} ({tokens[ids[key]]!r}) is not a special token"
+            )
 
     writer = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     writer.add_type(gguf.GGUFType.MODEL)

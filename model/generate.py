@@ -28,8 +28,9 @@ def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -
     return torch.where(seen, penalized, logits)
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                generator: torch.Generator) -> int:
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator
+) -> int:
     """One id from logits (V,). temperature <= 0 is greedy."""
     if temperature <= 0:
         return int(torch.argmax(logits))
@@ -48,9 +49,17 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
 
 
 @torch.inference_mode()
-def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.8,
-             top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
-             seed: int | None = None, repetition_penalty: float = 1.0) -> Iterator[int]:
+def generate(
+    model: Transformer,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    temperature: float = 0.8,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    seed: int | None = None,
+    repetition_penalty: float = 1.0,
+) -> Iterator[int]:
     """Yield up to `max_new_tokens` new ids; stop before yielding `eos_id`.
 
     temperature <= 0 is greedy; top_k keeps the k likeliest ids, top_p the smallest set whose
@@ -78,7 +87,7 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, tem
         logits, _ = model(torch.tensor([ids], device=device), kv_cache=cache, start_pos=0)
         return logits[0, -1]  # (V,)
 
-    ids = list(prompt_ids)[-(context - 1):] if context > 1 else list(prompt_ids)[-1:]
+    ids = list(prompt_ids)[-(context - 1) :] if context > 1 else list(prompt_ids)[-1:]
     logits = prefill(ids)
     pos = len(ids)
     step_input = torch.empty((1, 1), dtype=torch.long, device=device)  # reused: no allocation per token
@@ -94,7 +103,7 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, tem
             seen[next_id] = True
         if pos == context:
             # The cache is full: re-read the last half of the context and carry on from there.
-            ids = ids[-max(1, context // 2):]
+            ids = ids[-max(1, context // 2) :]
             logits = prefill(ids)
             pos = len(ids)
         else:
@@ -121,8 +130,9 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
     return longest
 
 
-def generate_text(model: Transformer, tokenizer: Any, prompt: str, max_new_tokens: int, *,
-                  stop: Iterable[str] = (), **sampling: Any) -> Iterator[str]:
+def generate_text(
+    model: Transformer, tokenizer: Any, prompt: str, max_new_tokens: int, *, stop: Iterable[str] = (), **sampling: Any
+) -> Iterator[str]:
     """Continue `prompt`, yielding the new text in pieces as it is generated (for streaming).
 
     `tokenizer` is Ember's `tokenizers.Tokenizer` (or a transformers tokenizer); `sampling` are
@@ -149,7 +159,7 @@ def generate_text(model: Transformer, tokenizer: Any, prompt: str, max_new_token
         hits = [i for i in (text.find(s, emitted) for s in stops) if i >= 0]
         if hits:
             if min(hits) > emitted:
-                yield text[emitted:min(hits)]
+                yield text[emitted : min(hits)]
             return
         end = len(text) - _held_back(text[emitted:], stops)
         if end > emitted:

@@ -31,11 +31,11 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from copy import deepcopy
+from collections.abc import Iterator
 from contextlib import contextmanager
+from copy import deepcopy
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.nn as nn
@@ -81,8 +81,9 @@ def int8_tensors(qmodel: nn.Module) -> dict[str, torch.Tensor]:
         weight = module.weight()  # a quantized tensor
         if weight.qscheme() == torch.per_channel_affine:
             if weight.q_per_channel_axis() != 0:
-                raise ValueError(f"{name}: per-channel axis {weight.q_per_channel_axis()}, "
-                                 "expected 0 (output channels)")
+                raise ValueError(
+                    f"{name}: per-channel axis {weight.q_per_channel_axis()}, expected 0 (output channels)"
+                )
             scale, zero_point = weight.q_per_channel_scales(), weight.q_per_channel_zero_points()
         elif weight.qscheme() == torch.per_tensor_affine:
             scale, zero_point = torch.tensor(weight.q_scale()), torch.tensor(weight.q_zero_point())  # 0-dim
@@ -157,8 +158,9 @@ def load_int8(folder: Path | str) -> nn.Module:
         for name, module in linears.items():
             if f"{name}.weight_int8" not in tensors:
                 raise ValueError(f"{path}: no int8 weight for Linear layer {name}")
-            qlinear = DynamicLinear(module.in_features, module.out_features, bias_=module.bias is not None,
-                                    dtype=torch.qint8)
+            qlinear = DynamicLinear(
+                module.in_features, module.out_features, bias_=module.bias is not None, dtype=torch.qint8
+            )
             qlinear.set_weight_bias(_quantized_weight(name, tensors), tensors.get(f"{name}.bias"))
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, qlinear)
@@ -182,8 +184,9 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     scale = w.abs().amax(dim=1) / 127.0
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row: any scale, q = 0
     rounded = scale.to(torch.bfloat16)
-    rounded = torch.where(rounded.float() < scale, torch.nextafter(rounded, torch.full_like(rounded, math.inf)),
-                          rounded)
+    rounded = torch.where(
+        rounded.float() < scale, torch.nextafter(rounded, torch.full_like(rounded, math.inf)), rounded
+    )
     scale = rounded.float()
     q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     return q.contiguous(), scale.contiguous()
@@ -220,9 +223,8 @@ class Int8WeightOnlyLinear(nn.Module):
         self.register_buffer("weight_scale_bf16", self.weight_scale.to(torch.bfloat16), persistent=False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Int8WeightOnlyLinear":
-        module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                     device=linear.weight.device)
+    def from_linear(cls, linear: nn.Linear) -> Int8WeightOnlyLinear:
+        module = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device=linear.weight.device)
         q, scale = quantize_per_channel(linear.weight)
         module.weight_int8.copy_(q)
         module.weight_scale.copy_(scale)
@@ -238,9 +240,15 @@ class Int8WeightOnlyLinear(nn.Module):
 
     def _packed_ok(self, x: torch.Tensor, rows: int) -> bool:
         w = self.weight_int8
-        return (x.device.type == "cpu" and x.dtype == torch.float32 and 0 < rows <= self.packed_max_rows
-                and self.in_features % 16 == 0 and w.is_contiguous() and w.data_ptr() % 64 == 0
-                and not (x.requires_grad and torch.is_grad_enabled()))
+        return (
+            x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and 0 < rows <= self.packed_max_rows
+            and self.in_features % 16 == 0
+            and w.is_contiguous()
+            and w.data_ptr() % 64 == 0
+            and not (x.requires_grad and torch.is_grad_enabled())
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
@@ -279,8 +287,9 @@ def save_weight_only_int8(qmodel: nn.Module, folder: Path | str, extra: dict | N
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if not any(isinstance(m, Int8WeightOnlyLinear) for m in qmodel.modules()):
-        raise ValueError("save_weight_only_int8: the model has no Int8WeightOnlyLinear layers; "
-                         "call quantize_weight_only_int8 first")
+        raise ValueError(
+            "save_weight_only_int8: the model has no Int8WeightOnlyLinear layers; call quantize_weight_only_int8 first"
+        )
     tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in qmodel.state_dict().items()}
     save_file(tensors, folder / WO_INT8_WEIGHTS, metadata={"format": "ember-weight-only-int8"})
     config = {"model": asdict(qmodel.config), **(extra or {})}
@@ -303,8 +312,10 @@ def load_weight_only_int8(folder: Path | str, device: torch.device | str = "cpu"
         raise ValueError(f"{path}: unexpected tensors {sorted(unknown)}")
     for name, t in model.state_dict().items():
         if tensors[name].dtype != t.dtype or tensors[name].shape != t.shape:
-            raise ValueError(f"{path}: {name} is {tensors[name].dtype} {tuple(tensors[name].shape)}, "
-                             f"expected {t.dtype} {tuple(t.shape)}")
+            raise ValueError(
+                f"{path}: {name} is {tensors[name].dtype} {tuple(tensors[name].shape)}, "
+                f"expected {t.dtype} {tuple(t.shape)}"
+            )
     # load_state_dict copies into the module's own (aligned) buffers, as the CPU kernel needs.
     model.load_state_dict(tensors)
     return model.to(device).eval()

@@ -17,15 +17,20 @@ from ember.model.tokenizer import EOS_ID
 
 
 @torch.no_grad()
-def eval_loss(model: torch.nn.Module, windows: np.ndarray | torch.Tensor, batch_size: int,
-              device: torch.device | str = "cpu", precision: str | None = None) -> float:
+def eval_loss(
+    model: torch.nn.Module,
+    windows: np.ndarray | torch.Tensor,
+    batch_size: int,
+    device: torch.device | str = "cpu",
+    precision: str | None = None,
+) -> float:
     """Mean cross-entropy (nats per token) over fixed windows (n, T + 1)."""
     windows = torch.as_tensor(windows)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(windows), batch_size):
-        batch = windows[start:start + batch_size].to(device)
+        batch = windows[start : start + batch_size].to(device)
         with autocast(torch.device(device), precision):
             _, loss = model(batch[:, :-1], batch[:, 1:])
         total += loss.item() * len(batch)
@@ -52,7 +57,7 @@ def token_stream(texts: list[str], tokenizer, eos_id: int, max_tokens: int) -> t
             n_bytes += len(text.encode("utf-8"))
         else:
             stream += encoding.ids[:room]
-            n_bytes += len(text[:encoding.offsets[room - 1][1]].encode("utf-8"))
+            n_bytes += len(text[: encoding.offsets[room - 1][1]].encode("utf-8"))
             break
     return stream, n_bytes, docs
 
@@ -74,7 +79,7 @@ def total_nats(model, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> floa
     """Summed cross-entropy (nats) of every target that is not -1."""
     total = 0.0
     for start in range(0, len(x), batch_size):
-        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
         _, loss = model(xb, yb)  # the mean over the batch's scored targets
         total += loss.item() * int((yb != -1).sum())
     return total

@@ -24,8 +24,12 @@ HANGUL_JAMO = "\u1100-\u11ff\u3130-\u318f"
 CJK_PUNCTUATION = "\u3001-\u303f"  # 、。「」 and the like
 FULLWIDTH_PUNCTUATION = "\uff01-\uff0f\uff1a-\uff1f"  # ！，：？ and the like
 
-SCRIPTS = {"ja": re.compile(f"[{KANA}]"), "ko": re.compile(f"[{HANGUL}{HANGUL_JAMO}]"),
-           "zh": re.compile(f"[{HAN}{HAN_COMPATIBILITY}{HAN_SUPPLEMENTARY}]"), "en": re.compile("[A-Za-z]")}
+SCRIPTS = {
+    "ja": re.compile(f"[{KANA}]"),
+    "ko": re.compile(f"[{HANGUL}{HANGUL_JAMO}]"),
+    "zh": re.compile(f"[{HAN}{HAN_COMPATIBILITY}{HAN_SUPPLEMENTARY}]"),
+    "en": re.compile("[A-Za-z]"),
+}
 # A language the model writes holds at least this share of the vocabulary's tokens that carry letters.
 VOCAB_SHARE = 0.2
 

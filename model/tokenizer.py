@@ -31,6 +31,7 @@ def load_tokenizer(path: Path | str) -> Tokenizer:
     tokenizer.encode_special_tokens = True
     for expected, token in enumerate(SPECIAL_TOKENS):
         if tokenizer.token_to_id(token) != expected:
-            raise ValueError(f"{path}: special token {token} has id {tokenizer.token_to_id(token)}, "
-                             f"expected {expected}")
+            raise ValueError(
+                f"{path}: special token {token} has id {tokenizer.token_to_id(token)}, expected {expected}"
+            )
     return tokenizer

@@ -110,7 +110,7 @@ class KVCache:
     v: torch.Tensor
 
     @classmethod
-    def empty(cls, cfg: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype) -> "KVCache":
+    def empty(cls, cfg: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype) -> KVCache:
         shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, cfg.max_seq_len, cfg.head_dim)
         return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
 
@@ -141,15 +141,21 @@ class Attention(nn.Module):
         # wq, wk and wv as one matrix for decoding on CPU; set by model/decoding.py, never saved.
         self.wqkv_t: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: tuple[torch.Tensor, torch.Tensor] | None, start_pos: int) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: tuple[torch.Tensor, torch.Tensor] | None,
+        start_pos: int,
+    ) -> torch.Tensor:
         B, T, _ = x.shape  # (B, T, C)
         nh, nkv, hs = self.n_heads, self.n_kv_heads, self.head_dim
         fused = usable_fused(self.wqkv_t, self.wq, self.wk, self.wv)
         if fused is not None:  # decoding: one product, and one rotation for q and k together
             qkv = (x @ fused).view(B, T, nh + 2 * nkv, hs)
-            q, k = apply_rope(qkv[:, :, :nh + nkv], cos, sin).split([nh, nkv], dim=2)
-            v = qkv[:, :, nh + nkv:]
+            q, k = apply_rope(qkv[:, :, : nh + nkv], cos, sin).split([nh, nkv], dim=2)
+            v = qkv[:, :, nh + nkv :]
         else:
             q = apply_rope(self.wq(x).view(B, T, nh, hs), cos, sin)  # (B, T, nh, hs)
             k = apply_rope(self.wk(x).view(B, T, nkv, hs), cos, sin)  # (B, T, nkv, hs)
@@ -158,9 +164,9 @@ class Attention(nn.Module):
 
         if cache is not None:
             cache_k, cache_v = cache  # (B, nkv, max_seq_len, hs)
-            cache_k[:, :, start_pos:start_pos + T] = k
-            cache_v[:, :, start_pos:start_pos + T] = v
-            k, v = cache_k[:, :, :start_pos + T], cache_v[:, :, :start_pos + T]  # (B, nkv, L, hs)
+            cache_k[:, :, start_pos : start_pos + T] = k
+            cache_v[:, :, start_pos : start_pos + T] = v
+            k, v = cache_k[:, :, : start_pos + T], cache_v[:, :, : start_pos + T]  # (B, nkv, L, hs)
 
         if start_pos == 0:
             y = sdpa(q, k, v, is_causal=True)  # (B, nh, T, hs)
@@ -238,8 +244,13 @@ class Transformer(nn.Module):
         weight = self.tok_embeddings.weight
         return KVCache.empty(self.config, batch_size, weight.device, weight.dtype)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None, start_pos: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        start_pos: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx: (B, T) token ids at positions start_pos..start_pos+T-1.
 
         With targets (B, T) (-1 = ignore): logits (B, T, V) and the mean cross-entropy.
@@ -248,8 +259,8 @@ class Transformer(nn.Module):
         B, T = idx.shape
         if start_pos + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {start_pos + T} positions exceeds max_seq_len {self.config.max_seq_len}")
-        cos = self.rope_cos[start_pos:start_pos + T]  # (T, hs)
-        sin = self.rope_sin[start_pos:start_pos + T]
+        cos = self.rope_cos[start_pos : start_pos + T]  # (T, hs)
+        sin = self.rope_sin[start_pos : start_pos + T]
         h = self.tok_embeddings(idx)  # (B, T, C)
         for i, layer in enumerate(self.layers):
             cache = (kv_cache.k[i], kv_cache.v[i]) if kv_cache is not None else None
@@ -263,8 +274,9 @@ class Transformer(nn.Module):
         return logits, loss
 
 
-def configure_optimizer(model: nn.Module, weight_decay: float, lr: float,
-                        betas: tuple[float, float]) -> torch.optim.AdamW:
+def configure_optimizer(
+    model: nn.Module, weight_decay: float, lr: float, betas: tuple[float, float]
+) -> torch.optim.AdamW:
     """AdamW that decays matrices (linear weights, the embedding) and not norm gains.
 
     The fused kernel wherever torch has one for the device (CUDA, CPU, MPS). On this project's
@@ -274,8 +286,10 @@ def configure_optimizer(model: nn.Module, weight_decay: float, lr: float,
     benchmark gives transformers' model the same optimizer.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
     try:
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
     except (RuntimeError, ValueError):  # no fused kernel for this device or dtype

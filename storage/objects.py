@@ -32,9 +32,9 @@ import shutil
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from ember.storage.releases import HISTORY, LATEST, RELEASE_JSON, VERSION_RE, current_version, list_versions
 from ember.storage.store import (
@@ -68,7 +68,7 @@ def open_store(location: str | Path, lock_timeout_s: float = 3600.0, cache: str 
     if is_url(location):
         return ObjectStore(str(location), lock_timeout_s=lock_timeout_s, cache=cache)
     text = str(location)
-    return Store(Path(text[len("file://"):] if text.startswith("file://") else text), lock_timeout_s=lock_timeout_s)
+    return Store(Path(text[len("file://") :] if text.startswith("file://") else text), lock_timeout_s=lock_timeout_s)
 
 
 def default_cache(url: str) -> Path:
@@ -80,8 +80,7 @@ class ObjectStore(Store):
     """A `Store` whose artifacts, run records and locks live at `url` (any fsspec filesystem), with
     a local cache at `root` for the files stages read and write."""
 
-    def __init__(self, url: str, lock_timeout_s: float = 3600.0, cache: str | Path | None = None,
-                 **storage_options):
+    def __init__(self, url: str, lock_timeout_s: float = 3600.0, cache: str | Path | None = None, **storage_options):
         import fsspec
 
         self.url = url.rstrip("/")
@@ -117,8 +116,9 @@ class ObjectStore(Store):
         try:
             manifest = json.loads(raw)
         except json.JSONDecodeError as err:
-            raise StoreError(f"{self.url}/artifacts/{ref}/{MANIFEST}: corrupt manifest ({err}); "
-                             "run `ember verify`") from err
+            raise StoreError(
+                f"{self.url}/artifacts/{ref}/{MANIFEST}: corrupt manifest ({err}); run `ember verify`"
+            ) from err
         return Artifact(ref=ref, path=self.path(ref), manifest=manifest)
 
     def require(self, ref: str) -> Artifact:
@@ -142,8 +142,9 @@ class ObjectStore(Store):
                 target.parent.mkdir(parents=True, exist_ok=True)
                 self.fs.get_file(f"{remote}/{rel}", str(target))
                 if target.stat().st_size != meta["size"] or file_sha256(target) != meta["sha256"]:
-                    raise StoreError(f"{self.url}/artifacts/{artifact.ref}/{rel} does not match its manifest; "
-                                     "run `ember verify`")
+                    raise StoreError(
+                        f"{self.url}/artifacts/{artifact.ref}/{rel} does not match its manifest; run `ember verify`"
+                    )
             write_json_atomic(tmp / MANIFEST, artifact.manifest)
             # Another process of this machine may have fetched it meanwhile: either copy will do.
             # (Checkpoints this machine kept for the same artifact go: it is complete.)
@@ -162,8 +163,11 @@ class ObjectStore(Store):
         return found
 
     def ls(self, stage: str | None = None) -> list[Artifact]:
-        found = [Artifact(ref=ref, path=self.path(ref), manifest=manifest)
-                 for ref, manifest in self._manifests().items() if stage is None or ref.split("/")[0] == stage]
+        found = [
+            Artifact(ref=ref, path=self.path(ref), manifest=manifest)
+            for ref, manifest in self._manifests().items()
+            if stage is None or ref.split("/")[0] == stage
+        ]
         return sorted(found, key=lambda a: a.manifest.get("created", 0))
 
     # -- writing ------------------------------------------------------------------------------
@@ -174,8 +178,10 @@ class ObjectStore(Store):
         lock = ObjectLock(self.fs, self.remote_path("locks", f"{stage}-{key}.lock"))
         timeout = self.lock_timeout_s if timeout_s is None else timeout_s
         if not lock.acquire(timeout):
-            raise LockTimeout(f"artifact {ref} is being written by another run ({lock.holder()}; lock "
-                              f"{self.url}/locks/{stage}-{key}.lock); gave up after {timeout:.0f}s")
+            raise LockTimeout(
+                f"artifact {ref} is being written by another run ({lock.holder()}; lock "
+                f"{self.url}/locks/{stage}-{key}.lock); gave up after {timeout:.0f}s"
+            )
         try:
             yield
         finally:
@@ -211,15 +217,19 @@ class ObjectStore(Store):
     def releases_lock(self) -> Iterator[None]:
         lock = ObjectLock(self.fs, self.remote_path("locks", "releases.lock"))
         if not lock.acquire(self.lock_timeout_s):
-            raise LockTimeout(f"the releases of {self.url} are being published by {lock.holder()}; "
-                              f"gave up after {self.lock_timeout_s:.0f}s")
+            raise LockTimeout(
+                f"the releases of {self.url} are being published by {lock.holder()}; "
+                f"gave up after {self.lock_timeout_s:.0f}s"
+            )
         try:
             yield
         finally:
             lock.release()
 
     def _remote_versions(self) -> list[str]:
-        found = {path.rstrip("/").split("/")[-2] for path in self.fs.glob(self.remote_path("releases", "v*", RELEASE_JSON))}
+        found = {
+            path.rstrip("/").split("/")[-2] for path in self.fs.glob(self.remote_path("releases", "v*", RELEASE_JSON))
+        }
         return sorted(v for v in found if VERSION_RE.match(v))
 
     def sync_releases(self) -> Path:
@@ -249,6 +259,7 @@ class ObjectStore(Store):
     def follow_releases(self, every_s: float = 60.0) -> None:
         """Fetch new releases and `latest` every `every_s` in a daemon thread: the demo serves the
         local copy and picks a new `latest` up at its next generation."""
+
         def follow() -> None:
             while True:
                 time.sleep(every_s)
@@ -267,7 +278,9 @@ class ObjectStore(Store):
                 continue
             files = sorted(p for p in (local / version).rglob("*") if p.is_file())
             for path in sorted(files, key=lambda p: p.name == RELEASE_JSON):  # release.json last
-                self.fs.put_file(str(path), self.remote_path("releases", version, path.relative_to(local / version).as_posix()))
+                self.fs.put_file(
+                    str(path), self.remote_path("releases", version, path.relative_to(local / version).as_posix())
+                )
         if (local / HISTORY).is_file():
             self.fs.put_file(str(local / HISTORY), self.remote_path("releases", HISTORY))
         latest = current_version(local)
@@ -307,7 +320,7 @@ class ObjectStore(Store):
         """Artifact folders holding objects but no manifest (a writer died while uploading). An
         empty folder is nothing: some object stores keep one after its objects are deleted."""
         base = self.remote_path("artifacts") + "/"
-        folders = {"/".join(path[len(base):].split("/")[:2]) for path in self.fs.find(base.rstrip("/"))}
+        folders = {"/".join(path[len(base) :].split("/")[:2]) for path in self.fs.find(base.rstrip("/"))}
         complete = set(self._manifests())
         return [f"artifacts/{name}" for name in sorted(folders) if name.count("/") == 1 and name not in complete]
 
@@ -339,7 +352,11 @@ class ObjectLock:
                 f.write(self._body())
             return True
         except (FileExistsError, OSError) as err:
-            if isinstance(err, FileExistsError) or "pre-condition" in str(err).lower() or "precondition" in str(err).lower():
+            if (
+                isinstance(err, FileExistsError)
+                or "pre-condition" in str(err).lower()
+                or "precondition" in str(err).lower()
+            ):
                 return False
             raise
 

@@ -36,8 +36,11 @@ VERSION_RE = re.compile(r"^v(\d{4,})$")
 
 def list_versions(releases: Path) -> list[str]:
     """Version folders, oldest first."""
-    found = [p.name for p in releases.iterdir() if p.is_dir() and not p.is_symlink() and VERSION_RE.match(p.name)] \
-        if releases.is_dir() else []
+    found = (
+        [p.name for p in releases.iterdir() if p.is_dir() and not p.is_symlink() and VERSION_RE.match(p.name)]
+        if releases.is_dir()
+        else []
+    )
     return sorted(found, key=lambda name: int(VERSION_RE.match(name).group(1)))
 
 
@@ -68,8 +71,17 @@ def point_latest(releases: Path, version: str, why: str = "publish") -> None:
     os.replace(tmp, releases / LATEST)
     if previous != version:
         with open(releases / HISTORY, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                "latest": version, "was": previous, "why": why}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                        "latest": version,
+                        "was": previous,
+                        "why": why,
+                    }
+                )
+                + "\n"
+            )
 
 
 def current_version(releases: Path) -> str | None:
@@ -98,8 +110,10 @@ def rollback(releases: Path, version: str | None = None) -> tuple[str | None, st
             number = _number(current) if current and VERSION_RE.match(current) else None
             older = [v for v in versions if number is not None and _number(v) < number]
             if not older:
-                raise ValueError(f"latest is {current}, the oldest release: nothing older to roll back to "
-                                 f"(releases: {', '.join(versions)})")
+                raise ValueError(
+                    f"latest is {current}, the oldest release: nothing older to roll back to "
+                    f"(releases: {', '.join(versions)})"
+                )
             version = older[-1]
         if version not in versions:
             raise ValueError(f"no release {version!r} in {releases} (releases: {', '.join(versions)})")
@@ -124,11 +138,19 @@ def list_releases(releases: Path) -> list[dict]:
         report = read_json_or_none(folder / "report.json") or {}
         fp32, int8 = report.get("fp32", {}), report.get("int8", {})
         train = (read_json_or_none(folder / "config.json") or {}).get("train", {})
-        rows.append({"version": version, "created": record.get("created", ""),
-                     "bpb": fp32.get("bpb"), "val_loss": fp32.get("val_loss"), "int8_bpb": int8.get("bpb"),
-                     "steps": train.get("steps"), "tokens": train.get("tokens"),
-                     "size_bytes": sum(f.get("size", 0) for f in record.get("files", {}).values()),
-                     "latest": version == latest})
+        rows.append(
+            {
+                "version": version,
+                "created": record.get("created", ""),
+                "bpb": fp32.get("bpb"),
+                "val_loss": fp32.get("val_loss"),
+                "int8_bpb": int8.get("bpb"),
+                "steps": train.get("steps"),
+                "tokens": train.get("tokens"),
+                "size_bytes": sum(f.get("size", 0) for f in record.get("files", {}).values()),
+                "latest": version == latest,
+            }
+        )
     return rows
 
 
@@ -152,9 +174,15 @@ def pick_release(releases: Path, tokens_ref: str | None) -> Path | None:
     latest = latest_release(releases)
     if latest is None:
         return None
-    candidates = sorted((p for p in latest.parent.iterdir()
-                         if VERSION_RE.match(p.name) and p.name <= latest.name and (p / WEIGHTS).is_file()),
-                        key=lambda p: p.name, reverse=True)
+    candidates = sorted(
+        (
+            p
+            for p in latest.parent.iterdir()
+            if VERSION_RE.match(p.name) and p.name <= latest.name and (p / WEIGHTS).is_file()
+        ),
+        key=lambda p: p.name,
+        reverse=True,
+    )
     for release in candidates:
         if tokens_ref is None or _release_tokens(release) != tokens_ref:
             return release

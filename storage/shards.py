@@ -9,8 +9,8 @@ bounded batches with `iter_batches`. Extra columns (a filter's `rule`, `value`, 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -42,8 +42,9 @@ def read_shard(path: Path, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(path, columns=columns)
 
 
-def iter_batches(path: Path, columns: list[str] | None = None, batch_chars: int = 2_000_000,
-                 start: int = 0, stop: int | None = None) -> Iterator[pa.RecordBatch]:
+def iter_batches(
+    path: Path, columns: list[str] | None = None, batch_chars: int = 2_000_000, start: int = 0, stop: int | None = None
+) -> Iterator[pa.RecordBatch]:
     """Rows start..stop of a shard in record batches of about `batch_chars` characters (sized from
     the Parquet footer), so that a reader holds a few MB of text rather than the whole shard (a
     shard read at once costs about 3x its text in memory, as Python strings)."""
@@ -82,8 +83,9 @@ class ShardWriter:
     writes no file, so an empty output is an empty folder.
     """
 
-    def __init__(self, folder: Path, schema: pa.Schema = TEXT_SCHEMA, max_chars: int = DEFAULT_SHARD_CHARS,
-                 prefix: str = "part"):
+    def __init__(
+        self, folder: Path, schema: pa.Schema = TEXT_SCHEMA, max_chars: int = DEFAULT_SHARD_CHARS, prefix: str = "part"
+    ):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.schema = schema
@@ -117,7 +119,7 @@ class ShardWriter:
     def close(self) -> None:
         self._flush()
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

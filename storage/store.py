@@ -28,10 +28,11 @@ import os
 import secrets
 import shutil
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from filelock import FileLock, Timeout
 
@@ -230,8 +231,7 @@ class Store:
             lock.acquire(timeout=timeout)
         except Timeout:
             raise LockTimeout(
-                f"artifact {ref} is being written by another run (lock {lock.lock_file}); "
-                f"gave up after {timeout:.0f}s"
+                f"artifact {ref} is being written by another run (lock {lock.lock_file}); gave up after {timeout:.0f}s"
             ) from None
         try:
             yield
@@ -271,15 +271,17 @@ class Store:
         for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
             rel = path.relative_to(tmp).as_posix()
             files[rel] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
-        manifest.update({
-            "ref": ref,
-            "stage": stage,
-            "key": key,
-            "digest": content_digest(files),
-            "files": files,
-            "created": time.time(),
-            "seconds": round(time.time() - started, 3),
-        })
+        manifest.update(
+            {
+                "ref": ref,
+                "stage": stage,
+                "key": key,
+                "digest": content_digest(files),
+                "files": files,
+                "created": time.time(),
+                "seconds": round(time.time() - started, 3),
+            }
+        )
         # The manifest is the last file written: until it exists, the folder is not an artifact.
         write_json_atomic(tmp / MANIFEST, manifest)
         return manifest
@@ -318,7 +320,9 @@ class Store:
                 if not path.is_file():
                     problems.append(f"{artifact.ref}: missing {rel}")
                 elif path.stat().st_size != meta["size"]:
-                    problems.append(f"{artifact.ref}: {rel} has {path.stat().st_size} bytes, manifest says {meta['size']}")
+                    problems.append(
+                        f"{artifact.ref}: {rel} has {path.stat().st_size} bytes, manifest says {meta['size']}"
+                    )
                 elif file_sha256(path) != meta["sha256"]:
                     problems.append(f"{artifact.ref}: {rel} checksum differs from the manifest")
         for name in self.incomplete():
@@ -327,8 +331,11 @@ class Store:
 
     def incomplete(self) -> list[str]:
         """Artifact folders without a manifest (a crashed writer's), relative to the root."""
-        return [str(folder.relative_to(self.root)) for folder in sorted(self.artifacts_dir.glob("*/*"))
-                if folder.is_dir() and not (folder / MANIFEST).exists()]
+        return [
+            str(folder.relative_to(self.root))
+            for folder in sorted(self.artifacts_dir.glob("*/*"))
+            if folder.is_dir() and not (folder / MANIFEST).exists()
+        ]
 
     def _remove_incomplete(self, name: str) -> None:
         shutil.rmtree(self.root / name, ignore_errors=True)
@@ -359,8 +366,9 @@ class Store:
             try:
                 record = json.loads(release.read_text())
             except json.JSONDecodeError as err:  # stop rather than delete what that release came from
-                raise StoreError(f"{release}: unreadable ({err}); gc keeps every release's artifacts, "
-                                 "so it stops here") from None
+                raise StoreError(
+                    f"{release}: unreadable ({err}); gc keeps every release's artifacts, so it stops here"
+                ) from None
             # `lineage` names every artifact behind a published model, `refs` the ones it copied.
             refs.update(record.get("refs", {}).values())
             refs.update(record.get("lineage", {}).values())

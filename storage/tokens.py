@@ -122,7 +122,10 @@ class TokenStream:
         counts = np.array([max(0, len(p) - seq_len) for p in self.parts])
         ends = np.cumsum(counts)
         part_of = np.searchsorted(ends, index, side="right")
-        rows = [self.parts[p][s:s + seq_len + 1] for p, s in zip(part_of, index - (ends[part_of] - counts[part_of]))]
+        rows = [
+            self.parts[p][s : s + seq_len + 1]
+            for p, s in zip(part_of, index - (ends[part_of] - counts[part_of]), strict=True)
+        ]
         return np.stack(rows).astype(np.int64)
 
     def random_index(self, n: int, seq_len: int, seed: int, step: int) -> np.ndarray:

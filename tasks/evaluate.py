@@ -52,20 +52,30 @@ class EvaluateConfig(BaseModel):
 
     eval_batches: int = Field(20, gt=0, description="validation batches (fixed windows, the same for every model)")
     batch_size: int = Field(8, gt=0, description="windows of max_seq_len tokens per batch")
-    prompts: list[str] = Field(["Once upon a time", "The king said", "It was a dark and stormy night"],
-                               description="sample generation prompts")
+    prompts: list[str] = Field(
+        ["Once upon a time", "The king said", "It was a dark and stormy night"], description="sample generation prompts"
+    )
     max_new_tokens: int = Field(80, ge=0, description="tokens generated per prompt")
     temperature: float = Field(0.8, ge=0, description="0 = greedy")
     top_k: int | None = Field(50, gt=0, description="sample among the k likeliest tokens; None = all")
-    seed: int = Field(1234, ge=0, description="sampling seed of the first prompt (+1 for each next one), "
-                                            "the same for every model")
-    speed_tokens: int = Field(64, ge=0, description="generation speed: greedy tokens (batch 1, KV cache, no EOS "
-                                                  "stop) timed per model after a warm-up, median of 3; 0 = skip")
-    external: list[str] = Field([], description="extra evaluation texts: .txt (one document each) or .jsonl "
-                                              "(a `text` field per line) paths, scored like the validation "
-                                              "windows, bits per byte over their own UTF-8 bytes")
-    external_max_tokens: int = Field(100_000, gt=0, description="tokens scored per external file at most "
-                                                               "(the first ones)")
+    seed: int = Field(
+        1234, ge=0, description="sampling seed of the first prompt (+1 for each next one), the same for every model"
+    )
+    speed_tokens: int = Field(
+        64,
+        ge=0,
+        description="generation speed: greedy tokens (batch 1, KV cache, no EOS "
+        "stop) timed per model after a warm-up, median of 3; 0 = skip",
+    )
+    external: list[str] = Field(
+        [],
+        description="extra evaluation texts: .txt (one document each) or .jsonl "
+        "(a `text` field per line) paths, scored like the validation "
+        "windows, bits per byte over their own UTF-8 bytes",
+    )
+    external_max_tokens: int = Field(
+        100_000, gt=0, description="tokens scored per external file at most (the first ones)"
+    )
 
 
 # -- scoring -----------------------------------------------------------------------------------------
@@ -76,17 +86,23 @@ def _scores(model, windows, batch_size: int, meta: dict) -> dict:
         return {"val_loss": None, "perplexity": None, "bpb": None, "seconds": 0.0}
     started = time.monotonic()
     loss = eval_loss(model, windows, batch_size)
-    return {"val_loss": loss, "perplexity": math.exp(loss), "bpb": bits_per_byte(loss, meta),
-            "seconds": round(time.monotonic() - started, 2)}
+    return {
+        "val_loss": loss,
+        "perplexity": math.exp(loss),
+        "bpb": bits_per_byte(loss, meta),
+        "seconds": round(time.monotonic() - started, 2),
+    }
 
 
 def _delta(score: dict, base: dict) -> dict:
     """The change against fp32 (None where a figure is missing)."""
     if score["val_loss"] is None or base["val_loss"] is None:
         return {"delta_loss": None, "delta_bpb": None, "delta_relative": None}
-    return {"delta_loss": score["val_loss"] - base["val_loss"],
-            "delta_bpb": score["bpb"] - base["bpb"] if score["bpb"] is not None and base["bpb"] is not None else None,
-            "delta_relative": (score["val_loss"] - base["val_loss"]) / base["val_loss"]}
+    return {
+        "delta_loss": score["val_loss"] - base["val_loss"],
+        "delta_bpb": score["bpb"] - base["bpb"] if score["bpb"] is not None and base["bpb"] is not None else None,
+        "delta_relative": (score["val_loss"] - base["val_loss"]) / base["val_loss"],
+    }
 
 
 def generation_speed(model, prompt_ids: list[int], new_tokens: int) -> float | None:
@@ -107,11 +123,26 @@ def _samples(model, tokenizer, cfg: EvaluateConfig, eos_id: int) -> list[dict]:
     for i, prompt in enumerate(cfg.prompts):
         ids = [eos_id] + tokenizer.encode(prompt, add_special_tokens=False).ids
         started = time.monotonic()
-        new = list(generate(model, ids, cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                            eos_id=eos_id, seed=cfg.seed + i))
+        new = list(
+            generate(
+                model,
+                ids,
+                cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                top_k=cfg.top_k,
+                eos_id=eos_id,
+                seed=cfg.seed + i,
+            )
+        )
         seconds = time.monotonic() - started
-        samples.append({"prompt": prompt, "completion": tokenizer.decode(new), "tokens": len(new),
-                        "tokens_per_s": round(len(new) / seconds, 1) if new and seconds > 0 else None})
+        samples.append(
+            {
+                "prompt": prompt,
+                "completion": tokenizer.decode(new),
+                "tokens": len(new),
+                "tokens_per_s": round(len(new) / seconds, 1) if new and seconds > 0 else None,
+            }
+        )
     return samples
 
 
@@ -142,12 +173,17 @@ def read_texts(path: Path) -> list[str]:
         raise ValueError(f"{path}: not UTF-8 text ({err})") from None
 
 
-def evaluate_external(path: Path, texts: list[str], models: dict, tokenizer, eos_id: int,
-                      cfg: EvaluateConfig) -> dict:
+def evaluate_external(path: Path, texts: list[str], models: dict, tokenizer, eos_id: int, cfg: EvaluateConfig) -> dict:
     seq_len = models["fp32"].config.max_seq_len
     stream, n_bytes, docs = token_stream(texts, tokenizer, eos_id, cfg.external_max_tokens)
-    result = {"path": str(path), "docs": len(texts), "docs_scored": docs, "tokens": len(stream) - 1,
-              "bytes": n_bytes, "models": {}}
+    result = {
+        "path": str(path),
+        "docs": len(texts),
+        "docs_scored": docs,
+        "tokens": len(stream) - 1,
+        "bytes": n_bytes,
+        "models": {},
+    }
     if len(stream) < 2 or n_bytes == 0:
         return result
     x, y = stream_windows(stream, seq_len)
@@ -195,27 +231,43 @@ def run(cfg: EvaluateConfig, ctx: StageContext) -> dict:
     scores = {}
     for name, model in models.items():
         ctx.report.progress(len(scores), len(models), "evaluate models")
-        scores[name] = {**_scores(model, windows, cfg.batch_size, meta), "file": files[name].name,
-                        "file_bytes": files[name].stat().st_size,
-                        "tokens_per_s": generation_speed(model, speed_prompt, cfg.speed_tokens)}
+        scores[name] = {
+            **_scores(model, windows, cfg.batch_size, meta),
+            "file": files[name].name,
+            "file_bytes": files[name].stat().st_size,
+            "tokens_per_s": generation_speed(model, speed_prompt, cfg.speed_tokens),
+        }
     for name in scores:
         scores[name].update(_delta(scores[name], scores["fp32"]))
     samples = {name: _samples(model, tokenizer, cfg, eos_id) for name, model in models.items()}
-    external = [evaluate_external(path, texts, models, tokenizer, eos_id, cfg)
-                for path, texts in external_texts.items()]
+    external = [
+        evaluate_external(path, texts, models, tokenizer, eos_id, cfg) for path, texts in external_texts.items()
+    ]
 
     report = {
-        "val": {"windows": 0 if windows is None else len(windows), "seq_len": seq_len,
-                "tokens": 0 if windows is None else len(windows) * seq_len},
+        "val": {
+            "windows": 0 if windows is None else len(windows),
+            "seq_len": seq_len,
+            "tokens": 0 if windows is None else len(windows) * seq_len,
+        },
         "models": list(models),
         "absent": absent,
         **scores,
-        "speed": {"new_tokens": cfg.speed_tokens, "batch_size": 1, "decoding": "greedy, KV cache",
-                  "threads": torch.get_num_threads(), "repeats": SPEED_REPEATS},
+        "speed": {
+            "new_tokens": cfg.speed_tokens,
+            "batch_size": 1,
+            "decoding": "greedy, KV cache",
+            "threads": torch.get_num_threads(),
+            "repeats": SPEED_REPEATS,
+        },
         "external": external,
         "samples": samples,
-        "generation": {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_k": cfg.top_k,
-                       "seed": cfg.seed},
+        "generation": {
+            "max_new_tokens": cfg.max_new_tokens,
+            "temperature": cfg.temperature,
+            "top_k": cfg.top_k,
+            "seed": cfg.seed,
+        },
         "train": config.get("train", {}),
         "model": config["model"],
     }
@@ -229,8 +281,13 @@ def run(cfg: EvaluateConfig, ctx: StageContext) -> dict:
     metrics = {}
     for name, s in scores.items():
         key = name.replace("-", "_")
-        metrics.update({f"{key}_{k}": v for k, v in s.items()
-                        if k not in ("seconds", "file") and not (name == "fp32" and k.startswith("delta"))})
+        metrics.update(
+            {
+                f"{key}_{k}": v
+                for k, v in s.items()
+                if k not in ("seconds", "file") and not (name == "fp32" and k.startswith("delta"))
+            }
+        )
     if external:
         metrics["external_bpb"] = {e["path"]: {name: s["bpb"] for name, s in e["models"].items()} for e in external}
     metrics["val_windows"] = report["val"]["windows"]
@@ -256,11 +313,13 @@ def _fmt(value, digits: int = 4, sign: bool = False) -> str:
 def _markdown(report: dict, curve: list[dict], has_plot: bool = False) -> str:
     m, v = report["model"], report["val"]
     lines = [
-        "# Evaluation report", "",
+        "# Evaluation report",
+        "",
         f"Model: dim {m['dim']}, {m['n_layers']} layers, {m['n_heads']} heads ({m['n_kv_heads']} kv), "
         f"context {m['max_seq_len']}, vocab {m['vocab_size']}.",
         f"Validation: {v['windows']} fixed windows of {v['seq_len']} tokens ({v['tokens']:,} tokens), "
-        "the same for every model.", "",
+        "the same for every model.",
+        "",
         "| model | file | MB | val loss | perplexity | bits per byte | bpb vs fp32 | loss vs fp32 | tokens/s |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -271,35 +330,55 @@ def _markdown(report: dict, curve: list[dict], has_plot: bool = False) -> str:
         lines.append(
             f"| {name} | {s['file']} | {s['file_bytes'] / 1e6:.2f} | {_fmt(s['val_loss'])} | "
             f"{_fmt(s['perplexity'], 2)} | {_fmt(s['bpb'])} | {'' if is_base else _fmt(s['delta_bpb'], sign=True)} | "
-            f"{'' if is_base else _fmt(s['delta_loss'], sign=True) + relative} | {_fmt(s['tokens_per_s'], 1)} |")
+            f"{'' if is_base else _fmt(s['delta_loss'], sign=True) + relative} | {_fmt(s['tokens_per_s'], 1)} |"
+        )
     for name, reason in report["absent"].items():
         lines.append(f"| {name} | not evaluated: {reason} | | | | | | | |")
     sp = report["speed"]
-    lines += ["", "int8: dynamic int8 (int8 weights, activations quantized to int8 at run time); int8-wo: "
-              "weight-only int8 (int8 weights, fp32 activations; bf16 in the CPU kernel used for generation). "
-              "tokens/s: " + (f"{sp['new_tokens']} greedy tokens, batch 1, KV cache, torch threads: "
-              f"{sp['threads']}, median of {sp['repeats']} after a warm-up; it depends on the machine and its "
-              "load." if sp["new_tokens"] else "not measured (`speed_tokens: 0`).")]
+    lines += [
+        "",
+        "int8: dynamic int8 (int8 weights, activations quantized to int8 at run time); int8-wo: "
+        "weight-only int8 (int8 weights, fp32 activations; bf16 in the CPU kernel used for generation). "
+        "tokens/s: "
+        + (
+            f"{sp['new_tokens']} greedy tokens, batch 1, KV cache, torch threads: "
+            f"{sp['threads']}, median of {sp['repeats']} after a warm-up; it depends on the machine and its "
+            "load."
+            if sp["new_tokens"]
+            else "not measured (`speed_tokens: 0`)."
+        ),
+    ]
     if report["external"]:
-        lines += ["", "## External texts", "",
-                  "| text | model | docs | tokens | bytes | loss | perplexity | bits per byte | bpb vs fp32 |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "## External texts",
+            "",
+            "| text | model | docs | tokens | bytes | loss | perplexity | bits per byte | bpb vs fp32 |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for e in report["external"]:
             docs = f"{e['docs_scored']:,} of {e['docs']:,}"
             if not e["models"]:
                 lines.append(f"| {e['path']} | (no text) | {docs} | 0 | 0 | | | | |")
             for name, s in e["models"].items():
-                lines.append(f"| {e['path']} | {name} | {docs} | {e['tokens']:,} | {e['bytes']:,} | "
-                             f"{_fmt(s['loss'])} | {_fmt(s['perplexity'], 2)} | {_fmt(s['bpb'])} | "
-                             f"{'' if name == 'fp32' else _fmt(s['delta_bpb'], sign=True)} |")
+                lines.append(
+                    f"| {e['path']} | {name} | {docs} | {e['tokens']:,} | {e['bytes']:,} | "
+                    f"{_fmt(s['loss'])} | {_fmt(s['perplexity'], 2)} | {_fmt(s['bpb'])} | "
+                    f"{'' if name == 'fp32' else _fmt(s['delta_bpb'], sign=True)} |"
+                )
     if curve:
         lines += ["", "## Training curve", ""] + (["![loss curve](loss.png)", ""] if has_plot else [])
         lines += ["| step | train loss | val loss |", "|---:|---:|---:|"]
         lines += [f"| {r['step']} | {r['loss']:.4f} | {_fmt(r.get('val_loss'))} |" for r in curve]
     g = report["generation"]
-    lines += ["", "## Samples", "",
-              f"temperature {g['temperature']}, top-k {g['top_k']}, seeds from {g['seed']}, "
-              f"up to {g['max_new_tokens']} tokens.", ""]
+    lines += [
+        "",
+        "## Samples",
+        "",
+        f"temperature {g['temperature']}, top-k {g['top_k']}, seeds from {g['seed']}, "
+        f"up to {g['max_new_tokens']} tokens.",
+        "",
+    ]
     for name, samples in report["samples"].items():
         for s in samples:
             text = (s["prompt"] + s["completion"]).replace("\n", "\n> ")

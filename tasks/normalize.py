@@ -22,10 +22,10 @@ import ftfy
 from ftfy.chardata import CONTROL_CHARS
 from pydantic import BaseModel, ConfigDict, Field
 
+from ember.model.scripts import CJK_PUNCTUATION, FULLWIDTH_PUNCTUATION, HAN, KANA
 from ember.storage.shards import ShardFileWriter
 from ember.tasks.shard_stage import Document, ShardStage, Stats
 from ember.tasks.stage import Stage, StageContext
-from ember.model.scripts import CJK_PUNCTUATION, FULLWIDTH_PUNCTUATION, HAN, KANA
 
 
 class NormalizeConfig(BaseModel):
@@ -33,19 +33,20 @@ class NormalizeConfig(BaseModel):
 
     ftfy: bool = Field(True, description="run ftfy.fix_text with the options below")
     # The options that repair broken encodings, all on as in ftfy and datatrove:
-    fix_encoding: bool = Field(True,
-                               description="undo mojibake: UTF-8 bytes decoded in a legacy encoding ('Ã©' -> 'é')")
+    fix_encoding: bool = Field(
+        True, description="undo mojibake: UTF-8 bytes decoded in a legacy encoding ('Ã©' -> 'é')"
+    )
     restore_byte_a0: bool = Field(True, description="also when the mojibake lost a 0xA0 byte to a plain space")
     replace_lossy_sequences: bool = Field(True, description="replace mojibake that lost bytes for good by U+FFFD")
     decode_inconsistent_utf8: bool = Field(True, description="fix mojibake that appears in only part of a text")
     fix_c1_controls: bool = Field(
-        True,
-        description="read stray C1 controls (U+0080-U+009F) as the cp1252 characters they were")
+        True, description="read stray C1 controls (U+0080-U+009F) as the cp1252 characters they were"
+    )
     fix_surrogates: bool = Field(True, description="join UTF-16 surrogate pairs left in the text")
     # Display-related: they mostly remove what no reader sees.
     unescape_html: bool | Literal["auto"] = Field(
-        "auto",
-        description="'&amp;' -> '&'; 'auto' leaves text that contains '<' (real HTML) alone")
+        "auto", description="'&amp;' -> '&'; 'auto' leaves text that contains '<' (real HTML) alone"
+    )
     remove_terminal_escapes: bool = Field(True, description="remove ANSI colour codes ('\\x1b[36m')")
     # These enforce one way of writing, so they are off (datatrove's choice): the model should
     # see curly quotes, ligatures and full-width punctuation as they are written.
@@ -54,16 +55,19 @@ class NormalizeConfig(BaseModel):
     uncurl_quotes: bool = Field(False, description="curly quotes to straight ones")
 
     unicode_form: Literal["NFC", "NFKC", "NFD", "NFKD"] | None = Field(
-        "NFC", description="Unicode normalization form (None: leave as is); NFKC also folds ligatures and widths")
+        "NFC", description="Unicode normalization form (None: leave as is); NFKC also folds ligatures and widths"
+    )
     remove_control_chars: bool = Field(
-        True, description="drop control characters (ftfy's list: C0 but tab/LF/FF/CR, DEL, BOM...); keeps tab, LF")
+        True, description="drop control characters (ftfy's list: C0 but tab/LF/FF/CR, DEL, BOM...); keeps tab, LF"
+    )
     # After fix_c1_controls only the five C1 code points that cp1252 leaves undefined remain; ftfy
     # keeps them (its test cases call them intentional), so by default this stage does too.
     remove_c1_controls: bool = Field(False, description="also drop C1 controls (U+0080-U+009F but U+0085)")
     # U+0085 (NEL) is also the C1 byte of cp1252's '…': with fix_c1_controls on, ftfy reads it so first.
     normalize_newlines: bool = Field(True, description="CRLF, CR, U+2028, U+2029 and U+0085 become LF")
-    max_blank_lines: int | None = Field(2, ge=0,
-                                        description="collapse longer runs of blank lines to this many (None: keep)")
+    max_blank_lines: int | None = Field(
+        2, ge=0, description="collapse longer runs of blank lines to this many (None: keep)"
+    )
     examples: int = Field(5, ge=0, description="how many ftfy repairs to show in the report")
 
 
@@ -74,13 +78,21 @@ def ftfy_config(cfg: NormalizeConfig) -> ftfy.TextFixerConfig:
     # an encoding sub-option is switched off the explaining path (which honours it) is taken.
     encoding_defaults = cfg.restore_byte_a0 and cfg.replace_lossy_sequences and cfg.decode_inconsistent_utf8
     return ftfy.TextFixerConfig(
-        unescape_html=cfg.unescape_html, remove_terminal_escapes=cfg.remove_terminal_escapes,
-        fix_encoding=cfg.fix_encoding, restore_byte_a0=cfg.restore_byte_a0,
-        replace_lossy_sequences=cfg.replace_lossy_sequences, decode_inconsistent_utf8=cfg.decode_inconsistent_utf8,
-        fix_c1_controls=cfg.fix_c1_controls, fix_latin_ligatures=cfg.fix_latin_ligatures,
-        fix_character_width=cfg.fix_character_width, uncurl_quotes=cfg.uncurl_quotes,
-        fix_line_breaks=False, fix_surrogates=cfg.fix_surrogates, remove_control_chars=False,
-        normalization=None, explain=not encoding_defaults,
+        unescape_html=cfg.unescape_html,
+        remove_terminal_escapes=cfg.remove_terminal_escapes,
+        fix_encoding=cfg.fix_encoding,
+        restore_byte_a0=cfg.restore_byte_a0,
+        replace_lossy_sequences=cfg.replace_lossy_sequences,
+        decode_inconsistent_utf8=cfg.decode_inconsistent_utf8,
+        fix_c1_controls=cfg.fix_c1_controls,
+        fix_latin_ligatures=cfg.fix_latin_ligatures,
+        fix_character_width=cfg.fix_character_width,
+        uncurl_quotes=cfg.uncurl_quotes,
+        fix_line_breaks=False,
+        fix_surrogates=cfg.fix_surrogates,
+        remove_control_chars=False,
+        normalization=None,
+        explain=not encoding_defaults,
     )
 
 
@@ -91,8 +103,7 @@ def ftfy_config(cfg: NormalizeConfig) -> ftfy.TextFixerConfig:
 # compare the shortcut with full ftfy on the mojibake cases and on real corpora. A text made only
 # of ASCII and these is left alone by every fix enabled by default, so books and Chinese skip
 # most of ftfy's cost (3.5 MB/s on gutenberg_en's non-ASCII chunks).
-SAFE_NON_ASCII = ("\u2018\u2019\u201c\u201d\u2013\u2014\u2026\u00a0"
-                  f"{CJK_PUNCTUATION}{KANA}{HAN}{FULLWIDTH_PUNCTUATION}")
+SAFE_NON_ASCII = f"\u2018\u2019\u201c\u201d\u2013\u2014\u2026\u00a0{CJK_PUNCTUATION}{KANA}{HAN}{FULLWIDTH_PUNCTUATION}"
 NEEDS_FTFY = re.compile(f"[^\\x00-\\x7f{SAFE_NON_ASCII}]")
 
 
@@ -125,8 +136,9 @@ BLANK_RUN = "\n(?:[ \t]*\n){%d,}"
 CHANGES = ("ftfy", "newlines", "control_chars", "unicode_form", "blank_lines")
 
 
-def normalize_steps(text: str, cfg: NormalizeConfig, fixer: ftfy.TextFixerConfig | None = None,
-                    can_change: bool | None = None) -> tuple[str, tuple[str, ...]]:
+def normalize_steps(
+    text: str, cfg: NormalizeConfig, fixer: ftfy.TextFixerConfig | None = None, can_change: bool | None = None
+) -> tuple[str, tuple[str, ...]]:
     """The whole normalization of one text, and which kinds of change (CHANGES) it made.
     `can_change`: `ftfy_can_change(text, cfg)` when the caller has it already (a fifth of the cost)."""
     changed = []
@@ -160,9 +172,11 @@ def normalize_text(text: str, cfg: NormalizeConfig, fixer: ftfy.TextFixerConfig 
 
 
 def _difference(before: str, after: str, width: int = 40) -> tuple[str, str]:
-    start = next((i for i, (a, b) in enumerate(zip(before, after)) if a != b), min(len(before), len(after)))
+    start = next(
+        (i for i, (a, b) in enumerate(zip(before, after, strict=False)) if a != b), min(len(before), len(after))
+    )
     lo = max(0, start - width // 2)
-    return before[lo: lo + width], after[lo: lo + width]
+    return before[lo : lo + width], after[lo : lo + width]
 
 
 class Normalize(ShardStage):
@@ -192,11 +206,12 @@ class Normalize(ShardStage):
         docs, changed = int(stats.total("docs")), int(stats.total("changed_docs"))
         counts = {kind: int(stats.keyed("changes").get(kind, 0)) for kind in CHANGES}
         examples = list(stats.firsts.get("examples", {}).values())[: self.cfg.examples]
-        ctx.report.table("normalize-changes",
-                         [{"change": kind, "docs": n, "share": round(n / docs, 4) if docs else 0.0}
-                          for kind, n in counts.items()] + [{"change": "any", "docs": changed,
-                                                             "share": round(changed / docs, 4) if docs else 0.0}],
-                         f"Documents changed by each normalization step ({changed} of {docs})")
+        ctx.report.table(
+            "normalize-changes",
+            [{"change": kind, "docs": n, "share": round(n / docs, 4) if docs else 0.0} for kind, n in counts.items()]
+            + [{"change": "any", "docs": changed, "share": round(changed / docs, 4) if docs else 0.0}],
+            f"Documents changed by each normalization step ({changed} of {docs})",
+        )
         if examples:
             ctx.report.table("normalize-ftfy-examples", examples, "Text that ftfy repaired (first differences)")
         return {

@@ -62,7 +62,7 @@ class Stats:
     def keyed(self, name: str) -> dict[str, float]:
         return self.by_key.get(name, {})
 
-    def merge(self, later: "Stats") -> "Stats":
+    def merge(self, later: Stats) -> Stats:
         for name, n in later.totals.items():
             self.add(name, n)
         for name, counts in later.by_key.items():
@@ -103,8 +103,7 @@ class ShardStage:
         [(upstream, folder)] = ctx.inputs.items()
         shards, total = input_shards(folder, upstream)
         src = Path(folder) / "shards"
-        units = ctx.map(partial(run_unit, self, str(src), str(ctx.out)), [p.name for p in shards],
-                        f"{self.name}-shard")
+        units = ctx.map(partial(run_unit, self, str(src), str(ctx.out)), [p.name for p in shards], f"{self.name}-shard")
         kept = next(iter(self.outputs))
         (ctx.out / kept).mkdir(parents=True, exist_ok=True)  # an empty result is an empty folder
         ctx.report.progress(total, total, self.name)
@@ -114,8 +113,12 @@ class ShardStage:
         metrics = self.summarize(stats, ctx)
         seconds = time.monotonic() - started
         chars_in = stats.total("chars_in")
-        return {**metrics, "shards": len(units), "seconds": round(seconds, 2),
-                "mb_per_s": round(chars_in / 1e6 / seconds, 2) if seconds > 0 else None}
+        return {
+            **metrics,
+            "shards": len(units),
+            "seconds": round(seconds, 2),
+            "mb_per_s": round(chars_in / 1e6 / seconds, 2) if seconds > 0 else None,
+        }
 
 
 def run_unit(stage: ShardStage, src_dir: str, out_dir: str, name: str) -> Stats:
@@ -128,7 +131,7 @@ def run_unit(stage: ShardStage, src_dir: str, out_dir: str, name: str) -> Stats:
     out = {folder: ShardFileWriter(Path(out_dir) / folder / name, schema) for folder, schema in stage.outputs.items()}
     stats = Stats()
     for batch in iter_batches(Path(src_dir) / name, list(Document._fields), stage.batch_chars):
-        for doc_id, text, source in zip(*(batch.column(c).to_pylist() for c in Document._fields)):
+        for doc_id, text, source in zip(*(batch.column(c).to_pylist() for c in Document._fields), strict=True):
             text = text or ""
             stats.add("docs")
             stats.add("chars_in", len(text))

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -129,8 +130,9 @@ def pool_map(workers: int) -> Callable[..., list]:
     def run(fn: Callable[[Any], Any], items: list, name: str = "") -> list:
         if workers <= 1 or len(items) <= 1:
             return sequential_map(fn, items, name)
-        with ProcessPoolExecutor(max_workers=min(workers, len(items)),
-                                 mp_context=multiprocessing.get_context("forkserver")) as pool:
+        with ProcessPoolExecutor(
+            max_workers=min(workers, len(items)), mp_context=multiprocessing.get_context("forkserver")
+        ) as pool:
             return list(pool.map(fn, items))
 
     return run
@@ -189,14 +191,23 @@ class Outcome:
 def _outcome(stage: str, artifact, cached: bool, seconds: float) -> Outcome:
     manifest = artifact.manifest
     made_by = {**manifest.get("run", {}), "created": manifest.get("created"), "seconds": manifest.get("seconds")}
-    return Outcome(stage, artifact.ref, cached, seconds, artifact.metrics, artifact.path, made_by,
-                   manifest.get("report", []))
+    return Outcome(
+        stage, artifact.ref, cached, seconds, artifact.metrics, artifact.path, made_by, manifest.get("report", [])
+    )
 
 
-def run_stage(store: Store, stage: Stage, cfg: BaseModel | None, inputs: dict[str, str],
-              force: bool = False, reporter: Reporter | None = None, run_info: dict | None = None,
-              identity: object = None, mapper: Callable[..., list] = sequential_map,
-              resources: dict[str, Path] | None = None) -> Outcome:
+def run_stage(
+    store: Store,
+    stage: Stage,
+    cfg: BaseModel | None,
+    inputs: dict[str, str],
+    force: bool = False,
+    reporter: Reporter | None = None,
+    run_info: dict | None = None,
+    identity: object = None,
+    mapper: Callable[..., list] = sequential_map,
+    resources: dict[str, Path] | None = None,
+) -> Outcome:
     """Produce (or find) the artifact of `stage` for this config and these input refs.
 
     `identity` is what the stage reads from outside the store (a source's files by content, the
@@ -230,14 +241,26 @@ def run_stage(store: Store, stage: Stage, cfg: BaseModel | None, inputs: dict[st
             return _outcome(stage.name, existing, True, time.monotonic() - started)
         if existing is not None and not force:
             reporter.log.info("an input was rebuilt with other content: rebuilding %s", ref)
-        manifest = {"version": stage.version, "params": params, "inputs": inputs,
-                    "input_digests": input_digests, "run": run_info or {}}
+        manifest = {
+            "version": stage.version,
+            "params": params,
+            "inputs": inputs,
+            "input_digests": input_digests,
+            "run": run_info or {},
+        }
         with store.writer(ref, manifest) as out:
-            ctx = StageContext(inputs={name: a.path for name, a in input_artifacts.items()}, out=out,
-                               work=store.work_dir(ref), report=reporter, store_root=store.root, store=store, ref=ref,
-                               map=mapper, resources=dict(resources or {}))
+            ctx = StageContext(
+                inputs={name: a.path for name, a in input_artifacts.items()},
+                out=out,
+                work=store.work_dir(ref),
+                report=reporter,
+                store_root=store.root,
+                store=store,
+                ref=ref,
+                map=mapper,
+                resources=dict(resources or {}),
+            )
             manifest["metrics"] = stage.run(cfg, ctx) or {}
             manifest["report"] = reporter.report()
     # The writer completed `manifest`: no need to read back what was just committed.
     return _outcome(stage.name, Artifact(ref, store.path(ref), manifest), False, time.monotonic() - started)
-

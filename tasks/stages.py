@@ -8,6 +8,16 @@ from ember.tasks import dedup, download, evaluate, normalize, publish, quantize,
 from ember.tasks import filter as quality_filter
 from ember.tasks.stage import Stage
 
-STAGES: list[Stage] = [download.STAGE, normalize.STAGE, quality_filter.STAGE, dedup.STAGE, train_tokenizer.STAGE,
-                       tokenize.STAGE, train.STAGE, quantize.STAGE, evaluate.STAGE, publish.STAGE]
+STAGES: list[Stage] = [
+    download.STAGE,
+    normalize.STAGE,
+    quality_filter.STAGE,
+    dedup.STAGE,
+    train_tokenizer.STAGE,
+    tokenize.STAGE,
+    train.STAGE,
+    quantize.STAGE,
+    evaluate.STAGE,
+    publish.STAGE,
+]
 STAGE_NAMES: list[str] = [stage.name for stage in STAGES]

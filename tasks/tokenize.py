@@ -38,8 +38,9 @@ log = logging.getLogger("ember.tokenize")
 class TokenizeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    val_fraction: float = Field(0.05, gt=0.0, lt=0.5,
-                                description="Share of documents (by id hash) held out for validation.")
+    val_fraction: float = Field(
+        0.05, gt=0.0, lt=0.5, description="Share of documents (by id hash) held out for validation."
+    )
     batch_size: int = Field(1000, ge=1, description="Documents per `encode_batch` call (parallel over all cores).")
     shard_tokens: int = Field(50_000_000, ge=1, description="A part file is closed once it holds this many tokens.")
 
@@ -73,8 +74,9 @@ def _val_masks(shards: list[Path], val_fraction: float) -> list[np.ndarray]:
     return masks
 
 
-def tokenize_shard(path: Path, is_val: np.ndarray, tokenizer: Tokenizer, dtype: np.dtype, cfg: TokenizeConfig,
-                   out: Path) -> dict:
+def tokenize_shard(
+    path: Path, is_val: np.ndarray, tokenizer: Tokenizer, dtype: np.dtype, cfg: TokenizeConfig, out: Path
+) -> dict:
     """One text shard to token files under `out/train` and `out/val`; returns its counts.
 
     Shards are independent: a shard's files depend on that shard alone (and the split mask,
@@ -102,8 +104,7 @@ def tokenize_shard(path: Path, is_val: np.ndarray, tokenizer: Tokenizer, dtype: 
     return stats
 
 
-def tokenize_unit(tokenizer_dir: str, cfg: TokenizeConfig, work: str, masks: dict[str, np.ndarray],
-                  shard: str) -> dict:
+def tokenize_unit(tokenizer_dir: str, cfg: TokenizeConfig, work: str, masks: dict[str, np.ndarray], shard: str) -> dict:
     """One shard as a unit of `ctx.map`: plain arguments, so it can run in another process.
 
     Its token files land in `work/shard-<name>-<identity>/`, named after what they were made from
@@ -112,8 +113,11 @@ def tokenize_unit(tokenizer_dir: str, cfg: TokenizeConfig, work: str, masks: dic
     """
     path, tokenizer_path = Path(shard), Path(tokenizer_dir) / TOKENIZER_JSON
     is_val = masks[path.name]
-    identity = hashlib.sha256(json.dumps([file_sha256(path), file_sha256(tokenizer_path),
-                                          np.packbits(is_val).tobytes().hex(), cfg.model_dump()]).encode()).hexdigest()[:16]
+    identity = hashlib.sha256(
+        json.dumps(
+            [file_sha256(path), file_sha256(tokenizer_path), np.packbits(is_val).tobytes().hex(), cfg.model_dump()]
+        ).encode()
+    ).hexdigest()[:16]
     done = Path(work) / f"shard-{path.stem}-{identity}"
     if (done / "stats.json").is_file():
         return {**json.loads((done / "stats.json").read_text()), "reused": True, "folder": str(done)}
@@ -144,8 +148,13 @@ def run(cfg: TokenizeConfig, ctx: StageContext) -> dict:
 
     # Finished shards are kept in the work folder (which outlives a crash) under a name that
     # says what they were made from; a rerun after a crash reuses them and redoes the rest.
-    unit = partial(tokenize_unit, str(ctx.inputs["train_tokenizer"]), cfg, str(ctx.work),
-                   {path.name: mask for path, mask in zip(shards, masks)})
+    unit = partial(
+        tokenize_unit,
+        str(ctx.inputs["train_tokenizer"]),
+        cfg,
+        str(ctx.work),
+        {path.name: mask for path, mask in zip(shards, masks, strict=True)},
+    )
     results = ctx.map(unit, [str(path) for path in shards], name="tokenize-shard")
 
     # Gather: shard i's files become part-<i>-<k>.arrow of each split, in shard order.
@@ -178,13 +187,21 @@ def run(cfg: TokenizeConfig, ctx: StageContext) -> dict:
     seconds = time.monotonic() - started
     tokens = meta["train_tokens"] + meta["val_tokens"]
     n_bytes = meta["train_bytes"] + meta["val_bytes"]
-    ctx.report.table("tokenize-splits", [
-        {"split": split, "docs": totals[split]["docs"], "tokens": totals[split]["tokens"],
-         "bytes": totals[split]["bytes"],
-         "bytes_per_token": round(totals[split]["bytes"] / max(totals[split]["tokens"], 1), 3),
-         "files": totals[split]["files"]}
-        for split in SPLITS
-    ], "Token shards per split (tokens include one EOS per document)")
+    ctx.report.table(
+        "tokenize-splits",
+        [
+            {
+                "split": split,
+                "docs": totals[split]["docs"],
+                "tokens": totals[split]["tokens"],
+                "bytes": totals[split]["bytes"],
+                "bytes_per_token": round(totals[split]["bytes"] / max(totals[split]["tokens"], 1), 3),
+                "files": totals[split]["files"],
+            }
+            for split in SPLITS
+        ],
+        "Token shards per split (tokens include one EOS per document)",
+    )
     return {
         "tokens": tokens,
         "train_tokens": meta["train_tokens"],

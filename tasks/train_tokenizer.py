@@ -4,10 +4,11 @@ Byte-level means every string has an encoding and `decode(encode(x)) == x` byte 
 there is no unknown token, and mojibake, emoji or `\\r\\n` come back as they were. The text is
 already NFC when it gets here (the normalize stage does it), so the tokenizer itself applies no
 normalizer by default: NFC inside the tokenizer would rewrite the 5 documents of the shared
-corpora that are not NFC and break the round trip for any text given directly. Before the GPT-2 pre-tokenizer regex, a Split isolates each CJK
-character and runs of at most three digits: Chinese has no spaces, so without it a whole
-clause would be one pre-token and the merges would be spent on rare phrases; capped digit
-groups (as in Llama 3) keep numbers from eating the vocabulary.
+corpora that are not NFC and break the round trip for any text given directly. Before the GPT-2
+pre-tokenizer regex, a Split isolates each CJK character and runs of at most three digits:
+Chinese has no spaces, so without it a whole clause would be one pre-token and the merges
+would be spent on rare phrases; capped digit groups (as in Llama 3) keep numbers from eating
+the vocabulary.
 
 Outputs: `tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json`, which
 `transformers.PreTrainedTokenizerFast` loads, and `report.json` / `report.md` (bytes per token by
@@ -22,19 +23,18 @@ import hashlib
 import json
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from ember.model.scripts import HAN, HAN_COMPATIBILITY, KANA
 from ember.model.tokenizer import SPECIAL_TOKENS, TOKENIZER_JSON, load_tokenizer
 from ember.storage.shards import list_shards, read_shard
 from ember.tasks.stage import Stage, StageContext
-from ember.model.scripts import HAN, HAN_COMPATIBILITY, KANA
-
 
 # Han ideographs and kana one per pre-token; digits in groups of up to three (with the space
 # before them, so " 2024" stays one GPT-2 style piece).
@@ -47,15 +47,24 @@ MODEL_MAX_LENGTH = int(1e30)  # transformers' "no limit"; publish sets the model
 class TokenizerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    vocab_size: int = Field(8192, ge=256 + len(SPECIAL_TOKENS),
-                            description="Total vocabulary, special tokens and the 256 byte tokens included.")
+    vocab_size: int = Field(
+        8192,
+        ge=256 + len(SPECIAL_TOKENS),
+        description="Total vocabulary, special tokens and the 256 byte tokens included.",
+    )
     min_frequency: int = Field(2, ge=1, description="A pair must occur this often to be merged.")
-    max_chars: int = Field(50_000_000, ge=1,
-                           description="Budget of text fed to training; documents are sampled by a hash of "
-                                       "their id (deterministic), so memory and time stay bounded.")
-    normalize_nfc: bool = Field(False, description="NFC-normalize inside the tokenizer too (as Qwen2 does). Off by "
-                                                   "default: the normalize stage already gives NFC text, and off "
-                                                   "the round trip is byte-exact for any text; on, it gives NFC(x).")
+    max_chars: int = Field(
+        50_000_000,
+        ge=1,
+        description="Budget of text fed to training; documents are sampled by a hash of "
+        "their id (deterministic), so memory and time stay bounded.",
+    )
+    normalize_nfc: bool = Field(
+        False,
+        description="NFC-normalize inside the tokenizer too (as Qwen2 does). Off by "
+        "default: the normalize stage already gives NFC text, and off "
+        "the round trip is byte-exact for any text; on, it gives NFC(x).",
+    )
 
 
 def build_tokenizer(normalize_nfc: bool = False) -> Tokenizer:
@@ -63,11 +72,13 @@ def build_tokenizer(normalize_nfc: bool = False) -> Tokenizer:
     tokenizer = Tokenizer(models.BPE())
     if normalize_nfc:
         tokenizer.normalizer = normalizers.NFC()
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
-        # add_prefix_space=False: a prefix space would not survive decoding, breaking the round trip.
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+            # add_prefix_space=False: a prefix space would not survive decoding, breaking the round trip.
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     tokenizer.decoder = decoders.ByteLevel()
     # Adds no tokens; keeps offsets right for transformers users (GPT-2 ships the same).
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
@@ -84,8 +95,9 @@ def _scan(shards: list[Path]) -> list[tuple[np.ndarray, np.ndarray]]:
     scanned = []
     for path in shards:
         table = read_shard(path, columns=["id", "text"])
-        fractions = np.fromiter((sample_fraction(i) for i in table["id"].to_pylist()), dtype=np.float64,
-                                count=table.num_rows)
+        fractions = np.fromiter(
+            (sample_fraction(i) for i in table["id"].to_pylist()), dtype=np.float64, count=table.num_rows
+        )
         lengths = pc.fill_null(pc.utf8_length(table["text"]), 0).to_numpy()
         scanned.append((fractions, lengths))
     return scanned
@@ -94,13 +106,13 @@ def _scan(shards: list[Path]) -> list[tuple[np.ndarray, np.ndarray]]:
 def _iter_texts(shards: list[Path], masks: list[np.ndarray], max_chars: int) -> Iterator[str]:
     """The texts selected by `masks`, one shard in memory at a time, stopping at `max_chars`."""
     fed = 0
-    for path, mask in zip(shards, masks):
+    for path, mask in zip(shards, masks, strict=True):
         if not mask.any():
             continue
         texts = read_shard(path, columns=["text"])["text"].to_pylist()
-        for keep, text in zip(mask, texts):
+        for keep, text in zip(mask, texts, strict=True):
             if keep and text:
-                text = text[:max_chars - fed]  # the budget is a hard cap, even for one huge document
+                text = text[: max_chars - fed]  # the budget is a hard cap, even for one huge document
                 fed += len(text)
                 yield text
                 if fed >= max_chars:
@@ -115,8 +127,17 @@ def bytes_per_token(tokenizer: Tokenizer, texts: list[str]) -> tuple[int, int]:
 
 def write_transformers_files(out: Path, model_max_length: int = MODEL_MAX_LENGTH) -> None:
     """tokenizer_config.json and special_tokens_map.json as `PreTrainedTokenizerFast` expects them."""
-    added = {str(i): {"content": token, "lstrip": False, "normalized": False, "rstrip": False,
-                      "single_word": False, "special": True} for i, token in enumerate(SPECIAL_TOKENS)}
+    added = {
+        str(i): {
+            "content": token,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+        for i, token in enumerate(SPECIAL_TOKENS)
+    }
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": "<bos>",
@@ -149,13 +170,13 @@ def run(cfg: TokenizerConfig, ctx: StageContext) -> dict:
     hold_out = 0 < n_held < n_docs  # a tiny input may have none (or only) held-out documents
     if not hold_out:
         held = [np.zeros_like(h) for h in held]
-    trainable_chars = int(sum(n[~h].sum() for (_, n), h in zip(scanned, held)))
+    trainable_chars = int(sum(n[~h].sum() for (_, n), h in zip(scanned, held, strict=True)))
     if trainable_chars == 0:
         raise ValueError(f"{shard_dir}: the shards hold no text")
     # Documents with fraction < take are used: the cheapest rule that is the same on every run
     # and does not depend on shard order. The iterator's hard stop covers an unlucky draw.
     take = min(1.0, cfg.max_chars / trainable_chars)
-    masks = [(f < take) & ~h for (f, _), h in zip(scanned, held)]
+    masks = [(f < take) & ~h for (f, _), h in zip(scanned, held, strict=True)]
     selected_docs = int(sum(m.sum() for m in masks))
 
     tokenizer = build_tokenizer(cfg.normalize_nfc)
@@ -175,11 +196,17 @@ def run(cfg: TokenizerConfig, ctx: StageContext) -> dict:
             ctx.report.progress(fed["docs"], selected_docs, "train_tokenizer: documents fed")
             yield text
 
-    ctx.log.info("training a %d-token BPE on %d documents (%.1f%% of %s chars)", cfg.vocab_size, selected_docs,
-                 100 * take, f"{trainable_chars:,}")
+    ctx.log.info(
+        "training a %d-token BPE on %d documents (%.1f%% of %s chars)",
+        cfg.vocab_size,
+        selected_docs,
+        100 * take,
+        f"{trainable_chars:,}",
+    )
     train_started = time.monotonic()
-    tokenizer.train_from_iterator(counted(_iter_texts(shards, masks, cfg.max_chars)), trainer=trainer,
-                                  length=selected_docs)
+    tokenizer.train_from_iterator(
+        counted(_iter_texts(shards, masks, cfg.max_chars)), trainer=trainer, length=selected_docs
+    )
     train_seconds = time.monotonic() - train_started
 
     tokenizer.save(str(ctx.out / TOKENIZER_JSON))
@@ -187,9 +214,13 @@ def run(cfg: TokenizerConfig, ctx: StageContext) -> dict:
     tokenizer = load_tokenizer(ctx.out)  # measure what was saved, as the next stages will load it
 
     report = held_out_report(tokenizer, shards, held if hold_out else masks)
-    ctx.report.table("tokenizer-bytes-per-token", report["rows"],
-                     "Bytes per token by source and script on held-out documents (higher = better compression)"
-                     if hold_out else "Bytes per token (on training text: input too small to hold some out)")
+    ctx.report.table(
+        "tokenizer-bytes-per-token",
+        report["rows"],
+        "Bytes per token by source and script on held-out documents (higher = better compression)"
+        if hold_out
+        else "Bytes per token (on training text: input too small to hold some out)",
+    )
     by_script = {r["name"]: r["bytes_per_token"] for r in report["rows"] if r["by"] == "script"}
     metrics = {
         "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
@@ -210,8 +241,7 @@ def run(cfg: TokenizerConfig, ctx: StageContext) -> dict:
     markdown = _report_markdown(report, metrics)
     (ctx.out / "report.md").write_text(markdown)
     ctx.report.markdown("tokenizer-report", markdown, "Tokenizer report")
-    ctx.report.table("tokenizer-summary", [{"metric": k, "value": v} for k, v in metrics.items()],
-                     "Tokenizer training")
+    ctx.report.table("tokenizer-summary", [{"metric": k, "value": v} for k, v in metrics.items()], "Tokenizer training")
     return metrics
 
 
@@ -219,7 +249,7 @@ CJK_CHAR = re.compile(f"[{KANA}{HAN}{HAN_COMPATIBILITY}]")
 
 
 def script_of(text: str) -> str:
-    """"CJK" when at least 30% of the characters are Han or kana, else "other": enough to tell
+    """ "CJK" when at least 30% of the characters are Han or kana, else "other": enough to tell
     whether Chinese and Japanese get their own figures, without a language model."""
     head = text[:2000]
     return "CJK" if head and len(CJK_CHAR.findall(head)) >= 0.3 * len(head) else "other"
@@ -230,21 +260,21 @@ def held_out_report(tokenizer: Tokenizer, shards: list[Path], masks: list[np.nda
     on up to HELD_MAX_CHARS of the masked documents."""
     docs: list[tuple[str, str]] = []  # (source, text)
     chars = 0
-    for path, mask in zip(shards, masks):
+    for path, mask in zip(shards, masks, strict=True):
         if chars >= HELD_MAX_CHARS:
             break
         if not mask.any():
             continue
         table = read_shard(path, columns=["text", "source"])
-        for keep, text, source in zip(mask, table["text"].to_pylist(), table["source"].to_pylist()):
+        for keep, text, source in zip(mask, table["text"].to_pylist(), table["source"].to_pylist(), strict=True):
             if keep and text and chars < HELD_MAX_CHARS:
-                text = text[:HELD_MAX_CHARS - chars]
+                text = text[: HELD_MAX_CHARS - chars]
                 docs.append((source or "", text))
                 chars += len(text)
     encodings = tokenizer.encode_batch([text for _, text in docs], add_special_tokens=False)
     groups: dict[tuple[str, str], list[int]] = {}
     used: set[int] = set()
-    for i, ((source, text), encoding) in enumerate(zip(docs, encodings)):
+    for i, ((source, text), encoding) in enumerate(zip(docs, encodings, strict=True)):
         used.update(encoding.ids)
         for group in (("source", source), ("script", script_of(text)), ("all", "(all)")):
             groups.setdefault(group, []).append(i)
@@ -252,25 +282,40 @@ def held_out_report(tokenizer: Tokenizer, shards: list[Path], masks: list[np.nda
     def row(kind: str, name: str, members: list[int]) -> dict:
         n_bytes = sum(len(docs[i][1].encode("utf-8")) for i in members)
         n_tokens = sum(len(encodings[i].ids) for i in members)
-        return {"by": kind, "name": name, "docs": len(members), "bytes": n_bytes, "tokens": n_tokens,
-                "bytes_per_token": round(n_bytes / max(n_tokens, 1), 3)}
+        return {
+            "by": kind,
+            "name": name,
+            "docs": len(members),
+            "bytes": n_bytes,
+            "tokens": n_tokens,
+            "bytes_per_token": round(n_bytes / max(n_tokens, 1), 3),
+        }
 
-    rows = [row(kind, name, members) for (kind, name), members in sorted(groups.items())
-            if kind != "all"] + [row("all", "(all)", groups.get(("all", "(all)"), []))]
+    rows = [row(kind, name, members) for (kind, name), members in sorted(groups.items()) if kind != "all"] + [
+        row("all", "(all)", groups.get(("all", "(all)"), []))
+    ]
     vocab = tokenizer.get_vocab_size(with_added_tokens=True)
     return {"rows": rows, "vocab_used": len(used), "vocab_coverage": round(len(used) / vocab, 4)}
 
 
 def _report_markdown(report: dict, metrics: dict) -> str:
-    lines = ["# Tokenizer report", "",
-             f"Byte-level BPE, {metrics['vocab_size']:,} tokens, trained on {metrics['chars_trained_on']:,} "
-             f"characters of {metrics['docs_trained_on']:,} documents.", "",
-             f"Measured on {'held-out' if metrics['bytes_per_token_on'] == 'held_out' else 'training'} documents. "
-             f"Vocabulary coverage: {report['vocab_used']:,} of {metrics['vocab_size']:,} tokens used "
-             f"({100 * report['vocab_coverage']:.1f}%).", "",
-             "| by | name | docs | bytes | tokens | bytes per token |", "|---|---|---:|---:|---:|---:|"]
-    lines += [f"| {r['by']} | {r['name']} | {r['docs']:,} | {r['bytes']:,} | {r['tokens']:,} | {r['bytes_per_token']} |"
-              for r in report["rows"]]
+    lines = [
+        "# Tokenizer report",
+        "",
+        f"Byte-level BPE, {metrics['vocab_size']:,} tokens, trained on {metrics['chars_trained_on']:,} "
+        f"characters of {metrics['docs_trained_on']:,} documents.",
+        "",
+        f"Measured on {'held-out' if metrics['bytes_per_token_on'] == 'held_out' else 'training'} documents. "
+        f"Vocabulary coverage: {report['vocab_used']:,} of {metrics['vocab_size']:,} tokens used "
+        f"({100 * report['vocab_coverage']:.1f}%).",
+        "",
+        "| by | name | docs | bytes | tokens | bytes per token |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {r['by']} | {r['name']} | {r['docs']:,} | {r['bytes']:,} | {r['tokens']:,} | {r['bytes_per_token']} |"
+        for r in report["rows"]
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ember.tasks.stage import Reporter, Stage, StageContext, sequential_map
 
@@ -14,23 +15,37 @@ from ember.tasks.stage import Reporter, Stage, StageContext, sequential_map
 CORPORA = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 
 
-def stage_context(tmp_path: Path, name: str, inputs: dict[str, Path] | None = None, *,
-                  mapper: Callable[..., list] | None = None, store_root: Path | None = None,
-                  work: Path | None = None, reporter: Reporter | None = None,
-                  resources: dict[str, Path] | None = None) -> StageContext:
+def stage_context(
+    tmp_path: Path,
+    name: str,
+    inputs: dict[str, Path] | None = None,
+    *,
+    mapper: Callable[..., list] | None = None,
+    store_root: Path | None = None,
+    work: Path | None = None,
+    reporter: Reporter | None = None,
+    resources: dict[str, Path] | None = None,
+) -> StageContext:
     """The context a stage runs in, as `run_stage` makes it, without the store: the output in
     `tmp_path/name`, scratch in `tmp_path/name-work` (both created)."""
     out = tmp_path / name
     out.mkdir(parents=True, exist_ok=True)
     work = work or tmp_path / f"{name}-work"
     work.mkdir(parents=True, exist_ok=True)
-    return StageContext(inputs=dict(inputs or {}), out=out, work=work, report=reporter or Reporter(name),
-                        store_root=store_root or tmp_path, map=mapper or sequential_map,
-                        resources=dict(resources or {}))
+    return StageContext(
+        inputs=dict(inputs or {}),
+        out=out,
+        work=work,
+        report=reporter or Reporter(name),
+        store_root=store_root or tmp_path,
+        map=mapper or sequential_map,
+        resources=dict(resources or {}),
+    )
 
 
-def run_stage_in(tmp_path: Path, stage: Stage, cfg: Any, inputs: dict[str, Path] | None = None,
-                 name: str | None = None, **context) -> tuple[Path, dict]:
+def run_stage_in(
+    tmp_path: Path, stage: Stage, cfg: Any, inputs: dict[str, Path] | None = None, name: str | None = None, **context
+) -> tuple[Path, dict]:
     """Run a stage's logic into `tmp_path/<name or stage name>`; returns (its output folder, metrics)."""
     ctx = stage_context(tmp_path, name or stage.name, inputs, **context)
     return ctx.out, stage.run(cfg, ctx)
@@ -38,8 +53,15 @@ def run_stage_in(tmp_path: Path, stage: Stage, cfg: Any, inputs: dict[str, Path]
 
 # Headless in a sandboxed CI box with no network: no GPU, no sandbox (root), and none of
 # Chromium's own background connections (each would be refused, many at a time).
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-quic"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
 
 
 def screenshot(page, tmp_path: Path, name: str, full_page: bool = True) -> Path:

@@ -47,19 +47,40 @@ class SeaweedS3:
         (folder / "data").mkdir(parents=True, exist_ok=True)
         self.log = folder / "weed.log"
         self.proc = subprocess.Popen(
-            [str(WEED), "server", f"-dir={folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-             f"-master.port={master}", f"-master.port.grpc={master + 10000}",
-             f"-volume.port={volume}", f"-volume.port.grpc={volume + 10000}", "-volume.max=20",
-             f"-filer.port={filer}", f"-filer.port.grpc={filer + 10000}",
-             "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3 + 10000}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-             "-iam=false"],
-            stdout=self.log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                str(WEED),
+                "server",
+                f"-dir={folder / 'data'}",
+                "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1",
+                f"-master.port={master}",
+                f"-master.port.grpc={master + 10000}",
+                f"-volume.port={volume}",
+                f"-volume.port.grpc={volume + 10000}",
+                "-volume.max=20",
+                f"-filer.port={filer}",
+                f"-filer.port.grpc={filer + 10000}",
+                "-s3",
+                f"-s3.port={s3}",
+                f"-s3.port.grpc={s3 + 10000}",
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
+                "-iam=false",
+            ],
+            stdout=self.log.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     @property
     def env(self) -> dict[str, str]:
         """What a client (this process, a CLI, a worker) needs to reach it: botocore reads these."""
-        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "ember", "AWS_SECRET_ACCESS_KEY": "ember",
-                "AWS_DEFAULT_REGION": "us-east-1"}
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": "ember",
+            "AWS_SECRET_ACCESS_KEY": "ember",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
 
     def wait(self, bucket: str, timeout_s: float = 90) -> None:
         """Until the S3 endpoint answers and `bucket` exists (creating it)."""
@@ -74,8 +95,9 @@ class SeaweedS3:
                 pass  # answering, with an error for an anonymous listing: up
             except OSError:
                 if time.monotonic() > deadline:
-                    raise AssertionError(f"SeaweedFS did not answer at {self.endpoint}:\n"
-                                         + self.log.read_text()[-3000:]) from None
+                    raise AssertionError(
+                        f"SeaweedFS did not answer at {self.endpoint}:\n" + self.log.read_text()[-3000:]
+                    ) from None
                 time.sleep(0.5)
                 continue
             fs = s3fs.S3FileSystem(key="ember", secret="ember", endpoint_url=self.endpoint, skip_instance_cache=True)

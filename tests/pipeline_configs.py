@@ -12,8 +12,10 @@ from helpers import CORPORA
 
 TINY = {
     "name": "tiny",
-    "download": {"sources": [{"name": "shakespeare", "path": str(CORPORA / "tinyshakespeare" / "input.txt")}],
-                 "chunk_chars": 2000},
+    "download": {
+        "sources": [{"name": "shakespeare", "path": str(CORPORA / "tinyshakespeare" / "input.txt")}],
+        "chunk_chars": 2000,
+    },
     "train_tokenizer": {"vocab_size": 512},
     "train": {
         "model": {"preset": "tiny"},

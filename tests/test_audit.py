@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from ember.flows.audit import audit_document, format_audit
 from ember.storage.store import Store
 from ember.tasks import dedup, download, normalize
 from ember.tasks import filter as quality_filter
-from ember.flows.audit import audit_document, format_audit
 from ember.tasks.dedup import DedupConfig
 from ember.tasks.download import DownloadConfig
 from ember.tasks.filter import FilterConfig, judge
@@ -31,9 +31,9 @@ def store(tmp_path_factory, corpora) -> tuple[Store, dict]:
     with open(corpora / "gutenberg_en" / "books-00.jsonl", encoding="utf-8") as f:
         book = json.loads(f.readline())["text"]
     prose = book[20_000:23_500]
-    prose = normalize_text(prose[prose.index("\n\n") + 2: prose.rindex("\n\n")], NormalizeConfig())
+    prose = normalize_text(prose[prose.index("\n\n") + 2 : prose.rindex("\n\n")], NormalizeConfig())
     prose = judge(prose, FilterConfig()).text  # without its chapter heading: nothing left to drop
-    page = ("Home\nNews\nSign In\n\n" + prose + "\n\nCopyright © 2019 The Paper. All Rights Reserved.\n")
+    page = "Home\nNews\nSign In\n\n" + prose + "\n\nCopyright © 2019 The Paper. All Rights Reserved.\n"
     records = [
         {"text": prose},  # :0 kept
         {"text": "Buy now! " * 30},  # :1 removed by the filter
@@ -69,7 +69,8 @@ def test_kept_document(store):
     assert path["filter"]["outcome"] == "kept" and path["filter"]["removed_lines"] == []
     assert path["dedup"] == {"ref": refs["dedup"], "outcome": "kept"}
     assert [(r["name"], r["flow_run_id"], r["stages"]) for r in doc["runs"]] == [
-        ("tiny-audit", "abc-123", ["dedup", "download", "filter", "normalize"])]
+        ("tiny-audit", "abc-123", ["dedup", "download", "filter", "normalize"])
+    ]
 
 
 def test_removed_document_names_rule_value_threshold(store):
@@ -112,10 +113,18 @@ def test_unknown_document(store):
 def test_cli(store):
     s, refs = store
     cli = [sys.executable, "-m", "ember.flows.cli", "audit"]
-    run = subprocess.run([*cli, "mini/mini.jsonl:1", "--store", str(s.root)], cwd=REPO, capture_output=True,
-                         text=True, timeout=120, env={**os.environ, "COLUMNS": "200"}, check=False)
+    run = subprocess.run(
+        [*cli, "mini/mini.jsonl:1", "--store", str(s.root)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "COLUMNS": "200"},
+        check=False,
+    )
     assert run.returncode == 0, run.stderr
     assert "REMOVED by" in run.stdout and "tiny-audit" in run.stdout
-    missing = subprocess.run([*cli, "nope:0", "--store", str(s.root)], cwd=REPO, capture_output=True, text=True,
-                             timeout=120, check=False)
+    missing = subprocess.run(
+        [*cli, "nope:0", "--store", str(s.root)], cwd=REPO, capture_output=True, text=True, timeout=120, check=False
+    )
     assert missing.returncode == 1 and "no download artifact" in missing.stdout

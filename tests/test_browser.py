@@ -51,12 +51,12 @@ STYLES_JS = """output => ['.ember-prompt', '.ember-generated'].map(sel => {
 
 @pytest.fixture(scope="module")
 def demo_url(tmp_path_factory, prefect_api):
+    from ember.deployments.app import launch
     from test_publish_demo import free_port
 
-    from ember.deployments.app import launch
-
-    demo = launch(tiny_release_store(tmp_path_factory) / "releases", port=free_port(), prevent_thread_lock=True,
-                  quiet=True)
+    demo = launch(
+        tiny_release_store(tmp_path_factory) / "releases", port=free_port(), prevent_thread_lock=True, quiet=True
+    )
     yield demo.local_url
     demo.close()
 
@@ -64,9 +64,8 @@ def demo_url(tmp_path_factory, prefect_api):
 @pytest.fixture(scope="module")
 def two_languages_url(tmp_path_factory, corpora):
     """A demo serving a Chinese model (latest) and an English one (v0001)."""
-    from test_publish_demo import free_port, publish_two_languages
-
     from ember.deployments.app import launch
+    from test_publish_demo import free_port, publish_two_languages
 
     releases = publish_two_languages(tmp_path_factory.mktemp("languages"), corpora)
     demo = launch(releases, port=free_port(), prevent_thread_lock=True, quiet=True)

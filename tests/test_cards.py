@@ -10,13 +10,19 @@ from ember.flows.cards import embed_images, stage_card, stages_table
 from ember.tasks.stage import Outcome, Reporter, markdown_table
 
 STAGES = ["download", "normalize", "filter"]
-PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
+PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+)
 
 
 def test_markdown_table_escapes_pipes_and_newlines_and_groups_thousands():
     table = markdown_table([{"rule": "a|b", "docs": 12345}, {"rule": "two\nlines", "chars": 7}])
-    assert table.splitlines() == ["| rule | docs | chars |", "|---|---|---|", "| a\\|b | 12,345 |  |",
-                                  "| two lines |  | 7 |"]
+    assert table.splitlines() == [
+        "| rule | docs | chars |",
+        "|---|---|---|",
+        "| a\\|b | 12,345 |  |",
+        "| two lines |  | 7 |",
+    ]
     assert markdown_table([]) == "(none)"
 
 
@@ -54,7 +60,7 @@ def test_images_of_the_artifact_are_embedded_and_nothing_else(tmp_path):
     (tmp_path / "art").mkdir()
     (tmp_path / "art" / "loss.png").write_bytes(PNG)
     (tmp_path / "secret.png").write_bytes(PNG)
-    text = ("![loss](loss.png) ![gone](missing.png) ![up](../secret.png) ![web](https://example.org/a.png)")
+    text = "![loss](loss.png) ![gone](missing.png) ![up](../secret.png) ![web](https://example.org/a.png)"
     out = embed_images(text, tmp_path / "art")
     assert out.startswith("![loss](data:image/png;base64," + base64.b64encode(PNG).decode() + ")")
     assert out.endswith(" ![gone](missing.png) ![up](../secret.png) ![web](https://example.org/a.png)")
@@ -62,16 +68,25 @@ def test_images_of_the_artifact_are_embedded_and_nothing_else(tmp_path):
 
 
 def outcome(cached: bool, report: list[dict], path: Path | None = None) -> Outcome:
-    return Outcome("normalize", "normalize/" + "ab" * 32, cached, 0.02 if cached else 3.25, {}, path,
-                   {"flow_run_id": "1234-5678", "flow_run_name": "build-tiny-0badc0de", "created": 1796558400.0,
-                    "seconds": 3.25}, report)
+    return Outcome(
+        "normalize",
+        "normalize/" + "ab" * 32,
+        cached,
+        0.02 if cached else 3.25,
+        {},
+        path,
+        {"flow_run_id": "1234-5678", "flow_run_name": "build-tiny-0badc0de", "created": 1796558400.0, "seconds": 3.25},
+        report,
+    )
 
 
 def test_a_stage_card_says_where_it_stands_and_what_it_reported(tmp_path):
     (tmp_path / "plot.png").write_bytes(PNG)
-    report = [{"key": "changes", "title": "What normalize changed", "markdown": "| docs |\n|---|\n| 3 |"},
-              {"key": "summary", "title": "Summary", "markdown": "### Own heading\n![plot](plot.png)"},
-              {"key": "note", "title": "", "markdown": "A line without a title."}]
+    report = [
+        {"key": "changes", "title": "What normalize changed", "markdown": "| docs |\n|---|\n| 3 |"},
+        {"key": "summary", "title": "Summary", "markdown": "### Own heading\n![plot](plot.png)"},
+        {"key": "note", "title": "", "markdown": "A line without a title."},
+    ]
     description, card = stage_card(outcome(False, report, tmp_path), STAGES)
     assert description == "Stage 2 of 3: normalize, ran in 3.2 s"
     lines = card.splitlines()
@@ -85,8 +100,10 @@ def test_a_stage_card_says_where_it_stands_and_what_it_reported(tmp_path):
 def test_a_cached_card_links_the_run_that_made_the_artifact():
     description, card = stage_card(outcome(True, []), STAGES, ui_url="http://127.0.0.1:4200")
     assert description == "Stage 2 of 3: normalize, cached"
-    assert ("made by run [build-tiny-0badc0de](http://127.0.0.1:4200/runs/flow-run/1234-5678) on "
-            "2026-12-06 12:00 UTC in 3.2 s") in card
+    assert (
+        "made by run [build-tiny-0badc0de](http://127.0.0.1:4200/runs/flow-run/1234-5678) on "
+        "2026-12-06 12:00 UTC in 3.2 s"
+    ) in card
     assert "made before stages kept their report" in card  # an artifact from before this change
     _, offline = stage_card(outcome(True, []), STAGES, ui_url=None)  # a temporary server: no page to link
     assert "made by run `build-tiny-0badc0de`" in offline
@@ -97,7 +114,9 @@ def test_the_stage_table_is_in_order_and_counts_what_ran():
     assert table.startswith("1 stages ran, 1 were cached in the store.")
     rows = table.splitlines()[4:]
     assert rows[0].startswith("| 1 | normalize | **ran** | 3.2 | this run |")
-    assert rows[1].startswith("| 2 | normalize | cached | 0.0 | [build-tiny-0badc0de](http://ui/runs/flow-run/1234-5678) |")
+    assert rows[1].startswith(
+        "| 2 | normalize | cached | 0.0 | [build-tiny-0badc0de](http://ui/runs/flow-run/1234-5678) |"
+    )
 
 
 def test_a_failed_stage_card_gives_the_error_and_what_was_reported_before():

@@ -10,14 +10,17 @@ from ember.tasks.download import chunk_text, iter_chunks
 PARA = "word " * 19 + "end."  # 99 characters
 
 
-@pytest.mark.parametrize("text, max_chars, expected", [
-    pytest.param("short text", 100, ["short text"], id="short_unchanged"),
-    pytest.param("\n\n".join([PARA] * 3), 250, ["\n\n".join([PARA] * 2), PARA], id="packs_paragraphs"),
-    pytest.param("\r\n\r\n".join([PARA] * 3), 250, ["\r\n\r\n".join([PARA] * 2), PARA], id="crlf_paragraphs"),
-    pytest.param("\n\n\n\n".join([PARA] * 2), 150, [PARA, PARA], id="many_blank_lines"),
-    pytest.param("\n".join([PARA] * 3), 250, ["\n".join([PARA] * 2), PARA], id="long_paragraph_by_lines"),
-    pytest.param("abcdefghij" * 25, 100, ["abcdefghij" * 10, "abcdefghij" * 10, "abcdefghij" * 5], id="hard_split"),
-])
+@pytest.mark.parametrize(
+    "text, max_chars, expected",
+    [
+        pytest.param("short text", 100, ["short text"], id="short_unchanged"),
+        pytest.param("\n\n".join([PARA] * 3), 250, ["\n\n".join([PARA] * 2), PARA], id="packs_paragraphs"),
+        pytest.param("\r\n\r\n".join([PARA] * 3), 250, ["\r\n\r\n".join([PARA] * 2), PARA], id="crlf_paragraphs"),
+        pytest.param("\n\n\n\n".join([PARA] * 2), 150, [PARA, PARA], id="many_blank_lines"),
+        pytest.param("\n".join([PARA] * 3), 250, ["\n".join([PARA] * 2), PARA], id="long_paragraph_by_lines"),
+        pytest.param("abcdefghij" * 25, 100, ["abcdefghij" * 10, "abcdefghij" * 10, "abcdefghij" * 5], id="hard_split"),
+    ],
+)
 def test_chunk_text_cases(text, max_chars, expected):
     assert chunk_text(text, max_chars) == expected
 
@@ -32,7 +35,7 @@ def test_chunks_are_bounded_and_lose_no_words(corpora, max_chars):
     position = 0
     for chunk in chunks:
         position = text.index(chunk, position) + len(chunk)
-        if text[position: position + 2] not in ("\n\n", ""):
+        if text[position : position + 2] not in ("\n\n", ""):
             speech_start = text.rfind("\n\n", 0, position) + 2
             speech_end = text.find("\n\n", position) % (len(text) + 1)  # -1: the end
             assert speech_end - speech_start > max_chars
@@ -48,6 +51,7 @@ def test_long_line_is_cut_at_a_space():
 
 
 # --- streaming chunker ----------------------------------------------------------------------
+
 
 def reference_chunks(text: str, max_chars: int) -> list[str]:
     """The whole-text chunker of download v1, the oracle for the streaming one."""
@@ -94,7 +98,7 @@ def split_into_parts(text: str, sizes: list[int], seed: int) -> list[str]:
     rng, parts, i = random.Random(seed), [], 0
     while i < len(text):
         n = rng.choice(sizes)
-        parts.append(text[i:i + n])
+        parts.append(text[i : i + n])
         i += n
     return parts
 

@@ -20,8 +20,9 @@ def ember(*args: str, cwd: Path, env_extra: dict | None = None) -> subprocess.Co
     import os
 
     env = {**os.environ, "COLUMNS": "200", **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "ember.flows.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "ember.flows.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 @pytest.mark.parametrize(
@@ -30,10 +31,16 @@ def ember(*args: str, cwd: Path, env_extra: dict | None = None) -> subprocess.Co
         pytest.param({"trian": {"lr": 0.1}}, "trian: unknown key", id="unknown_section"),
         pytest.param({"train": {"lr": 0.1, "learning_rate": 3}}, "train.learning_rate: unknown key", id="unknown_key"),
         pytest.param({"train": {"lr": -1}}, "train.lr: Input should be greater than", id="bad_value"),
-        pytest.param({"train_tokenizer": {"vocab_size": "big"}}, "train_tokenizer.vocab_size: Input should be a valid integer",
-                     id="bad_type"),
-        pytest.param({"download": {"sources": [{"path": "/nonexistent/corpus"}]}}, "/nonexistent/corpus",
-                     id="missing_source_path"),
+        pytest.param(
+            {"train_tokenizer": {"vocab_size": "big"}},
+            "train_tokenizer.vocab_size: Input should be a valid integer",
+            id="bad_type",
+        ),
+        pytest.param(
+            {"download": {"sources": [{"path": "/nonexistent/corpus"}]}},
+            "/nonexistent/corpus",
+            id="missing_source_path",
+        ),
     ],
 )
 def test_bad_config_fails_before_any_work(tmp_path, sections, expected):
@@ -48,9 +55,14 @@ def test_bad_config_fails_before_any_work(tmp_path, sections, expected):
     "make_source, expected",
     [
         pytest.param(lambda d: (d / "empty").mkdir() or d / "empty", "empty", id="empty_folder"),
-        pytest.param(lambda d: (d / "blank.txt").write_text("  \n\n") and d / "blank.txt", "blank.txt", id="blank_file"),
-        pytest.param(lambda d: (d / "notext.jsonl").write_text('{"body": "hello"}\n') and d / "notext.jsonl",
-                     "notext.jsonl", id="jsonl_without_text_field"),
+        pytest.param(
+            lambda d: (d / "blank.txt").write_text("  \n\n") and d / "blank.txt", "blank.txt", id="blank_file"
+        ),
+        pytest.param(
+            lambda d: (d / "notext.jsonl").write_text('{"body": "hello"}\n') and d / "notext.jsonl",
+            "notext.jsonl",
+            id="jsonl_without_text_field",
+        ),
     ],
 )
 def test_source_without_text_fails_naming_it(tmp_path, make_source, expected):
@@ -69,8 +81,15 @@ def test_relative_paths_are_read_from_the_config_folder(tmp_path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "a.txt").write_text("some text")
     path = tmp_path / "configs" / "c.yaml"
-    path.write_text(yaml.safe_dump({**TINY, "download": {"sources": [{"path": "../data"}]},
-                                    "evaluate": {"external": ["../data/a.txt", "/abs/b.txt"]}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                **TINY,
+                "download": {"sources": [{"path": "../data"}]},
+                "evaluate": {"external": ["../data/a.txt", "/abs/b.txt"]},
+            }
+        )
+    )
     config = load_config(path)
     assert config.download.sources[0].path == str(tmp_path / "data")
     assert config.evaluate.external == [str(tmp_path / "data" / "a.txt"), "/abs/b.txt"]

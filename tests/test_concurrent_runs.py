@@ -15,8 +15,18 @@ from pipeline_configs import write_config
 pytestmark = pytest.mark.slow
 
 EMBER = str(Path(sys.executable).parent / "ember")
-STAGES = ["download", "normalize", "filter", "dedup", "train_tokenizer", "tokenize", "train", "quantize",
-          "evaluate", "publish"]
+STAGES = [
+    "download",
+    "normalize",
+    "filter",
+    "dedup",
+    "train_tokenizer",
+    "tokenize",
+    "train",
+    "quantize",
+    "evaluate",
+    "publish",
+]
 
 
 def stage_results(stdout: str) -> dict[str, str]:
@@ -39,20 +49,41 @@ def test_two_overlapping_runs_of_one_config_share_the_store(prefect_api, tmp_pat
     source.mkdir()
     text = (corpora / "tinystories_sample" / "tinystories_valid_head.txt").read_text(encoding="utf-8")
     (source / "stories.txt").write_text(text[:250_000], encoding="utf-8")
-    config = write_config(tmp_path, "overlap.yaml",
-                          download={"sources": [{"name": "stories", "path": str(source)}]},
-                          # Training lasts about 25 s (0.15 s a step on one thread), longer than the
-                          # second process can lag behind the first in starting up on a busy machine.
-                          train={"model": {"preset": "cpu"}, "seq_len": 128, "batch_size": 4, "max_steps": 150,
-                                 "warmup_steps": 1, "eval_every": 150, "eval_batches": 1, "checkpoint_every": 50,
-                                 "log_every": 10, "precision": "fp32"},
-                          evaluate={"eval_batches": 1, "batch_size": 4, "prompts": ["Once"], "max_new_tokens": 8})
+    config = write_config(
+        tmp_path,
+        "overlap.yaml",
+        download={"sources": [{"name": "stories", "path": str(source)}]},
+        # Training lasts about 25 s (0.15 s a step on one thread), longer than the
+        # second process can lag behind the first in starting up on a busy machine.
+        train={
+            "model": {"preset": "cpu"},
+            "seq_len": 128,
+            "batch_size": 4,
+            "max_steps": 150,
+            "warmup_steps": 1,
+            "eval_every": 150,
+            "eval_batches": 1,
+            "checkpoint_every": 50,
+            "log_every": 10,
+            "precision": "fp32",
+        },
+        evaluate={"eval_batches": 1, "batch_size": 4, "prompts": ["Once"], "max_new_tokens": 8},
+    )
     store = tmp_path / "store"
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-    runs = [subprocess.Popen([EMBER, "run", str(config), "--store", str(store)], env=env, cwd=tmp_path,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    runs = [
+        subprocess.Popen(
+            [EMBER, "run", str(config), "--store", str(store)],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outputs = [run.communicate(timeout=400)[0] for run in runs]
-    for run, output in zip(runs, outputs):
+    for run, output in zip(runs, outputs, strict=True):
         assert run.returncode == 0, output[-4000:]
 
     # Each stage ran in exactly one of the two; the other found it complete (after its lock).
@@ -67,8 +98,11 @@ def test_two_overlapping_runs_of_one_config_share_the_store(prefect_api, tmp_pat
 
     # And they did overlap: both flow runs were running at the same time.
     with get_client(sync_client=True) as client:
-        flow_runs = [r for r in client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["build-llm"])))
-                     if r.parameters.get("store_root") == str(store)]
+        flow_runs = [
+            r
+            for r in client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["build-llm"])))
+            if r.parameters.get("store_root") == str(store)
+        ]
     assert len(flow_runs) == 2 and all(r.state.is_completed() for r in flow_runs)
     first, second = sorted(flow_runs, key=lambda r: r.start_time)
     assert second.start_time < first.end_time
@@ -84,4 +118,4 @@ def test_two_overlapping_runs_of_one_config_share_the_store(prefect_api, tmp_pat
     bar = next(line for line in trained.splitlines() if line.startswith("train ") and "150/150" in line)
     assert "100%" in bar and "ETA" in bar, bar
     for line in ("|---|", "train 100% (150/150)"):  # a card's table; the bar's own log line
-        assert line not in trained, trained[max(0, trained.find(line) - 1500):trained.find(line) + 300]
+        assert line not in trained, trained[max(0, trained.find(line) - 1500) : trained.find(line) + 300]

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
 
 import pytest
 import yaml
@@ -52,10 +51,14 @@ def problems(tmp_path: Path, config: dict) -> list[str]:
         # Nested sections and the models inside a list.
         ({"train": {"model": {"dimm": 64}}}, "train.model.dimm: unknown key (did you mean dim?)"),
         ({"download": {"http": {"atempts": 3}}}, "download.http.atempts: unknown key (did you mean attempts?)"),
-        ({"download": {"sources": [{"path": "corpus.txt", "txt_field": "body"}]}},
-         "download.sources[0].txt_field: unknown key (did you mean text_field?)"),
-        ({"download": {"sources": [{"path": "corpus.txt"}, {"pth": "corpus.txt", "name": "again"}]}},
-         "download.sources[1].pth: unknown key (did you mean path?)"),
+        (
+            {"download": {"sources": [{"path": "corpus.txt", "txt_field": "body"}]}},
+            "download.sources[0].txt_field: unknown key (did you mean text_field?)",
+        ),
+        (
+            {"download": {"sources": [{"path": "corpus.txt"}, {"pth": "corpus.txt", "name": "again"}]}},
+            "download.sources[1].pth: unknown key (did you mean path?)",
+        ),
         ({"dedup": {"n_gram": 3}}, "dedup.n_gram: unknown key (did you mean ngram?)"),
         # Nothing close, and a level with few keys: they are listed.
         ({"runner": {"threads": 4}}, "runner.threads: unknown key (valid keys: kind, workers, address)"),
@@ -70,22 +73,24 @@ def test_unknown_key_names_the_closest_valid_key(tmp_path, config, expected):
 
 
 def test_every_unknown_key_is_listed_with_its_own_suggestion(tmp_path):
-    lines = problems(tmp_path, {"trian": {}, "train": {"lerning_rate": 1, "epochs": 2},
-                                "download": {"chunk_char": 100}})
-    assert sorted(lines) == sorted([
-        "trian: unknown key (did you mean train?)",
-        "train.lerning_rate: unknown key (did you mean lr?)",
-        "train.epochs: unknown key",
-        "download.chunk_char: unknown key (did you mean chunk_chars?)",
-    ])
+    lines = problems(
+        tmp_path, {"trian": {}, "train": {"lerning_rate": 1, "epochs": 2}, "download": {"chunk_char": 100}}
+    )
+    assert sorted(lines) == sorted(
+        [
+            "trian: unknown key (did you mean train?)",
+            "train.lerning_rate: unknown key (did you mean lr?)",
+            "train.epochs: unknown key",
+            "download.chunk_char: unknown key (did you mean chunk_chars?)",
+        ]
+    )
 
 
 def test_other_errors_are_unchanged():
     source = {"sources": [{"path": "/tmp"}]}
     with pytest.raises(ConfigError) as caught:
         parse_config({"download": source, "train": {"lr": -1}}, origin="inline")
-    assert str(caught.value).splitlines() == ["inline: invalid config",
-                                              "  train.lr: Input should be greater than 0"]
+    assert str(caught.value).splitlines() == ["inline: invalid config", "  train.lr: Input should be greater than 0"]
 
 
 def test_unions_lists_and_dicts_are_walked():
@@ -103,20 +108,22 @@ def test_unions_lists_and_dicts_are_walked():
     class Top(BaseModel):
         model_config = ConfigDict(extra="forbid")
         x: A | B = A()
-        y: Optional[list[A]] = None
+        y: list[A] | None = None
         z: dict[str, B] = {}
 
     with pytest.raises(ValidationError) as caught:
         Top.model_validate({"x": {"alpah": 1}, "y": [{"alhpa": 1}], "z": {"k": {"betta": 1}}, "w": 0})
     lines = format_validation_error(caught.value, "top", root=Top).splitlines()
     assert lines[0] == "top: invalid config"
-    assert sorted(line.strip() for line in lines[1:]) == sorted([
-        "x.A.alpah: unknown key (did you mean alpha?)",
-        "x.B.alpah: unknown key (valid keys: beta)",
-        "y[0].alhpa: unknown key (did you mean alpha?)",
-        "z.k.betta: unknown key (did you mean beta?)",
-        "w: unknown key (valid keys: x, y, z)",
-    ])
+    assert sorted(line.strip() for line in lines[1:]) == sorted(
+        [
+            "x.A.alpah: unknown key (did you mean alpha?)",
+            "x.B.alpah: unknown key (valid keys: beta)",
+            "y[0].alhpa: unknown key (did you mean alpha?)",
+            "z.k.betta: unknown key (did you mean beta?)",
+            "w: unknown key (valid keys: x, y, z)",
+        ]
+    )
 
 
 def test_cli_prints_the_suggestion_and_exits_2(tmp_path):
@@ -124,8 +131,14 @@ def test_cli_prints_the_suggestion_and_exits_2(tmp_path):
     config = write_yaml(tmp_path, {"train": {"lerning_rate": 1e-3}})
     ember = Path(sys.executable).parent / "ember"
     assert ember.exists(), f"the ember command is not installed beside {sys.executable}"
-    result = subprocess.run([str(ember), "run", str(config), "--store", str(tmp_path / "store")], cwd=tmp_path,
-                            env={**os.environ, "COLUMNS": "200"}, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [str(ember), "run", str(config), "--store", str(tmp_path / "store")],
+        cwd=tmp_path,
+        env={**os.environ, "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2, result.stdout + result.stderr
     assert "train.lerning_rate: unknown key (did you mean lr?)" in result.stderr
     assert not (tmp_path / "store").exists()

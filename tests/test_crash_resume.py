@@ -19,17 +19,24 @@ pytestmark = pytest.mark.slow
 
 def start_run(config: Path, store: Path, api_url: str) -> subprocess.Popen:
     env = {**os.environ, "PREFECT_API_URL": api_url}
-    return subprocess.Popen([sys.executable, "-m", "ember.flows.cli", "run", str(config), "--store", str(store)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "ember.flows.cli", "run", str(config), "--store", str(store)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def test_sigkill_during_training_then_resume(tmp_path, prefect_api):
     from ember.storage.store import Store
 
     # Steps of 8 windows accumulated from micro-batches of 4: the resumed run must carry on mid-schedule.
-    config = write_config(tmp_path, train={"max_steps": 400, "checkpoint_every": 20, "eval_every": 200,
-                                           "batch_size": 4, "tokens_per_step": 8 * 64})
+    config = write_config(
+        tmp_path,
+        train={"max_steps": 400, "checkpoint_every": 20, "eval_every": 200, "batch_size": 4, "tokens_per_step": 8 * 64},
+    )
     store_root = tmp_path / "store"
     proc = start_run(config, store_root, prefect_api)
     try:

@@ -38,8 +38,15 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     artifacts = make_artifacts(tmp_path / "artifacts", chars=60_000)
     # 15 windows a step: one process runs micro-batches of 5, 5 and 5; two processes split the
     # step 7 / 8 (micro-batches 5 + 2 and 5 + 3), so uneven shares and no_sync are both exercised.
-    cfg = tiny_train(batch_size=5, tokens_per_step=15 * 64, max_steps=4, log_every=1, eval_every=2,
-                     eval_batches=2, checkpoint_every=2)
+    cfg = tiny_train(
+        batch_size=5,
+        tokens_per_step=15 * 64,
+        max_steps=4,
+        log_every=1,
+        eval_every=2,
+        eval_batches=2,
+        checkpoint_every=2,
+    )
     one = context(tmp_path, "one", artifacts)
     single = train.run(cfg, one)
     reporter = RecordingReporter()
@@ -49,7 +56,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     assert single["processes"] == 1 and multi["processes"] == 2
     a, b = records(one.out), records(two.out)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=True):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5)
         assert (rb.get("val_loss") is None) == (ra.get("val_loss") is None)
         if ra.get("val_loss") is not None:
@@ -77,8 +84,10 @@ def test_failed_workers_fail_the_stage_with_their_message(tmp_path):
     (tokens_dir / "meta.json").write_text(json.dumps({"vocab_size": 512, "dtype": "uint16"}))
     ctx = context(tmp_path, "train", {"tokenize": tokens_dir})
     # Every rank raises before training; the stage's error says why, not only that torchrun failed.
-    with pytest.raises(RuntimeError, match=r"distributed training \(2 processes\) failed with exit code 1\n"
-                                           r"rank \d: ValueError: .*tokenize/train: 4 train tokens"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"distributed training \(2 processes\) failed with exit code 1\n"
+        r"rank \d: ValueError: .*tokenize/train: 4 train tokens",
+    ):
         train.run(tiny_train(max_steps=2, nproc=2), ctx)
     assert list(ctx.out.iterdir()) == []
-

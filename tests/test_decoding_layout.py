@@ -6,12 +6,12 @@ import copy
 
 import pytest
 import torch
-from test_model import VOCAB, greedy_without_cache, lively, tiny
 
 from ember.model.checkpoint import load_model, save_model
+from ember.model.decoding import usable_fused, use_decoding_layout
 from ember.model.generate import generate
 from ember.model.quantize import quantize_weight_only_int8
-from ember.model.decoding import usable_fused, use_decoding_layout
+from test_model import VOCAB, greedy_without_cache, lively, tiny
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -62,8 +62,10 @@ def test_fused_matrices_stand_in_only_without_gradients_and_while_shared():
     idx = torch.randint(0, VOCAB, (2, 20))
     for m in (model, reference):
         m(idx, idx)[1].backward()
-    for lin, ref in ((attention.wk, reference.layers[0].attention.wk),
-                     (model.layers[1].feed_forward.w3, reference.layers[1].feed_forward.w3)):
+    for lin, ref in (
+        (attention.wk, reference.layers[0].attention.wk),
+        (model.layers[1].feed_forward.w3, reference.layers[1].feed_forward.w3),
+    ):
         assert lin.weight.grad is not None and torch.allclose(lin.weight.grad, ref.weight.grad, atol=1e-6)
 
     # A weight replaced after the layout was chosen is used, not the stale fused copy.

@@ -25,8 +25,9 @@ def write_input(tmp_path: Path, records: list[dict], max_chars: int = 50_000) ->
     return tmp_path / "filter"
 
 
-def run_dedup(tmp_path: Path, records: list[dict] | None, cfg: DedupConfig | None = None, mapper=None,
-              name: str = "dedup") -> tuple[list[dict], list[dict], dict]:
+def run_dedup(
+    tmp_path: Path, records: list[dict] | None, cfg: DedupConfig | None = None, mapper=None, name: str = "dedup"
+) -> tuple[list[dict], list[dict], dict]:
     """Dedup `records` (in this order); returns kept records, clusters.jsonl lines and metrics."""
     if records is not None:
         write_input(tmp_path, records)
@@ -39,7 +40,9 @@ def run_dedup(tmp_path: Path, records: list[dict] | None, cfg: DedupConfig | Non
 def chunks_of(tmp_path: Path, path: Path) -> list[dict]:
     """A corpus file through the real download (4,000-char chunks) and normalize stages."""
     download.run(download.DownloadConfig(sources=[{"path": str(path)}]), stage_context(tmp_path, "download", {}))
-    normalize.run(normalize.NormalizeConfig(), stage_context(tmp_path, "normalize", {"download": tmp_path / "download"}))
+    normalize.run(
+        normalize.NormalizeConfig(), stage_context(tmp_path, "normalize", {"download": tmp_path / "download"})
+    )
     return list(iter_records(tmp_path / "normalize" / "shards"))
 
 
@@ -100,11 +103,15 @@ def test_every_drop_is_justified_by_its_kept_document(variants):
 
 def test_output_is_the_same_for_any_worker_count_and_order(tmp_path, corpora):
     records = []
-    for name in ("messy_web/dolma_provided_documents_000.jsonl", "near_duplicates/dolma_deduper_documents_000.jsonl",
-                 "messy_web/dolma_cc_en_head-0091.jsonl"):
+    for name in (
+        "messy_web/dolma_provided_documents_000.jsonl",
+        "near_duplicates/dolma_deduper_documents_000.jsonl",
+        "messy_web/dolma_cc_en_head-0091.jsonl",
+    ):
         with open(corpora / name, encoding="utf-8") as f:
-            records += [{"id": f"{name}:{i}", "text": json.loads(line)["text"], "source": "web"}
-                        for i, line in enumerate(f)]
+            records += [
+                {"id": f"{name}:{i}", "text": json.loads(line)["text"], "source": "web"} for i, line in enumerate(f)
+            ]
     write_input(tmp_path, records, max_chars=20_000)
 
     def reversed_map(fn, items, name=""):  # units run last to first, results in input order
@@ -114,8 +121,9 @@ def test_output_is_the_same_for_any_worker_count_and_order(tmp_path, corpora):
     for name, mapper in [("seq", None), ("pool", pool_map(2)), ("reversed", reversed_map)]:
         kept, clusters, metrics = run_dedup(tmp_path, None, DedupConfig(unit_chars=5_000), mapper, name)
         files = sorted(p for p in (tmp_path / name).rglob("*") if p.is_file())
-        digests.append({p.relative_to(tmp_path / name).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-                        for p in files})
+        digests.append(
+            {p.relative_to(tmp_path / name).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+        )
         assert metrics["units"] > 4
     assert digests[0] == digests[1] == digests[2]
     # The Dolma fixture repeats 9 of the 10 pages byte for byte and edits the tenth.
@@ -135,13 +143,19 @@ def test_exact_duplicates_ignore_case_and_whitespace(tmp_path):
     records = [
         {"id": "a", "text": text, "source": "s"},
         {"id": "b", "text": "Something else entirely, about ships and sealing wax and kings.", "source": "s"},
-        {"id": "c", "text": "  THE QUICK brown fox\njumps over the   lazy dog near the river bank today.", "source": "t"},
+        {
+            "id": "c",
+            "text": "  THE QUICK brown fox\njumps over the   lazy dog near the river bank today.",
+            "source": "t",
+        },
         {"id": "d", "text": text, "source": "s"},
     ]
     kept, clusters, metrics = run_dedup(tmp_path, records)
     assert [r["id"] for r in kept] == ["a", "b"]
-    assert clusters == [{"id": "c", "kept_id": "a", "kind": "exact", "jaccard": 1.0, "cluster": "a"},
-                        {"id": "d", "kept_id": "a", "kind": "exact", "jaccard": 1.0, "cluster": "a"}]
+    assert clusters == [
+        {"id": "c", "kept_id": "a", "kind": "exact", "jaccard": 1.0, "cluster": "a"},
+        {"id": "d", "kept_id": "a", "kind": "exact", "jaccard": 1.0, "cluster": "a"},
+    ]
     assert metrics["exact_dups"] == 2 and metrics["near_dups"] == 0
 
 
@@ -152,18 +166,22 @@ def book_text(corpora: Path, start: int, stop: int) -> str:
 
 def edit(text: str, every: int, offset: int = 50) -> str:
     """One word in `every` replaced, every 7th word upper-cased."""
-    return " ".join("changed" if i % every == offset % every else w.upper() if i % 7 == 0 else w
-                    for i, w in enumerate(text.split()))
+    return " ".join(
+        "changed" if i % every == offset % every else w.upper() if i % 7 == 0 else w for i, w in enumerate(text.split())
+    )
 
 
 def test_near_duplicate_with_a_few_edits(tmp_path, corpora):
     original, other = book_text(corpora, 10_000, 14_000), book_text(corpora, 20_000, 24_000)
     edited = edit(original, 100) + " An extra closing line."
-    kept, clusters, metrics = run_dedup(tmp_path, [
-        {"id": "original", "text": original, "source": "s"},
-        {"id": "other", "text": other, "source": "s"},
-        {"id": "edited", "text": edited, "source": "s"},
-    ])
+    kept, clusters, metrics = run_dedup(
+        tmp_path,
+        [
+            {"id": "original", "text": original, "source": "s"},
+            {"id": "other", "text": other, "source": "s"},
+            {"id": "edited", "text": edited, "source": "s"},
+        ],
+    )
     assert [r["id"] for r in kept] == ["original", "other"]
     assert len(clusters) == 1 and clusters[0]["kept_id"] == "original" and clusters[0]["id"] == "edited"
     assert clusters[0]["kind"] == "near" and 0.8 <= clusters[0]["jaccard"] < 1.0
@@ -179,8 +197,11 @@ def test_keep_longest_and_chains(tmp_path, corpora):
     sa, sb, sc = (shingles(t, cfg) for t in (a, b, c))
     assert jaccard(sa, sb) >= 0.8 and jaccard(sb, sc) >= 0.8 and jaccard(sa, sc) < 0.8
     b += "\n" * (max(len(a), len(c)) - len(b) + 10)  # the longest in characters; blank lines change no shingle
-    records = [{"id": "A", "text": a, "source": "s"}, {"id": "B", "text": b, "source": "s"},
-               {"id": "C", "text": c, "source": "s"}]
+    records = [
+        {"id": "A", "text": a, "source": "s"},
+        {"id": "B", "text": b, "source": "s"},
+        {"id": "C", "text": c, "source": "s"},
+    ]
     kept, clusters, _ = run_dedup(tmp_path / "first", records)
     assert [r["id"] for r in kept] == ["A", "C"]  # C is not within 0.8 of A: it stays
     assert [(x["id"], x["kept_id"], x["cluster"]) for x in clusters] == [("B", "A", "A")]
@@ -194,10 +215,11 @@ def test_false_candidates_are_rejected(tmp_path, corpora):
     Jaccard check rejects them, so nothing is removed."""
     text = book_text(corpora, 40_000, 44_000)
     words = text.split()
-    half = " ".join(words[: len(words) // 2] + [w + "x" for w in words[len(words) // 2:]])
+    half = " ".join(words[: len(words) // 2] + [w + "x" for w in words[len(words) // 2 :]])
     cfg = DedupConfig(bands=40, rows=1)
-    kept, clusters, metrics = run_dedup(tmp_path, [{"id": "a", "text": text, "source": "s"},
-                                                   {"id": "b", "text": half, "source": "s"}], cfg)
+    kept, clusters, metrics = run_dedup(
+        tmp_path, [{"id": "a", "text": text, "source": "s"}, {"id": "b", "text": half, "source": "s"}], cfg
+    )
     assert metrics["candidate_pairs"] == 1 and metrics["rejected_pairs"] == 1 and len(kept) == 2 and not clusters
 
 
@@ -206,12 +228,17 @@ def test_chinese_uses_character_shingles(tmp_path, corpora):
         chapters = [json.loads(next(f))["text"][:3000] for _ in range(2)]
     # The same chapter with full-width punctuation replaced and line breaks moved.
     variant = chapters[0].replace("，", ",").replace("。", ".").replace("\n", "")
-    records = [{"id": "ch1", "text": chapters[0], "source": "zh"}, {"id": "ch2", "text": chapters[1], "source": "zh"},
-               {"id": "ch1-variant", "text": variant, "source": "zh"}]
+    records = [
+        {"id": "ch1", "text": chapters[0], "source": "zh"},
+        {"id": "ch2", "text": chapters[1], "source": "zh"},
+        {"id": "ch1-variant", "text": variant, "source": "zh"},
+    ]
     kept, clusters, _ = run_dedup(tmp_path, records)
     assert [r["id"] for r in kept] == ["ch1", "ch2"]
     assert [c["id"] for c in clusters] == ["ch1-variant"]
-    assert len(shingles(chapters[0], DedupConfig())) > 2000  # about one per character; spaces would give a few dozen "words"
+    assert (
+        len(shingles(chapters[0], DedupConfig())) > 2000
+    )  # about one per character; spaces would give a few dozen "words"
 
 
 @pytest.mark.slow
@@ -230,8 +257,10 @@ def test_chinese_poetry_exact_duplicates_are_removed(tmp_path, corpora):
     removed = {c["id"]: c for c in clusters}
     assert repeats <= set(removed) and not repeats & {r["id"] for r in kept}
     assert all(removed[i]["kind"] == "exact" or removed[i]["jaccard"] >= 0.8 for i in repeats)
-    print(f"\nchinese_poetry: {metrics['docs']} docs, {metrics['exact_dups']} exact and {metrics['near_dups']} near "
-          f"duplicates removed, keep rate {metrics['kept'] / metrics['docs']:.3f}")
+    print(
+        f"\nchinese_poetry: {metrics['docs']} docs, {metrics['exact_dups']} exact and {metrics['near_dups']} near "
+        f"duplicates removed, keep rate {metrics['kept'] / metrics['docs']:.3f}"
+    )
     # Near-duplicates (variant characters, punctuation) are real here, but most poems are unique.
     assert metrics["exact_dups"] >= 472 and metrics["kept"] / metrics["docs"] > 0.95
 
@@ -239,7 +268,7 @@ def test_chinese_poetry_exact_duplicates_are_removed(tmp_path, corpora):
 def test_shingles_are_stable_and_ignore_punctuation_and_case():
     cfg = DedupConfig()
     a = shingles("“Well,” said Alice, “I don’t know what you mean by that.”", cfg)
-    b = shingles("\"well,\" SAID alice, \"i don't know\nwhat you mean by that.\"", cfg)
+    b = shingles('"well," SAID alice, "i don\'t know\nwhat you mean by that."', cfg)
     assert a.dtype == np.uint64 and np.array_equal(a, b)
     assert jaccard(a, b) == 1.0 and jaccard(a, shingles("something else that is long enough here", cfg)) == 0.0
     # Fixed values: a change of hashing must bump the stage version.
@@ -269,9 +298,13 @@ def test_edge_cases_empty_input_and_texts_without_words(tmp_path):
     (tmp_path / "empty" / "filter" / "shards").mkdir(parents=True)
     kept, clusters, metrics = run_dedup(tmp_path / "empty", None)
     assert kept == [] and clusters == [] and metrics["docs"] == 0
-    records = [{"id": "a", "text": "!!! ...", "source": "s"}, {"id": "b", "text": "", "source": "s"},
-               {"id": "c", "text": None, "source": "s"}, {"id": "d", "text": "?? ?", "source": "s"},
-               {"id": "e", "text": "one", "source": "s"}]
+    records = [
+        {"id": "a", "text": "!!! ...", "source": "s"},
+        {"id": "b", "text": "", "source": "s"},
+        {"id": "c", "text": None, "source": "s"},
+        {"id": "d", "text": "?? ?", "source": "s"},
+        {"id": "e", "text": "one", "source": "s"},
+    ]
     kept, clusters, metrics = run_dedup(tmp_path / "odd", records)
     # "" and null normalize to the same (empty) text; punctuation-only texts have no shingles.
     assert [r["id"] for r in kept] == ["a", "b", "d", "e"]
@@ -280,7 +313,7 @@ def test_edge_cases_empty_input_and_texts_without_words(tmp_path):
 
 def test_a_crashed_run_resumes_from_its_finished_units(tmp_path, corpora):
     text = (corpora / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")[:200_000]
-    records = [{"id": f"s{i}", "text": text[i: i + 4000], "source": "s"} for i in range(0, len(text), 4000)]
+    records = [{"id": f"s{i}", "text": text[i : i + 4000], "source": "s"} for i in range(0, len(text), 4000)]
     records += records[:5]  # some exact duplicates
     write_input(tmp_path, records)
     cfg = DedupConfig(unit_chars=20_000)

@@ -51,15 +51,23 @@ def recall_documents(corpora: Path) -> list[dict]:
             for i, line in enumerate(f):
                 row = json.loads(line)
                 if keep(row):
-                    docs.append({"id": f"{prefix}{path.parent.name}/{path.name}:{i}", "text": row["text"],
-                                 "source": path.parent.name})
+                    docs.append(
+                        {
+                            "id": f"{prefix}{path.parent.name}/{path.name}:{i}",
+                            "text": row["text"],
+                            "source": path.parent.name,
+                        }
+                    )
 
     for name in ("books-00.jsonl", "books-02.jsonl"):
         add(corpora / "gutenberg_en" / name, lambda r: r["id"] in ("gutenberg-11", "gutenberg-46", "gutenberg-1342"))
     add(corpora / "chinese_classic_novels" / "chapters.jsonl")
     add(corpora / "messy_web" / "dolma_provided_documents_000.jsonl")
-    for name in ("gutenberg_raw_variants.jsonl", "hongloumeng_alt_edition_chapters.jsonl",
-                 "dolma_deduper_documents_000.jsonl"):
+    for name in (
+        "gutenberg_raw_variants.jsonl",
+        "hongloumeng_alt_edition_chapters.jsonl",
+        "dolma_deduper_documents_000.jsonl",
+    ):
         add(corpora / "near_duplicates" / name)
     return docs
 
@@ -73,7 +81,7 @@ def reference_shingles(text: str, cfg: DedupConfig) -> set[int]:
         units = [w for w in (NOT_WORD.sub("", t) for t in text.lower().split()) if w]
         n, join = cfg.ngram, " ".join
     n = min(n, len(units))
-    return {hash(join(units[i: i + n])) for i in range(len(units) - n + 1)} if units else set()
+    return {hash(join(units[i : i + n])) for i in range(len(units) - n + 1)} if units else set()
 
 
 def brute_force_jaccard(texts: list[str], cfg: DedupConfig, floor: float = 0.5) -> dict[tuple[int, int], float]:
@@ -86,18 +94,24 @@ def brute_force_jaccard(texts: list[str], cfg: DedupConfig, floor: float = 0.5) 
     sizes = np.array([len(s) for s in sets], dtype=np.float64)
     jac = inter.data / (sizes[inter.row] + sizes[inter.col] - inter.data)
     keep = jac >= floor
-    return dict(zip(zip(inter.row[keep].tolist(), inter.col[keep].tolist()), jac[keep].tolist()))
+    return dict(
+        zip(zip(inter.row[keep].tolist(), inter.col[keep].tolist(), strict=True), jac[keep].tolist(), strict=True)
+    )
 
 
-def measure_recall(corpora: Path, workdir: Path, mapper=sequential_map, cfg: DedupConfig | None = None,
-                   chunk_chars: int | None = None) -> dict:
+def measure_recall(
+    corpora: Path, workdir: Path, mapper=sequential_map, cfg: DedupConfig | None = None, chunk_chars: int | None = None
+) -> dict:
     """Run the dedup stage on the recall documents and score it against brute force; with
     `chunk_chars`, on the chunks the download stage would cut (many more pairs, near 0.8 too)."""
     cfg = cfg or DedupConfig()
     docs = recall_documents(corpora)
     if chunk_chars:
-        docs = [{**d, "id": f"{d['id']}#{k}", "text": chunk} for d in docs
-                for k, chunk in enumerate(chunk_text(d["text"], chunk_chars))]
+        docs = [
+            {**d, "id": f"{d['id']}#{k}", "text": chunk}
+            for d in docs
+            for k, chunk in enumerate(chunk_text(d["text"], chunk_chars))
+        ]
     with ShardWriter(workdir / "filter" / "shards") as writer:
         writer.write_many(docs)
     ctx = stage_context(workdir, "dedup", {"filter": workdir / "filter"}, work=workdir / "work", mapper=mapper)
@@ -116,12 +130,16 @@ def measure_recall(corpora: Path, workdir: Path, mapper=sequential_map, cfg: Ded
         cluster[line["id"]] = cluster[line["kept_id"]] = line["cluster"]
     true_pairs = sorted((docs[a]["id"], docs[b]["id"]) for (a, b), value in truth.items() if value >= cfg.threshold)
     found = [cluster[a] == cluster[b] for a, b in true_pairs]
-    hlm = [f for (a, b), f in zip(true_pairs, found) if "hongloumeng" in a + b]
-    near_08 = [f for (a, b), f in zip(true_pairs, found)
-               if truth[tuple(sorted((index[a], index[b])))] < cfg.threshold + 0.05]
+    hlm = [f for (a, b), f in zip(true_pairs, found, strict=True) if "hongloumeng" in a + b]
+    near_08 = [
+        f
+        for (a, b), f in zip(true_pairs, found, strict=True)
+        if truth[tuple(sorted((index[a], index[b])))] < cfg.threshold + 0.05
+    ]
     near = [line for line in lines if line["kind"] == "near"]
-    right = [truth.get(tuple(sorted((index[line["id"]], index[line["kept_id"]]))), 0.0) >= cfg.threshold
-             for line in lines]
+    right = [
+        truth.get(tuple(sorted((index[line["id"]], index[line["kept_id"]]))), 0.0) >= cfg.threshold for line in lines
+    ]
     return {
         "documents": len(docs),
         "pairs_compared": len(docs) * (len(docs) - 1) // 2,
@@ -135,8 +153,8 @@ def measure_recall(corpora: Path, workdir: Path, mapper=sequential_map, cfg: Ded
         "asserted_pairs": len(lines),
         "asserted_near_pairs": len(near),
         "precision": sum(right) / len(right) if right else 1.0,
-        "missed": [p for p, f in zip(true_pairs, found) if not f][:10],
-        "wrong": [(line["id"], line["kept_id"]) for line, r in zip(lines, right) if not r][:10],
+        "missed": [p for p, f in zip(true_pairs, found, strict=True) if not f][:10],
+        "wrong": [(line["id"], line["kept_id"]) for line, r in zip(lines, right, strict=True) if not r][:10],
         "kept": len(kept),
         "dedup_seconds": round(seconds, 2),
         "brute_force_seconds": round(brute_seconds, 2),
@@ -147,16 +165,21 @@ def measure_recall(corpora: Path, workdir: Path, mapper=sequential_map, cfg: Ded
 def test_reference_shingles_match_the_stage():
     """The independent reference and the stage agree on what a shingle set is."""
     cfg = DedupConfig()
-    for text in ("“Well,” said Alice, “I don’t know what you mean by that,” and so on.", "满纸荒唐言，一把辛酸泪。都云作者痴，谁解其中味。",
-                 "short text"):
+    for text in (
+        "“Well,” said Alice, “I don’t know what you mean by that,” and so on.",
+        "满纸荒唐言，一把辛酸泪。都云作者痴，谁解其中味。",
+        "short text",
+    ):
         assert len(reference_shingles(text, cfg)) == len(dedup.shingles(text, cfg)) > 0
 
 
 @pytest.mark.slow
 def test_near_duplicates_recall_and_precision(corpora, tmp_path):
     result = measure_recall(corpora, tmp_path)
-    print("\n" + json.dumps({k: v for k, v in result.items() if k != "stage_metrics"}, ensure_ascii=False, indent=1),
-          file=sys.stderr)
+    print(
+        "\n" + json.dumps({k: v for k, v in result.items() if k != "stage_metrics"}, ensure_ascii=False, indent=1),
+        file=sys.stderr,
+    )
     assert result["documents"] > 600 and result["true_pairs"] > 60 and result["pairs_compared"] > 180_000
     assert result["recall"] >= 0.95, result["missed"]
     assert result["precision"] >= 0.99, result["wrong"]

@@ -33,9 +33,13 @@ pytestmark = pytest.mark.slow
 def served(tmp_path, corpora):
     served = Served(tmp_path, corpora)
     # No schedule and no watcher: nothing runs but the demo.
-    write_config(tmp_path, "tiny.yaml", store={"root": str(served.store)},
-                 download={"sources": [{"name": "stories", "path": str(served.source)}]},
-                 schedule={"cron": None, "interval_seconds": None, "watch_seconds": None})
+    write_config(
+        tmp_path,
+        "tiny.yaml",
+        store={"root": str(served.store)},
+        download={"sources": [{"name": "stories", "path": str(served.source)}]},
+        schedule={"cron": None, "interval_seconds": None, "watch_seconds": None},
+    )
     try:
         served.start_server()
         served.start_serve()
@@ -126,6 +130,8 @@ def test_the_demo_outlives_a_server_restart_and_cancel_still_stops_it(served):
     wait_for("the demo's port to close", lambda: not answers(port), 30)
     log = served.log("serve.log", whole=True)
     path = "the run itself" if "the serve process did not stop it" in log else "the serve process"
-    print(f"cancelled through {path} after {time.monotonic() - started:.0f}s "
-          f"({time.monotonic() - down_and_up:.0f}s after the restart)")
+    print(
+        f"cancelled through {path} after {time.monotonic() - started:.0f}s "
+        f"({time.monotonic() - down_and_up:.0f}s after the restart)"
+    )
     assert "Crash" not in log and "lease renewal" not in log, log[-4000:]

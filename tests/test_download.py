@@ -16,10 +16,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from download_inputs import PROSE, run_download, write_file, write_folder
 from ember.storage.shards import list_shards
 from ember.tasks import download
 from ember.tasks.download import DownloadConfig, SourceError, preflight
-from download_inputs import PROSE, run_download, write_file, write_folder
 from helpers import run_stage_in
 
 
@@ -32,8 +32,12 @@ def test_folder_is_searched_recursively_and_skips_other_files(tmp_path):
     (root / "README.md").write_text("A dataset card, not a document.")
     write_file(root, ".cache/hidden.txt", ["hidden"])
     records, metrics = run_download(tmp_path, [{"path": str(root)}])
-    assert [r["id"] for r in records] == ["corpus/a.txt:0", "corpus/sub/b.jsonl:0", "corpus/sub/b.jsonl:1",
-                                          "corpus/sub/deeper/c.parquet:0"]
+    assert [r["id"] for r in records] == [
+        "corpus/a.txt:0",
+        "corpus/sub/b.jsonl:0",
+        "corpus/sub/b.jsonl:1",
+        "corpus/sub/deeper/c.parquet:0",
+    ]
     assert metrics["skipped_files"] == 2  # table.csv and README.md; hidden folders are not looked at
 
 
@@ -71,14 +75,17 @@ def test_tinyshakespeare_chunks_with_stable_ids(tmp_path, corpora):
 
 # --- Hugging Face datasets, offline from local folders --------------------------------------
 
+
 def test_hf_saved_dataset_folder(tmp_path):
     import datasets
 
     folder = tmp_path / "my_dataset"
-    datasets.DatasetDict({
-        "train": datasets.Dataset.from_dict({"content": [PROSE, "Second."], "label": [0, 1]}),
-        "test": datasets.Dataset.from_dict({"content": ["held out"], "label": [2]}),
-    }).save_to_disk(str(folder))
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"content": [PROSE, "Second."], "label": [0, 1]}),
+            "test": datasets.Dataset.from_dict({"content": ["held out"], "label": [2]}),
+        }
+    ).save_to_disk(str(folder))
     records, _ = run_download(tmp_path, [{"hf": str(folder), "text_field": "content"}])
     assert [(r["id"], r["text"]) for r in records] == [("my_dataset/train:0", PROSE), ("my_dataset/train:1", "Second.")]
     records, _ = run_download(tmp_path / "t", [{"hf": str(folder), "hf_split": "test", "text_field": "content"}])
@@ -97,6 +104,7 @@ def test_hf_data_files_folder_streams(tmp_path):
 
 # --- metadata: the other fields of a record, beside the shards -----------------------------
 
+
 def read_metadata(tmp_path: Path) -> dict[str, dict]:
     path = tmp_path / "download" / "metadata" / "part-00000.parquet"
     return {row["id"]: json.loads(row["meta"]) for row in pq.read_table(path).to_pylist()} if path.exists() else {}
@@ -106,15 +114,23 @@ def test_other_fields_are_kept_as_metadata_by_document_id(tmp_path):
     folder = tmp_path / "data"
     folder.mkdir()
     (folder / "a.jsonl").write_text(
-        json.dumps({"text": PROSE * 80, "url": "https://x.org/1", "tags": ["a", "b"]}) + "\n"
-        + json.dumps({"text": "Plain record."}) + "\n", encoding="utf-8")
+        json.dumps({"text": PROSE * 80, "url": "https://x.org/1", "tags": ["a", "b"]})
+        + "\n"
+        + json.dumps({"text": "Plain record."})
+        + "\n",
+        encoding="utf-8",
+    )
     pq.write_table(pa.table({"body": ["Row text."], "lang": ["en"], "score": [0.5]}), folder / "b.parquet")
-    records, metrics = run_download(tmp_path, [{"path": str(folder / "a.jsonl")},
-                                               {"path": str(folder / "b.parquet"), "text_field": "body", "name": "b"}])
+    records, metrics = run_download(
+        tmp_path,
+        [{"path": str(folder / "a.jsonl")}, {"path": str(folder / "b.parquet"), "text_field": "body", "name": "b"}],
+    )
     assert records[0]["id"] == "data/a.jsonl:0#chunk0"  # a chunk's metadata is its document's
     assert set(records[0]) == {"id", "text", "source"}  # the shard schema is unchanged
-    assert read_metadata(tmp_path) == {"data/a.jsonl:0": {"url": "https://x.org/1", "tags": ["a", "b"]},
-                                       "b/b.parquet:0": {"lang": "en", "score": 0.5}}
+    assert read_metadata(tmp_path) == {
+        "data/a.jsonl:0": {"url": "https://x.org/1", "tags": ["a", "b"]},
+        "b/b.parquet:0": {"lang": "en", "score": 0.5},
+    }
     assert metrics["metadata_docs"] == 2
 
 
@@ -170,5 +186,7 @@ def test_a_failed_download_leaves_no_artifact_in_the_store(tmp_path):
 
 
 def test_hub_dataset_offline_is_a_clear_error(tmp_path):
-    with pytest.raises(SourceError, match=r"download.sources\[0\].hf: nobody-here/no-such-dataset: cannot load the dataset"):
+    with pytest.raises(
+        SourceError, match=r"download.sources\[0\].hf: nobody-here/no-such-dataset: cannot load the dataset"
+    ):
         run_download(tmp_path, [{"hf": "nobody-here/no-such-dataset"}])

@@ -9,24 +9,27 @@ import logging
 
 import pytest
 
+from download_inputs import PROSE, run_download, write_file, write_folder
 from ember.tasks import download
 from ember.tasks.download import DownloadConfig, SourceError, readers
-from download_inputs import PROSE, run_download, write_file, write_folder
 from helpers import run_stage_in
 
 
-@pytest.mark.parametrize("name, texts", [
-    pytest.param("doc.txt", [PROSE], id="txt"),
-    pytest.param("notes.md", ["# Title\n\n" + PROSE], id="md"),
-    pytest.param("docs.jsonl", [PROSE, "Second document.", "Third, with ünïcödé ✓."], id="jsonl"),
-    pytest.param("docs.jsonl.gz", [PROSE, "Second document."], id="jsonl_gz"),
-    pytest.param("docs.parquet", [PROSE, "Second document.", "Third."], id="parquet"),
-    pytest.param("docs.jsonl.zst", [PROSE, "Second document."], id="jsonl_zst"),
-    pytest.param("docs.json", [PROSE, "Second, \"quoted\" [bracketed] document.", "Third."], id="json_array"),
-    pytest.param("docs.arrow", [PROSE, "Second document.", "Third.", "Fourth."], id="arrow_file"),
-    pytest.param("docs-stream.arrow", [PROSE, "Second document.", "Third."], id="arrow_stream"),
-    pytest.param("docs.feather", [PROSE, "Second document."], id="feather"),
-])
+@pytest.mark.parametrize(
+    "name, texts",
+    [
+        pytest.param("doc.txt", [PROSE], id="txt"),
+        pytest.param("notes.md", ["# Title\n\n" + PROSE], id="md"),
+        pytest.param("docs.jsonl", [PROSE, "Second document.", "Third, with ünïcödé ✓."], id="jsonl"),
+        pytest.param("docs.jsonl.gz", [PROSE, "Second document."], id="jsonl_gz"),
+        pytest.param("docs.parquet", [PROSE, "Second document.", "Third."], id="parquet"),
+        pytest.param("docs.jsonl.zst", [PROSE, "Second document."], id="jsonl_zst"),
+        pytest.param("docs.json", [PROSE, 'Second, "quoted" [bracketed] document.', "Third."], id="json_array"),
+        pytest.param("docs.arrow", [PROSE, "Second document.", "Third.", "Fourth."], id="arrow_file"),
+        pytest.param("docs-stream.arrow", [PROSE, "Second document.", "Third."], id="arrow_stream"),
+        pytest.param("docs.feather", [PROSE, "Second document."], id="feather"),
+    ],
+)
 def test_reads_each_format(tmp_path, name, texts):
     path = write_file(tmp_path / "data", name, texts)
     records, metrics = run_download(tmp_path, [{"path": str(path)}])
@@ -46,7 +49,7 @@ def test_text_field_and_blank_lines_in_jsonl(tmp_path):
 
 
 def test_json_array_parsed_across_small_reads_and_json_lines_named_json(tmp_path, monkeypatch):
-    texts = [f"document {i} " + "é" * (i * 3) + " [with] {braces} and \"quotes\"" for i in range(40)]
+    texts = [f"document {i} " + "é" * (i * 3) + ' [with] {braces} and "quotes"' for i in range(40)]
     path = write_file(tmp_path / "a", "docs.json", texts)
     monkeypatch.setattr(readers, "BLOCK_CHARS", 7)  # every item spans several reads
     records, _ = run_download(tmp_path / "a", [{"path": str(path)}])
@@ -75,6 +78,7 @@ def test_legacy_encoded_text_is_decoded_and_counted(tmp_path):
 
 # --- bad input: a clear error naming file and record, or a counted skip ---------------------
 
+
 def truncated_gzip(texts: list[str]) -> bytes:
     data = gzip.compress("".join(json.dumps({"text": t}) + "\n" for t in texts).encode(), compresslevel=1)
     return data[: len(data) * 2 // 3]
@@ -89,27 +93,66 @@ def random_words(n: int, seed: int = 0) -> list[str]:
 
 # Each case: the files of a folder, the error expected by default, then the counts of a skip run.
 BAD_INPUT = [
-    pytest.param({"a.jsonl.gz": truncated_gzip(random_words(400))},
-                 r"a.jsonl.gz: line \d+: corrupt or truncated compressed data", {"bad_files": 1},
-                 id="truncated_gzip"),
-    pytest.param({"a.jsonl.gz": b"this is not gzip at all"},
-                 r"a.jsonl.gz: line 1: corrupt or truncated compressed data", {"bad_files": 1}, id="not_gzip"),
-    pytest.param({"a.jsonl.zst": b"(\xb5/\xfd\x00X\x11\x00\x00{\"te"}, r"a.jsonl.zst: line 1: corrupt",
-                 {"bad_files": 1}, id="truncated_zstd"),
-    pytest.param({"a.jsonl": b'{"text": "good one"}\n{"text": "bad \xff\xfe bytes"}\n'},
-                 r"a.jsonl: line 2: not valid UTF-8", {"bad_records": 1}, id="invalid_utf8_jsonl"),
-    pytest.param({"a.txt": b"caf\xc3\xa9 ok", "b.txt": b"legacy caf\xe9 text"},
-                 r"b.txt: byte 10: not valid UTF-8 \(encoding: utf-8\)", {"bad_files": 1}, id="invalid_utf8_txt"),
-    pytest.param({"a.txt": b"Fine text.", "b.txt": b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "c.png": b"\x89PNG"},
-                 r"b.txt: file: binary file", {"bad_files": 1, "skipped_files": 1}, id="binary_file_in_folder"),
-    pytest.param({"a.jsonl": b'{"text": "one"}\n{"body": "no text field"}\n{"text": "three"}\n'},
-                 r"a.jsonl: line 2: no field 'text' \(fields: body\)", {"bad_records": 1}, id="missing_text_field"),
-    pytest.param({"a.jsonl": b'{"text": "one"}\n{"text": "two"\n'}, r"a.jsonl: line 2: not valid JSON",
-                 {"bad_records": 1}, id="bad_json_line"),
-    pytest.param({"a.json": b'[{"text": "one"}, {"body": "two"}]'}, r"a.json: record 1: no field 'text'",
-                 {"bad_records": 1}, id="json_array_missing_field"),
-    pytest.param({"a.txt": b"Fine.", "b.parquet": b"PAR1 not really"}, r"b.parquet: file: not a readable Parquet",
-                 {"bad_files": 1}, id="corrupt_parquet"),
+    pytest.param(
+        {"a.jsonl.gz": truncated_gzip(random_words(400))},
+        r"a.jsonl.gz: line \d+: corrupt or truncated compressed data",
+        {"bad_files": 1},
+        id="truncated_gzip",
+    ),
+    pytest.param(
+        {"a.jsonl.gz": b"this is not gzip at all"},
+        r"a.jsonl.gz: line 1: corrupt or truncated compressed data",
+        {"bad_files": 1},
+        id="not_gzip",
+    ),
+    pytest.param(
+        {"a.jsonl.zst": b'(\xb5/\xfd\x00X\x11\x00\x00{"te'},
+        r"a.jsonl.zst: line 1: corrupt",
+        {"bad_files": 1},
+        id="truncated_zstd",
+    ),
+    pytest.param(
+        {"a.jsonl": b'{"text": "good one"}\n{"text": "bad \xff\xfe bytes"}\n'},
+        r"a.jsonl: line 2: not valid UTF-8",
+        {"bad_records": 1},
+        id="invalid_utf8_jsonl",
+    ),
+    pytest.param(
+        {"a.txt": b"caf\xc3\xa9 ok", "b.txt": b"legacy caf\xe9 text"},
+        r"b.txt: byte 10: not valid UTF-8 \(encoding: utf-8\)",
+        {"bad_files": 1},
+        id="invalid_utf8_txt",
+    ),
+    pytest.param(
+        {"a.txt": b"Fine text.", "b.txt": b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "c.png": b"\x89PNG"},
+        r"b.txt: file: binary file",
+        {"bad_files": 1, "skipped_files": 1},
+        id="binary_file_in_folder",
+    ),
+    pytest.param(
+        {"a.jsonl": b'{"text": "one"}\n{"body": "no text field"}\n{"text": "three"}\n'},
+        r"a.jsonl: line 2: no field 'text' \(fields: body\)",
+        {"bad_records": 1},
+        id="missing_text_field",
+    ),
+    pytest.param(
+        {"a.jsonl": b'{"text": "one"}\n{"text": "two"\n'},
+        r"a.jsonl: line 2: not valid JSON",
+        {"bad_records": 1},
+        id="bad_json_line",
+    ),
+    pytest.param(
+        {"a.json": b'[{"text": "one"}, {"body": "two"}]'},
+        r"a.json: record 1: no field 'text'",
+        {"bad_records": 1},
+        id="json_array_missing_field",
+    ),
+    pytest.param(
+        {"a.txt": b"Fine.", "b.parquet": b"PAR1 not really"},
+        r"b.parquet: file: not a readable Parquet",
+        {"bad_files": 1},
+        id="corrupt_parquet",
+    ),
 ]
 
 

@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
+from download_inputs import write_file
 from ember.tasks import download
 from ember.tasks.download import DownloadConfig, SourceError, preflight
-from download_inputs import write_file
 
 
 def test_preflight_missing_path_names_the_source(tmp_path):
@@ -44,11 +44,14 @@ def test_preflight_jsonl_without_the_text_field(tmp_path):
     assert str(path) in message and "line 1" in message and "'text'" in message
 
 
-@pytest.mark.parametrize("content, expected", [
-    pytest.param('{"text": "ok"}\nnot json\n', "line 2: not valid JSON", id="bad_json"),
-    pytest.param('{"text": 3}\n', "line 1: field 'text' is int", id="not_a_string"),
-    pytest.param('{"text": ""}\n{"text": " "}\n', "have no text in 'text'", id="first_records_empty"),
-])
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        pytest.param('{"text": "ok"}\nnot json\n', "line 2: not valid JSON", id="bad_json"),
+        pytest.param('{"text": 3}\n', "line 1: field 'text' is int", id="not_a_string"),
+        pytest.param('{"text": ""}\n{"text": " "}\n', "have no text in 'text'", id="first_records_empty"),
+    ],
+)
 def test_preflight_reads_the_first_records(tmp_path, content, expected):
     path = tmp_path / "docs.jsonl"
     path.write_text(content, encoding="utf-8")
@@ -97,6 +100,7 @@ def test_preflight_checks_hf_folders_and_url_types(tmp_path):
 
 # --- identity: content, not timestamps ------------------------------------------------------
 
+
 def test_identity_follows_content_not_mtime(tmp_path):
     folder = tmp_path / "corpus"
     path = write_file(folder, "a.jsonl", ["one", "two"])
@@ -111,16 +115,22 @@ def test_identity_follows_content_not_mtime(tmp_path):
 
 # --- config: sources, http settings, names --------------------------------------------------
 
-@pytest.mark.parametrize("source, message", [
-    pytest.param({}, "exactly one of path, url, hf", id="none"),
-    pytest.param({"path": "a", "hf": "b"}, "exactly one of path, url, hf", id="two"),
-    pytest.param({"url": "ftp://x/y.txt"}, "http", id="ftp"),
-    pytest.param({"path": "a", "colour": "red"}, "Extra inputs", id="unknown_key"),
-    pytest.param({"path": "a", "sha256": "0" * 64}, "sha256", id="sha_without_url"),
-    pytest.param({"url": ["http://a/x.txt", "ftp://b/x.txt"]}, "http", id="ftp_mirror"),
-    pytest.param({"path": "a", "on_error": "ignore"}, r"on_error\n.*'raise' or 'skip'", id="bad_on_error"),
-    pytest.param({"path": "a", "encoding": "klingon"}, r"encoding\n.*unknown encoding 'klingon'", id="bad_encoding"),
-])
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        pytest.param({}, "exactly one of path, url, hf", id="none"),
+        pytest.param({"path": "a", "hf": "b"}, "exactly one of path, url, hf", id="two"),
+        pytest.param({"url": "ftp://x/y.txt"}, "http", id="ftp"),
+        pytest.param({"path": "a", "colour": "red"}, "Extra inputs", id="unknown_key"),
+        pytest.param({"path": "a", "sha256": "0" * 64}, "sha256", id="sha_without_url"),
+        pytest.param({"url": ["http://a/x.txt", "ftp://b/x.txt"]}, "http", id="ftp_mirror"),
+        pytest.param({"path": "a", "on_error": "ignore"}, r"on_error\n.*'raise' or 'skip'", id="bad_on_error"),
+        pytest.param(
+            {"path": "a", "encoding": "klingon"}, r"encoding\n.*unknown encoding 'klingon'", id="bad_encoding"
+        ),
+    ],
+)
 def test_source_validation(source, message):
     with pytest.raises(ValidationError, match=message):
         DownloadConfig(sources=[source])

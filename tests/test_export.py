@@ -19,8 +19,8 @@ from tokenizers import Regex, Tokenizer, pre_tokenizers, trainers
 
 from ember.model.checkpoint import save_model
 from ember.model.export import LLAMA_CPP_PRE_TOKENIZER, export_gguf, export_hf
-from ember.model.transformer import PRESETS, ModelConfig, Transformer
 from ember.model.tokenizer import SPECIAL_TOKENS
+from ember.model.transformer import PRESETS, ModelConfig, Transformer
 from ember.tasks.train_tokenizer import build_tokenizer, write_transformers_files
 from helpers import CORPORA
 
@@ -43,8 +43,13 @@ def training_text() -> list[str]:
 def tokenizer_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tokenizer")
     tokenizer = build_tokenizer()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, min_frequency=2, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        min_frequency=2,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(training_text(), trainer=trainer)
     tokenizer.save(str(out / "tokenizer.json"))
     write_transformers_files(out)
@@ -54,11 +59,12 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 def make_checkpoint(folder: Path, n_kv_heads: int) -> Transformer:
     """A tiny model with weights far from init (norm gains too), so a misplaced tensor shows."""
     torch.manual_seed(n_kv_heads)
-    cfg = ModelConfig(vocab_size=VOCAB, **{**PRESETS["tiny"], "n_kv_heads": n_kv_heads},
-                      rope_theta=500.0, norm_eps=1e-6)
+    cfg = ModelConfig(
+        vocab_size=VOCAB, **{**PRESETS["tiny"], "n_kv_heads": n_kv_heads}, rope_theta=500.0, norm_eps=1e-6
+    )
     model = Transformer(cfg).eval()
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.3)
             else:
@@ -92,8 +98,14 @@ def test_hf_export_gives_embers_logits(checkpoint, tokenizer_dir, tmp_path):
 
     folder, model = checkpoint
     out = export_hf(folder, tokenizer_dir, tmp_path / "hf")
-    assert {p.name for p in out.iterdir()} >= {"config.json", "generation_config.json", "model.safetensors",
-                                               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
+    assert {p.name for p in out.iterdir()} >= {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    }
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"] and config["tie_word_embeddings"] is True
     assert config["num_key_value_heads"] == model.config.n_kv_heads and config["head_dim"] == 16
@@ -182,8 +194,9 @@ def llama_cpp_forward(reader: gguf.GGUFReader, idx: torch.Tensor) -> torch.Tenso
 
 def expected_names(n_layers: int) -> set[str]:
     per_block = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "attn_norm", "ffn_norm")
-    return ({"token_embd.weight", "output_norm.weight"}
-            | {f"blk.{i}.{name}.weight" for i in range(n_layers) for name in per_block})
+    return {"token_embd.weight", "output_norm.weight"} | {
+        f"blk.{i}.{name}.weight" for i in range(n_layers) for name in per_block
+    }
 
 
 def test_gguf_f32_reads_back_as_embers_model(checkpoint, tokenizer_dir, tmp_path):
@@ -206,8 +219,10 @@ def test_gguf_f32_reads_back_as_embers_model(checkpoint, tokenizer_dir, tmp_path
     assert torch.equal(w["blk.1.ffn_norm.weight"], layer.ffn_norm.weight)
     assert torch.equal(w["output_norm.weight"], model.norm.weight)
     # Q and K hold the same rows, reordered within each head (the permutation).
-    for name, ours, heads in (("attn_q", layer.attention.wq.weight, cfg.n_heads),
-                              ("attn_k", layer.attention.wk.weight, cfg.n_kv_heads)):
+    for name, ours, heads in (
+        ("attn_q", layer.attention.wq.weight, cfg.n_heads),
+        ("attn_k", layer.attention.wk.weight, cfg.n_kv_heads),
+    ):
         theirs = w[f"blk.1.{name}.weight"]
         assert theirs.shape == ours.shape and not torch.equal(theirs, ours)
         for h in range(heads):
@@ -284,17 +299,25 @@ def test_gguf_refuses_unknown_outtype(checkpoint, tokenizer_dir, tmp_path):
 GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 
 
-@pytest.mark.parametrize("text", [
-    "Thou art more lovely and more temperate:\nRough winds do shake the darling buds of May,",
-    "In 1594, 42 ships; 7 of 100 sank. I'll say it's 3:15 now.",
-    "宝玉 said 你好，世界。 Then 黛玉 left.",
-    "  indented\tline\n\n\nand   spaced  words ",
-], ids=["prose", "short_numbers", "cjk_single_spaces", "whitespace"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Thou art more lovely and more temperate:\nRough winds do shake the darling buds of May,",
+        "In 1594, 42 ships; 7 of 100 sank. I'll say it's 3:15 now.",
+        "宝玉 said 你好，世界。 Then 黛玉 left.",
+        "  indented\tline\n\n\nand   spaced  words ",
+    ],
+    ids=["prose", "short_numbers", "cjk_single_spaces", "whitespace"],
+)
 def test_gpt2_pre_tokenizer_agrees_outside_documented_cases(tokenizer_dir, text):
     """The module docstring's claim: llama.cpp's "gpt-2" (GPT-2's regex over the whole text) gives
     Ember's tokens except on digit runs over three and whitespace runs before CJK or digits."""
     ember = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
     gpt2 = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
-    gpt2.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(GPT2_REGEX), behavior="isolated"),
-                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    gpt2.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(GPT2_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     assert gpt2.encode(text).ids == ember.encode(text).ids

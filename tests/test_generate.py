@@ -11,8 +11,8 @@ from tokenizers import pre_tokenizers, trainers
 
 import ember.model.generate as gen
 from ember.model.generate import generate, generate_text, penalize_repeats
-from ember.model.transformer import PRESETS, ModelConfig, Transformer
 from ember.model.tokenizer import EOS_ID, SPECIAL_TOKENS
+from ember.model.transformer import PRESETS, ModelConfig, Transformer
 from ember.tasks.train_tokenizer import build_tokenizer
 from test_model import lively
 
@@ -25,8 +25,12 @@ def byte_tokenizer(texts: list[str] = (), vocab_size: int = 256 + len(SPECIAL_TO
     """Ember's byte-level BPE; at the default size it has no merges: one token per byte, so every
     Han character is three tokens and the emoji four."""
     tokenizer = build_tokenizer()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(list(texts) or ["x"], trainer=trainer)
     return tokenizer
 
@@ -40,8 +44,10 @@ def lively_model(vocab_size: int) -> Transformer:
 @pytest.fixture
 def scripted(monkeypatch):
     """Make `generate` yield the ids of a given text, so decoding is tested on known bytes."""
+
     def use(ids: list[int]) -> None:
         monkeypatch.setattr(gen, "generate", lambda model, prompt_ids, max_new_tokens, **kw: iter(ids[:max_new_tokens]))
+
     return use
 
 
@@ -91,18 +97,22 @@ def test_cjk_and_emoji_stream_as_whole_characters(scripted):
     assert "".join(pieces) == CJK_TEXT
     assert pieces == list(CJK_TEXT)  # each character as soon as its last byte arrives, never a half
     # Cut inside the emoji's four bytes: the half character is never shown.
-    cut = len("宝玉笑道：“你好，世界。” Then 黛玉 left ".encode("utf-8")) + 2
+    cut = len("宝玉笑道：“你好，世界。” Then 黛玉 left ".encode()) + 2
     assert "".join(generate_text(None, tokenizer, "", cut)) == "宝玉笑道：“你好，世界。” Then 黛玉 left "
 
 
-@pytest.mark.parametrize("stop, expected", [
-    (("世界",), "宝玉笑道：“你好，"),
-    (("left", "Then"), "宝玉笑道：“你好，世界。” "),  # the earliest of several
-    (("o'clock.",), "宝玉笑道：“你好，世界。” Then 黛玉 left 😀 at 3 "),
-    (("宝",), ""),
-    (("not there",), CJK_TEXT),
-    (("k.!",), CJK_TEXT),  # the text ends with the start of a stop string: held, then given out
-], ids=["cjk", "earliest", "at_end", "at_start", "absent", "prefix_at_end"])
+@pytest.mark.parametrize(
+    "stop, expected",
+    [
+        (("世界",), "宝玉笑道：“你好，"),
+        (("left", "Then"), "宝玉笑道：“你好，世界。” "),  # the earliest of several
+        (("o'clock.",), "宝玉笑道：“你好，世界。” Then 黛玉 left 😀 at 3 "),
+        (("宝",), ""),
+        (("not there",), CJK_TEXT),
+        (("k.!",), CJK_TEXT),  # the text ends with the start of a stop string: held, then given out
+    ],
+    ids=["cjk", "earliest", "at_end", "at_start", "absent", "prefix_at_end"],
+)
 def test_stop_strings_end_the_text(scripted, stop, expected):
     tokenizer = byte_tokenizer()
     scripted(tokenizer.encode(CJK_TEXT).ids)
@@ -139,7 +149,6 @@ def test_generate_text_with_a_real_model_and_tokenizer(corpora):
     assert streamed == expected.rstrip("\ufffd") and len(streamed) > 10
     # A stop string taken from the middle of that text ends it right there.
     stop = streamed[20:24]
-    assert "".join(generate_text(model, tokenizer, prompt, 60, stop=(stop,), **kw)) == \
-        streamed[:streamed.index(stop)]
+    assert "".join(generate_text(model, tokenizer, prompt, 60, stop=(stop,), **kw)) == streamed[: streamed.index(stop)]
     with pytest.raises(ValueError, match="prompt_ids is empty"):
         list(generate_text(model, tokenizer, "", 5))  # no prompt and no EOS to start from

@@ -137,6 +137,7 @@ def sha(data: bytes) -> str:
 
 # --- resume, retry, timeouts ------------------------------------------------------------------
 
+
 def test_cut_transfer_resumes_with_a_range_request(tmp_path, server):
     served, base = server
     data = jsonl_gz(docs(300))
@@ -265,14 +266,19 @@ def test_url_records_ids_and_identity(tmp_path, server):
 
 # --- mirrors --------------------------------------------------------------------------------
 
+
 def test_mirrors_first_that_works_wins(tmp_path, server, caplog):
     served, base = server
     texts = docs(5, seed=4)
     data = jsonl_gz(texts)
     served.files["/good/corpus.jsonl.gz"] = data
     served.files["/bad/corpus.jsonl.gz"] = b"corrupted copy"
-    urls = [f"http://127.0.0.1:{closed_port()}/corpus.jsonl.gz", f"{base}/gone/corpus.jsonl.gz",
-            f"{base}/bad/corpus.jsonl.gz", f"{base}/good/corpus.jsonl.gz"]
+    urls = [
+        f"http://127.0.0.1:{closed_port()}/corpus.jsonl.gz",
+        f"{base}/gone/corpus.jsonl.gz",
+        f"{base}/bad/corpus.jsonl.gz",
+        f"{base}/good/corpus.jsonl.gz",
+    ]
     with caplog.at_level(logging.WARNING, logger="ember.download"):
         records, _ = run_download(tmp_path, [{"url": urls, "sha256": sha(data)}])
     assert [r["text"] for r in records] == texts
@@ -289,6 +295,7 @@ def test_mirrors_all_failing_name_each(tmp_path, server):
 
 
 # --- archives ---------------------------------------------------------------------------------
+
 
 def tar_bytes(entries: list[tarfile.TarInfo | tuple[str, bytes]], mode: str = "w:gz") -> bytes:
     buf = io.BytesIO()
@@ -309,46 +316,76 @@ def link(name: str, target: str, kind=tarfile.SYMTYPE) -> tarfile.TarInfo:
     return info
 
 
-def zip_bytes(entries: list[tuple[str, bytes]], symlink: tuple[str, str] | None = None,
-              compression: int = zipfile.ZIP_STORED) -> bytes:
+def zip_bytes(
+    entries: list[tuple[str, bytes]], symlink: tuple[str, str] | None = None, compression: int = zipfile.ZIP_STORED
+) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=compression) as zf:
         for name, data in entries:
             zf.writestr(name, data)
         if symlink:
             info = zipfile.ZipInfo(symlink[0])
-            info.external_attr = (0o120777 << 16)
+            info.external_attr = 0o120777 << 16
             zf.writestr(info, symlink[1])
     return buf.getvalue()
 
 
 def test_archive_url_is_unpacked_and_read(tmp_path, server):
     served, base = server
-    served.files["/corpus.tar.gz"] = tar_bytes([
-        ("corpus/a.txt", b"Alpha text."), ("corpus/sub/b.jsonl", b'{"text": "beta"}\n'),
-        ("corpus/README.md", b"A card, not a document."), ("corpus/c.txt", b"x")])
+    served.files["/corpus.tar.gz"] = tar_bytes(
+        [
+            ("corpus/a.txt", b"Alpha text."),
+            ("corpus/sub/b.jsonl", b'{"text": "beta"}\n'),
+            ("corpus/README.md", b"A card, not a document."),
+            ("corpus/c.txt", b"x"),
+        ]
+    )
     served.files["/bundle.zip"] = zip_bytes([("one.md", b"# One"), ("two/three.txt", b"Three.")])
     records, metrics = run_download(tmp_path, [{"url": f"{base}/corpus.tar.gz"}, {"url": f"{base}/bundle.zip"}])
     assert [(r["id"], r["text"]) for r in records] == [
-        ("corpus/corpus/a.txt:0", "Alpha text."), ("corpus/corpus/c.txt:0", "x"),
-        ("corpus/corpus/sub/b.jsonl:0", "beta"), ("bundle/one.md:0", "# One"), ("bundle/two/three.txt:0", "Three.")]
+        ("corpus/corpus/a.txt:0", "Alpha text."),
+        ("corpus/corpus/c.txt:0", "x"),
+        ("corpus/corpus/sub/b.jsonl:0", "beta"),
+        ("bundle/one.md:0", "# One"),
+        ("bundle/two/three.txt:0", "Three."),
+    ]
     assert metrics["skipped_files"] == 1  # README.md
 
 
-@pytest.mark.parametrize("name, data, message", [
-    pytest.param("d.zip", zip_bytes([("ok.txt", b"fine"), ("../evil.txt", b"x")]), r"'\.\./evil.txt'.*outside",
-                 id="zip_slip"),
-    pytest.param("d.zip", zip_bytes([("/tmp/abs-evil.txt", b"x")]), "absolute path", id="zip_absolute"),
-    pytest.param("d.zip", zip_bytes([("ok.txt", b"fine")], symlink=("link.txt", "../../etc/passwd")),
-                 "links to '../../etc/passwd', outside", id="zip_symlink_out"),
-    pytest.param("d.tar.gz", tar_bytes([("ok.txt", b"fine"), ("sub/../../evil.txt", b"x")]), r"outside.*'\.\.'",
-                 id="tar_dotdot"),
-    pytest.param("d.tgz", tar_bytes([("/abs-evil.txt", b"x")]), "absolute path", id="tar_absolute"),
-    pytest.param("d.tar.gz", tar_bytes([link("sub/evil.txt", "../../outside.txt")]), "links to '../../outside.txt'",
-                 id="tar_symlink_out"),
-    pytest.param("d.tar", tar_bytes([link("evil.txt", "/etc/passwd", tarfile.LNKTYPE)], mode="w"),
-                 "links to '/etc/passwd'", id="tar_hardlink_out"),
-])
+@pytest.mark.parametrize(
+    "name, data, message",
+    [
+        pytest.param(
+            "d.zip", zip_bytes([("ok.txt", b"fine"), ("../evil.txt", b"x")]), r"'\.\./evil.txt'.*outside", id="zip_slip"
+        ),
+        pytest.param("d.zip", zip_bytes([("/tmp/abs-evil.txt", b"x")]), "absolute path", id="zip_absolute"),
+        pytest.param(
+            "d.zip",
+            zip_bytes([("ok.txt", b"fine")], symlink=("link.txt", "../../etc/passwd")),
+            "links to '../../etc/passwd', outside",
+            id="zip_symlink_out",
+        ),
+        pytest.param(
+            "d.tar.gz",
+            tar_bytes([("ok.txt", b"fine"), ("sub/../../evil.txt", b"x")]),
+            r"outside.*'\.\.'",
+            id="tar_dotdot",
+        ),
+        pytest.param("d.tgz", tar_bytes([("/abs-evil.txt", b"x")]), "absolute path", id="tar_absolute"),
+        pytest.param(
+            "d.tar.gz",
+            tar_bytes([link("sub/evil.txt", "../../outside.txt")]),
+            "links to '../../outside.txt'",
+            id="tar_symlink_out",
+        ),
+        pytest.param(
+            "d.tar",
+            tar_bytes([link("evil.txt", "/etc/passwd", tarfile.LNKTYPE)], mode="w"),
+            "links to '/etc/passwd'",
+            id="tar_hardlink_out",
+        ),
+    ],
+)
 def test_unsafe_archives_are_refused(tmp_path, name, data, message):
     path = tmp_path / "in" / name
     path.parent.mkdir()
@@ -373,14 +410,19 @@ def test_unsafe_archive_url_fails_the_stage(tmp_path, server):
 @pytest.mark.parametrize("name", ["bomb.zip", "bomb.tar.gz"])
 def test_archive_larger_than_the_room_is_refused_before_writing(tmp_path, name):
     zeros = b"\0" * (20 << 20)  # 20 MB that compress to some kilobytes
-    data = zip_bytes([("a.txt", b"fine"), ("zeros.txt", zeros)], compression=zipfile.ZIP_DEFLATED) \
-        if name.endswith(".zip") \
+    data = (
+        zip_bytes([("a.txt", b"fine"), ("zeros.txt", zeros)], compression=zipfile.ZIP_DEFLATED)
+        if name.endswith(".zip")
         else tar_bytes([("a.txt", b"fine"), ("zeros.txt", zeros)])
+    )
     assert len(data) < 100_000
     path = tmp_path / name
     path.write_bytes(data)
-    with pytest.raises(FetchError, match=rf"{name}: its entries unpack to 20,971,524 bytes, more than the "
-                                         r"10,000,000 bytes free"):
+    with pytest.raises(
+        FetchError,
+        match=rf"{name}: its entries unpack to 20,971,524 bytes, more than the "
+        r"10,000,000 bytes free",
+    ):
         fetch.unpack(path, tmp_path / "out", room=10_000_000)
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # nothing unpacked, no leftovers
     assert (fetch.unpack(path, tmp_path / "out", room=30_000_000) / "zeros.txt").stat().st_size == 20 << 20

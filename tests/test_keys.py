@@ -25,13 +25,16 @@ KEYS = {
 
 def test_default_keys_are_unchanged():
     config = PipelineConfig.model_validate({"name": "keys", "download": {"sources": [{"path": "/data/corpus.txt"}]}})
-    keys = {stage.name: compute_key(stage.name, stage.version, stage.params(getattr(config, stage.name)), {})
-            for stage in STAGES}
+    keys = {
+        stage.name: compute_key(stage.name, stage.version, stage.params(getattr(config, stage.name)), {})
+        for stage in STAGES
+    }
     changed = sorted(name for name in KEYS if keys[name] != KEYS[name])
     assert not changed, f"the store keys of {changed} changed: every cached artifact of them (and after) reruns"
     assert set(keys) == set(KEYS)
 
 
 def test_every_stage_has_a_config_section_of_its_name():
-    assert [name for name in PipelineConfig.model_fields if name not in ("name", "store", "schedule", "runner")] \
-        == [stage.name for stage in STAGES]
+    assert [name for name in PipelineConfig.model_fields if name not in ("name", "store", "schedule", "runner")] == [
+        stage.name for stage in STAGES
+    ]

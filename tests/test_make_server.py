@@ -39,20 +39,39 @@ def test_make_server_on_another_port_serves_a_working_ui(tmp_path):
     stamp = VENV / ".installed"
     assert stamp.exists(), f"{stamp} is missing: run `make install` first"
     port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "DO_NOT_TRACK": "1",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "GRADIO_ANALYTICS_ENABLED": "False", "COLUMNS": "200"}
-    for name in ("PREFECT_UI_API_URL", "PREFECT_SERVER_UI_API_URL", "PREFECT_SERVER_API_PORT", "PREFECT_UI_ENABLED",
-                 "PREFECT_SERVER_UI_ENABLED", "MAKEFLAGS", "MAKELEVEL"):
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "DO_NOT_TRACK": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "COLUMNS": "200",
+    }
+    for name in (
+        "PREFECT_UI_API_URL",
+        "PREFECT_SERVER_UI_API_URL",
+        "PREFECT_SERVER_API_PORT",
+        "PREFECT_UI_ENABLED",
+        "PREFECT_SERVER_UI_ENABLED",
+        "MAKEFLAGS",
+        "MAKELEVEL",
+    ):
         env.pop(name, None)
     # What the README tells users to export for the default server: it must not decide where
     # this server's UI looks for the API.
     env["PREFECT_API_URL"] = "http://127.0.0.1:4200/api"
     log = tmp_path / "server.log"
-    proc = start(["make", "-C", str(REPO), "-o", f"{VENV}/.installed", "server", f"PREFECT_PORT={port}",
-                  f"VENV={VENV}"], env, log, tmp_path)
+    proc = start(
+        ["make", "-C", str(REPO), "-o", f"{VENV}/.installed", "server", f"PREFECT_PORT={port}", f"VENV={VENV}"],
+        env,
+        log,
+        tmp_path,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
+
         def healthy():
             try:
                 return get(f"{base}/api/health")[0] == 200

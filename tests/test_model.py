@@ -14,9 +14,19 @@ from safetensors.torch import load_file, save_file
 
 from ember.model.checkpoint import latest_checkpoint, load_checkpoint, load_model, save_checkpoint, save_model
 from ember.model.generate import generate
-from ember.model.quantize import (INT8_WEIGHTS, WO_INT8_WEIGHTS, Int8WeightOnlyLinear, linear_weight_bytes,
-                                  load_int8, load_weight_only_int8, quantize_int8, quantize_per_channel,
-                                  quantize_weight_only_int8, save_int8, save_weight_only_int8)
+from ember.model.quantize import (
+    INT8_WEIGHTS,
+    WO_INT8_WEIGHTS,
+    Int8WeightOnlyLinear,
+    linear_weight_bytes,
+    load_int8,
+    load_weight_only_int8,
+    quantize_int8,
+    quantize_per_channel,
+    quantize_weight_only_int8,
+    save_int8,
+    save_weight_only_int8,
+)
 from ember.model.transformer import PRESETS, ModelConfig, Transformer, configure_optimizer
 
 VOCAB = 512
@@ -72,7 +82,7 @@ def greedy_without_cache(model: Transformer, prompt: list[int], n: int) -> list[
     for _ in range(n):
         logits, _ = model(torch.tensor([ids]))
         ids.append(int(logits[0, -1].argmax()))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 @pytest.mark.parametrize("n_kv_heads", [4, 2], ids=["mha", "gqa"])
@@ -91,8 +101,10 @@ def test_generation_seeded_eos_and_sliding_context():
     assert first != list(generate(model, [1, 2, 3], 30, temperature=1.0, top_k=20, top_p=0.9, seed=8))
     # Stops before the EOS id, without yielding it.
     stop = first[10]
-    assert list(generate(model, [1, 2, 3], 30, temperature=1.0, top_k=20, top_p=0.9, seed=7, eos_id=stop)) \
-        == first[:first.index(stop)]
+    assert (
+        list(generate(model, [1, 2, 3], 30, temperature=1.0, top_k=20, top_p=0.9, seed=7, eos_id=stop))
+        == first[: first.index(stop)]
+    )
     # Longer than the 64-token context (and a prompt longer than it): slides, keeps going.
     assert len(list(generate(model, list(range(100)), 150, temperature=0))) == 150
 
@@ -118,8 +130,9 @@ def per_tensor_int8(model: Transformer) -> torch.nn.Module:
         return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
 
 
-@pytest.mark.parametrize("quantize, scale_shape", [(quantize_int8, (64,)), (per_tensor_int8, ())],
-                         ids=["per_channel", "per_tensor"])
+@pytest.mark.parametrize(
+    "quantize, scale_shape", [(quantize_int8, (64,)), (per_tensor_int8, ())], ids=["per_channel", "per_tensor"]
+)
 def test_int8_round_trip_matches_in_memory_model(tmp_path, quantize, scale_shape):
     model = lively(tiny())
     qmodel = quantize(model)
@@ -188,8 +201,9 @@ def test_weight_only_is_close_to_fp32_and_a_quarter_of_its_linear_bytes():
 def stepwise_logits(model, ids: list[int]) -> torch.Tensor:
     """Logits of each position fed one token at a time through the KV cache, as generation does."""
     cache = model.new_kv_cache(1)
-    return torch.stack([model(torch.tensor([[t]]), kv_cache=cache, start_pos=pos)[0][0, -1]
-                        for pos, t in enumerate(ids)])
+    return torch.stack(
+        [model(torch.tensor([[t]]), kv_cache=cache, start_pos=pos)[0][0, -1] for pos, t in enumerate(ids)]
+    )
 
 
 def test_weight_only_generation_path_is_close_to_fp32():
@@ -211,8 +225,11 @@ def test_weight_only_generation_path_is_close_to_fp32():
     assert error(steps) < 1.25 * error(full) and error(steps) < error(dynamic)
 
 
-@pytest.mark.parametrize("out_features, in_features, outlier", [(2, 3, 300.0), (40, 64, 7.0)],
-                         ids=["three_inputs_big_outlier", "wider_small_outlier"])
+@pytest.mark.parametrize(
+    "out_features, in_features, outlier",
+    [(2, 3, 300.0), (40, 64, 7.0)],
+    ids=["three_inputs_big_outlier", "wider_small_outlier"],
+)
 def test_per_channel_quantization_bounds(out_features, in_features, outlier):
     """Row 0 is all zeros, the last row holds an outlier."""
     torch.manual_seed(0)
@@ -241,13 +258,17 @@ def unaligned(t: torch.Tensor) -> torch.Tensor:
     return view
 
 
-@pytest.mark.parametrize("in_features, misalign, rows, packed", [
-    (64, False, 1, True),
-    (64, False, 32, True),
-    (64, False, 33, False),
-    (40, False, 1, False),
-    (64, True, 1, False),
-], ids=["one_row", "thirty_two_rows", "thirty_three_rows", "in_features_not_multiple_of_16", "unaligned_weight"])
+@pytest.mark.parametrize(
+    "in_features, misalign, rows, packed",
+    [
+        (64, False, 1, True),
+        (64, False, 32, True),
+        (64, False, 33, False),
+        (40, False, 1, False),
+        (64, True, 1, False),
+    ],
+    ids=["one_row", "thirty_two_rows", "thirty_three_rows", "in_features_not_multiple_of_16", "unaligned_weight"],
+)
 def test_weight_only_linear_paths(in_features, misalign, rows, packed):
     """The packed kernel crashes on shapes or addresses it cannot take: those must fall back."""
     torch.manual_seed(0)
@@ -304,8 +325,9 @@ PRESET_PARAMS = {
 }
 
 
-def llama_param_count(vocab: int, dim: int, n_layers: int, n_heads: int, hidden_dim: int,
-                      n_kv_heads: int | None = None, **_) -> int:
+def llama_param_count(
+    vocab: int, dim: int, n_layers: int, n_heads: int, hidden_dim: int, n_kv_heads: int | None = None, **_
+) -> int:
     """Counted from the architecture on paper, not from the module tree."""
     head = dim // n_heads
     kv = (n_kv_heads or n_heads) * head
@@ -370,7 +392,7 @@ def test_training_checkpoint_resume_state(tmp_path):
     fresh_opt = configure_optimizer(fresh, 0.1, 1e-3, (0.9, 0.95))
     state = load_checkpoint(tmp_path, fresh, fresh_opt)
     assert state["step"] == 2 and state["elapsed_s"] == 3.0 and state["extra"]["records"] == [{"step": 2}]
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values(), strict=True))
     assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
     assert load_checkpoint(tmp_path / "nothing-here", fresh, fresh_opt) is None
 

@@ -127,8 +127,9 @@ def test_a_crash_leaves_nothing_that_looks_complete(s3, tmp_path, monkeypatch):
         run_stage(one, DOWNLOAD, None, {})
     monkeypatch.setattr(one.fs, "put_file", real_put)
     two = machine(url, tmp_path, "two")
-    assert two.ls() == [] and two.verify() == [f"artifacts/download/{run_ref_key(two)}: incomplete (no manifest); "
-                                                "gc removes it"]
+    assert two.ls() == [] and two.verify() == [
+        f"artifacts/download/{run_ref_key(two)}: incomplete (no manifest); gc removes it"
+    ]
     assert two.gc() == [f"artifacts/download/{run_ref_key(two)}"] and two.verify() == []
     assert not run_stage(two, DOWNLOAD, None, {}).cached and two.verify() == []
 
@@ -141,14 +142,26 @@ def run_ref_key(store: ObjectStore) -> str:
 def test_ember_run_on_s3_killed_mid_training_resumes_and_verifies(s3, tmp_path):
     """The whole pipeline with `store.root: s3://...`; SIGKILL while training; run again; verify."""
     url = f"s3://ember/{tmp_path.name}"
-    config = write_config(tmp_path, store={"root": url},
-                          train={"max_steps": 60, "checkpoint_every": 10, "eval_every": 30})
-    env = {**os.environ, **s3.env, "EMBER_CACHE": str(tmp_path / "cache"), "COLUMNS": "200",
-           "PREFECT_HOME": str(tmp_path / "prefect")}
+    config = write_config(
+        tmp_path, store={"root": url}, train={"max_steps": 60, "checkpoint_every": 10, "eval_every": 30}
+    )
+    env = {
+        **os.environ,
+        **s3.env,
+        "EMBER_CACHE": str(tmp_path / "cache"),
+        "COLUMNS": "200",
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+    }
     ember = [sys.executable, "-m", "ember.flows.cli"]
     log = tmp_path / "first.log"
-    first = subprocess.Popen([*ember, "run", str(config)], env=env, cwd=tmp_path, stdout=log.open("wb"),
-                             stderr=subprocess.STDOUT, start_new_session=True)
+    first = subprocess.Popen(
+        [*ember, "run", str(config)],
+        env=env,
+        cwd=tmp_path,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     store = ObjectStore(url, cache=tmp_path / "reader")
     checkpoints = tmp_path / "cache"
     deadline = time.monotonic() + 300
@@ -161,21 +174,26 @@ def test_ember_run_on_s3_killed_mid_training_resumes_and_verifies(s3, tmp_path):
     first.wait(timeout=30)
     assert store.ls("train") == [] and store.fs.glob(f"ember/{tmp_path.name}/locks/train-*.lock")
 
-    second = subprocess.run([*ember, "run", str(config)], env=env, cwd=tmp_path, capture_output=True, text=True,
-                            timeout=600)
+    second = subprocess.run(
+        [*ember, "run", str(config)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600
+    )
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     (train,) = store.ls("train")
     assert train.metrics["resumed_from"] >= 10 and train.metrics["steps"] == 60
     assert not store.fs.glob(f"ember/{tmp_path.name}/locks/*.lock")  # every lock released
-    verify = subprocess.run([*ember, "verify", "--store", url], env=env, cwd=tmp_path, capture_output=True, text=True,
-                            timeout=300)
-    assert verify.returncode == 0 and "10 artifacts verified in s3://ember/" in verify.stdout, verify.stdout + verify.stderr
+    verify = subprocess.run(
+        [*ember, "verify", "--store", url], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert verify.returncode == 0 and "10 artifacts verified in s3://ember/" in verify.stdout, (
+        verify.stdout + verify.stderr
+    )
 
     # The release is in the bucket too: another machine (another cache) lists it and can serve it.
     assert store.fs.cat_file(f"ember/{tmp_path.name}/releases/LATEST") == b"v0001"
     elsewhere = {**env, "EMBER_CACHE": str(tmp_path / "elsewhere")}
-    listed = subprocess.run([*ember, "releases", "--store", url], env=elsewhere, cwd=tmp_path, capture_output=True,
-                            text=True, timeout=300)
+    listed = subprocess.run(
+        [*ember, "releases", "--store", url], env=elsewhere, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert listed.returncode == 0 and "v0001" in listed.stdout and "← latest" in listed.stdout, listed.stdout
     (cache,) = (tmp_path / "elsewhere").iterdir()
     assert (cache / "releases" / "latest" / "model.safetensors").is_file()
@@ -196,10 +214,19 @@ def test_torchrun_on_two_nodes_reads_the_store_and_trains_like_one_process(s3, t
     url = f"s3://ember/{tmp_path.name}"
     store = machine(url, tmp_path, "uploader")
     artifacts = make_artifacts(tmp_path / "artifacts", chars=60_000)
-    refs = {name: run_stage(store, Stage(name, 1, functools.partial(_copy_folder, folder)), None, {}).ref
-            for name, folder in artifacts.items()}
-    cfg = tiny_train(batch_size=5, tokens_per_step=10 * 64, max_steps=4, log_every=1, eval_every=2, eval_batches=2,
-                     checkpoint_every=2)
+    refs = {
+        name: run_stage(store, Stage(name, 1, functools.partial(_copy_folder, folder)), None, {}).ref
+        for name, folder in artifacts.items()
+    }
+    cfg = tiny_train(
+        batch_size=5,
+        tokens_per_step=10 * 64,
+        max_steps=4,
+        log_every=1,
+        eval_every=2,
+        eval_batches=2,
+        checkpoint_every=2,
+    )
     single = train.run(cfg, context(tmp_path, "one", artifacts))
     config = tmp_path / "train.json"
     config.write_text(cfg.model_dump_json())
@@ -210,13 +237,40 @@ def test_torchrun_on_two_nodes_reads_the_store_and_trains_like_one_process(s3, t
         node = tmp_path / f"node{rank}"
         node.mkdir()
         env = {**os.environ, **s3.env, "EMBER_CACHE": str(node / "cache"), "OMP_NUM_THREADS": "1"}
-        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-                   f"--node_rank={rank}", "--master_addr=127.0.0.1", f"--master_port={port}",
-                   "-m", "ember.tasks.train.ddp", "--config", str(config), "--store", url,
-                   *[f"--input={name}={ref}" for name, ref in refs.items()],
-                   "--out", str(node / "out"), "--work", str(node / "work")]
-        nodes.append((node, subprocess.Popen(command, env=env, cwd=node, stdout=(node / "log").open("wb"),
-                                             stderr=subprocess.STDOUT, start_new_session=True)))
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=2",
+            "--nproc_per_node=1",
+            f"--node_rank={rank}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={port}",
+            "-m",
+            "ember.tasks.train.ddp",
+            "--config",
+            str(config),
+            "--store",
+            url,
+            *[f"--input={name}={ref}" for name, ref in refs.items()],
+            "--out",
+            str(node / "out"),
+            "--work",
+            str(node / "work"),
+        ]
+        nodes.append(
+            (
+                node,
+                subprocess.Popen(
+                    command,
+                    env=env,
+                    cwd=node,
+                    stdout=(node / "log").open("wb"),
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                ),
+            )
+        )
     for node, proc in nodes:
         assert proc.wait(timeout=300) == 0, (node / "log").read_text()[-3000:]
 
@@ -224,7 +278,7 @@ def test_torchrun_on_two_nodes_reads_the_store_and_trains_like_one_process(s3, t
     a = [json.loads(line) for line in (tmp_path / "one-out" / "loss.jsonl").read_text().splitlines()]
     b = [json.loads(line) for line in (first / "out" / "loss.jsonl").read_text().splitlines()]
     assert [r["step"] for r in b] == [r["step"] for r in a] == [1, 2, 3, 4]
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=True):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5)
     assert single["steps"] == 4 and (first / "out" / "model.safetensors").is_file()
     assert list((second / "out").iterdir()) == []  # rank 0 alone writes the model

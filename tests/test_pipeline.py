@@ -12,8 +12,18 @@ from pipeline_configs import settled_task_runs, write_config
 
 pytestmark = pytest.mark.slow
 
-ALL = ["download", "normalize", "filter", "dedup", "train_tokenizer", "tokenize", "train", "quantize",
-       "evaluate", "publish"]
+ALL = [
+    "download",
+    "normalize",
+    "filter",
+    "dedup",
+    "train_tokenizer",
+    "tokenize",
+    "train",
+    "quantize",
+    "evaluate",
+    "publish",
+]
 
 
 def run_pipeline(config_path: Path, store: Path, **kwargs):
@@ -58,8 +68,20 @@ def test_first_run_runs_every_stage_and_publishes(built):
     assert ran(summary) == ALL
     release = Path(summary["release"])
     assert release.parent == store / "releases" and (store / "releases" / "latest").resolve() == release
-    for name in ["model.safetensors", "model-int8.safetensors", "tokenizer.json", "config.json", "report.json",
-                 "release.json", "model-int8-wo.safetensors", "loss.png", "hf/config.json", "hf/model.safetensors", "model-f16.gguf", "model-q8_0.gguf"]:
+    for name in [
+        "model.safetensors",
+        "model-int8.safetensors",
+        "tokenizer.json",
+        "config.json",
+        "report.json",
+        "release.json",
+        "model-int8-wo.safetensors",
+        "loss.png",
+        "hf/config.json",
+        "hf/model.safetensors",
+        "model-f16.gguf",
+        "model-q8_0.gguf",
+    ]:
         assert (release / name).is_file(), name
     assert set(task_state_names(flow_run_id).values()) == {"Completed"}
     assert flow_run_name(flow_run_id) == f"build-tiny-{load_config(config).digest()}"
@@ -73,7 +95,9 @@ def run_artifacts(flow_run_id) -> dict:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
     keys = [a.key for a in found]
     assert len(keys) == len(set(keys)), sorted(keys, key=str)
     return {a.key: a for a in found}

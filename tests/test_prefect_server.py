@@ -21,19 +21,36 @@ import psutil
 import pytest
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-from pipeline_configs import settled_task_runs, write_config
 from helpers import CHROMIUM_ARGS, screenshot
+from pipeline_configs import settled_task_runs, write_config
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-STAGES = ["download", "normalize", "filter", "dedup", "train_tokenizer", "tokenize", "train", "quantize",
-          "evaluate", "publish"]
+STAGES = [
+    "download",
+    "normalize",
+    "filter",
+    "dedup",
+    "train_tokenizer",
+    "tokenize",
+    "train",
+    "quantize",
+    "evaluate",
+    "publish",
+]
 # A few seconds of training: the point is the orchestration, not the model.
 FAST = {
-    "train": {"batch_size": 4, "max_steps": 4, "warmup_steps": 1, "eval_every": 4, "eval_batches": 1,
-              "checkpoint_every": 4, "log_every": 2},
+    "train": {
+        "batch_size": 4,
+        "max_steps": 4,
+        "warmup_steps": 1,
+        "eval_every": 4,
+        "eval_batches": 1,
+        "checkpoint_every": 4,
+        "log_every": 2,
+    },
     "evaluate": {"eval_batches": 1, "batch_size": 4, "prompts": ["Once upon a time"], "max_new_tokens": 8},
 }
 
@@ -45,8 +62,9 @@ def free_port() -> int:
 
 
 def start(args: list[str], env: dict, log: Path, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(args, env=env, cwd=cwd, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        args, env=env, cwd=cwd, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -89,22 +107,40 @@ class Served:
         self.spare = text[250_000:350_000]  # the text of the file added later
         (self.source / "part-1.txt").write_text(text[:250_000], encoding="utf-8")
         self.store = tmp / "store"
-        self.config = write_config(tmp, "tiny.yaml", **FAST, store={"root": str(self.store)},
-                                   download={"sources": [{"name": "stories", "path": str(self.source)}]},
-                                   schedule={"cron": None, "interval_seconds": 120, "watch_seconds": 8})
+        self.config = write_config(
+            tmp,
+            "tiny.yaml",
+            **FAST,
+            store={"root": str(self.store)},
+            download={"sources": [{"name": "stories", "path": str(self.source)}]},
+            schedule={"cron": None, "interval_seconds": 120, "watch_seconds": 8},
+        )
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/api"
         # The UI is on, for test_the_ui_shows_the_run_at_a_glance; it must call this server's API.
-        self.env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect-home"), "PREFECT_API_URL": self.url,
-                    "PREFECT_UI_API_URL": self.url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                    "PREFECT_RUNNER_POLL_FREQUENCY": "2", "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+        self.env = {
+            **os.environ,
+            "PREFECT_HOME": str(tmp / "prefect-home"),
+            "PREFECT_API_URL": self.url,
+            "PREFECT_UI_API_URL": self.url,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_RUNNER_POLL_FREQUENCY": "2",
+            "OMP_NUM_THREADS": "1",
+            "COLUMNS": "200",
+        }
         self.env.pop("EMBER_HOME", None)
         self.procs: list[subprocess.Popen] = []
 
     def start_server(self) -> None:
         env = {k: v for k, v in self.env.items() if k != "PREFECT_API_URL"}
-        self.procs.append(start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-                                 "--port", str(self.port)], env, self.tmp / "server.log", self.tmp))
+        self.procs.append(
+            start(
+                [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+                env,
+                self.tmp / "server.log",
+                self.tmp,
+            )
+        )
 
         def healthy():
             try:
@@ -117,14 +153,21 @@ class Served:
         wait_for("the Prefect server", healthy, 180)
 
     def start_serve(self) -> None:
-        self.procs.append(start([sys.executable, "-m", "ember.deployments.serve", str(self.config)], self.env,
-                                self.tmp / "serve.log", self.tmp))
+        self.procs.append(
+            start(
+                [sys.executable, "-m", "ember.deployments.serve", str(self.config)],
+                self.env,
+                self.tmp / "serve.log",
+                self.tmp,
+            )
+        )
         for name in ("build-llm/build", "build-llm/retrain", "ember-demo/demo"):
-            wait_for(f"deployment {name}", lambda: self.deployment(name), 120, every=2)
+            wait_for(f"deployment {name}", lambda name=name: self.deployment(name), 120, every=2)
 
     def prefect(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "prefect"), *args], env=self.env, cwd=self.tmp, capture_output=True,
-                              text=True, timeout=timeout)
+        return subprocess.run(
+            [str(BIN / "prefect"), *args], env=self.env, cwd=self.tmp, capture_output=True, text=True, timeout=timeout
+        )
 
     def client(self):
         from prefect.client.orchestration import get_client
@@ -158,8 +201,11 @@ class Served:
 
         deployment_id = self.deployment(deployment).id
         with self.client() as client:
-            return client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
-                                         sort=FlowRunSort.START_TIME_ASC, limit=200)
+            return client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+                sort=FlowRunSort.START_TIME_ASC,
+                limit=200,
+            )
 
     def task_states(self, flow_run_id) -> dict[str, str]:
         with self.client() as client:
@@ -208,8 +254,9 @@ def test_build_from_the_cli_completes_with_artifacts_and_logs_in_the_api(served)
     assert set(served.task_states(run.id).values()) == {"Completed"}
 
     with served.client() as client:
-        artifacts = {a.key: a for a in client.read_artifacts(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))}
+        artifacts = {
+            a.key: a for a in client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+        }
         logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
     assert {artifact_key("tiny", "stages"), artifact_key("tiny", "release")} <= set(artifacts)
     assert any(key and key.startswith("tiny-download") for key in artifacts), sorted(artifacts, key=str)
@@ -230,8 +277,9 @@ def test_the_ui_shows_the_run_at_a_glance(served, chromium_path, tmp_path):
     run = served.flow_runs("build-llm/build")[0]
     ui = served.url.removesuffix("/api")
     with served.client() as client:
-        cards = {a.key: a for a in client.read_artifacts(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))}
+        cards = {
+            a.key: a for a in client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+        }
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium_path, headless=True, args=CHROMIUM_ARGS)
         try:
@@ -312,8 +360,11 @@ def test_second_build_is_all_cache_hits_and_parameters_are_validated(served):
 
 
 def triggered_retrains(served: Served) -> list:
-    return [run for run in served.flow_runs("build-llm/retrain")
-            if run.created_by is not None and run.created_by.type == "AUTOMATION"]
+    return [
+        run
+        for run in served.flow_runs("build-llm/retrain")
+        if run.created_by is not None and run.created_by.type == "AUTOMATION"
+    ]
 
 
 def test_a_new_file_in_the_source_triggers_a_retrain_and_no_change_does_not(served):

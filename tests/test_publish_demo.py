@@ -7,12 +7,14 @@ import hashlib
 import json
 import os
 import socket
+from itertools import islice
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from demo_release import PROMPT, tiny_release_store
 from ember.model.checkpoint import save_model
 from ember.model.quantize import quantize_int8, save_int8
 from ember.model.transformer import PRESETS, ModelConfig, Transformer
@@ -21,14 +23,13 @@ from ember.tasks import publish, train_tokenizer
 from ember.tasks.stage import Reporter, StageContext
 from helpers import stage_context
 
-from demo_release import PROMPT, tiny_release_store
-
 VOCAB = 512
 
 
 def make_ctx(tmp_path: Path, name: str, inputs: dict[str, Path], store_root: Path) -> StageContext:
-    return stage_context(tmp_path / name, "out", inputs, work=tmp_path / name / "work", store_root=store_root,
-                         reporter=Reporter(name))
+    return stage_context(
+        tmp_path / name, "out", inputs, work=tmp_path / name / "work", store_root=store_root, reporter=Reporter(name)
+    )
 
 
 def fake_ref(stage: str, label: str) -> str:
@@ -57,7 +58,7 @@ def shakespeare_tokenizer(root: Path, corpora: Path) -> Path:
 def poetry_tokenizer(root: Path, corpora: Path) -> Path:
     """A Chinese vocabulary: the first 1,000 poems of the shared classical poetry."""
     with open(corpora / "chinese_poetry" / "chinese_poetry.jsonl", encoding="utf-8") as f:
-        texts = [json.loads(line)["text"] for _, line in zip(range(1000), f)]
+        texts = [json.loads(line)["text"] for line in islice(f, 1000)]
     return build_tokenizer(root, "poetry", texts)
 
 
@@ -66,22 +67,31 @@ def tokenizer_dir(tmp_path_factory, corpora) -> Path:
     return shakespeare_tokenizer(tmp_path_factory.mktemp("tokenizer"), corpora)
 
 
-def make_inputs(root: Path, tokenizer_dir: Path, label: str, seed: int = 0,
-                prompts: tuple[str, ...] = ()) -> dict[str, Path]:
+def make_inputs(
+    root: Path, tokenizer_dir: Path, label: str, seed: int = 0, prompts: tuple[str, ...] = ()
+) -> dict[str, Path]:
     """train / quantize / evaluate artifact folders around a tiny random model; `prompts` are
     the evaluate stage's (its samples in report.json)."""
     torch.manual_seed(seed)
     model = Transformer(ModelConfig(vocab_size=VOCAB, **PRESETS["tiny"])).eval()
-    extra = {"tokenizer": {"bos_id": 1, "eos_id": 2, "pad_id": 0},
-             "train": {"steps": 0, "tokens": 0, "seconds": 0.0, "train_loss": 6.2, "val_loss": 6.3}}
+    extra = {
+        "tokenizer": {"bos_id": 1, "eos_id": 2, "pad_id": 0},
+        "train": {"steps": 0, "tokens": 0, "seconds": 0.0, "train_loss": 6.2, "val_loss": 6.3},
+    }
     folders = {stage: root / label / stage for stage in ("train", "quantize", "evaluate")}
     save_model(model, folders["train"], extra)
     (folders["train"] / "loss.jsonl").write_text(json.dumps({"step": 0, "loss": 6.2, "lr": 0.0}) + "\n")
     save_int8(quantize_int8(model), folders["quantize"], extra)
     folders["evaluate"].mkdir(parents=True)
-    (folders["evaluate"] / "report.json").write_text(json.dumps(  # the shape of a real report, in short
-        {"models": ["fp32"], "fp32": {"val_loss": 6.3, "bpb": 3.1, "file_bytes": 1},
-         "samples": {"fp32": [{"prompt": p, "completion": "…"} for p in prompts]}}))
+    (folders["evaluate"] / "report.json").write_text(
+        json.dumps(  # the shape of a real report, in short
+            {
+                "models": ["fp32"],
+                "fp32": {"val_loss": 6.3, "bpb": 3.1, "file_bytes": 1},
+                "samples": {"fp32": [{"prompt": p, "completion": "…"} for p in prompts]},
+            }
+        )
+    )
     (folders["evaluate"] / "report.md").write_text(f"# Report {label}\n\nval loss 6.3\n")
     for stage, folder in folders.items():
         write_manifest(folder, stage, f"{label}-{stage}", {"label": label})
@@ -98,11 +108,14 @@ def publish_two_languages(root: Path, corpora: Path) -> Path:
     Random weights: what is tested is what the demo shows around them."""
     store = root / "store"
     english = make_inputs(root, shakespeare_tokenizer(root / "en", corpora), "en", prompts=("To be", "床前明月光，"))
-    chinese = make_inputs(root, poetry_tokenizer(root / "zh", corpora), "zh", seed=1,
-                          prompts=(ZH_PROMPT, "Once upon a time"))
+    chinese = make_inputs(
+        root, poetry_tokenizer(root / "zh", corpora), "zh", seed=1, prompts=(ZH_PROMPT, "Once upon a time")
+    )
     for name, inputs in (("en", english), ("zh", chinese)):
-        publish.run(publish.PublishConfig(gate=False, gguf=[], export_hf=False),
-                    make_ctx(root, f"publish-{name}", inputs, store))
+        publish.run(
+            publish.PublishConfig(gate=False, gguf=[], export_hf=False),
+            make_ctx(root, f"publish-{name}", inputs, store),
+        )
     return store / "releases"
 
 
@@ -131,15 +144,30 @@ def test_versions_latest_and_republish(tmp_path, tokenizer_dir):
     metrics, out = run_publish(tmp_path, "p1", a, store)
     assert (metrics["version"], metrics["new"], latest(store)) == ("v0001", True, "v0001")
     release = store / "releases" / "v0001"
-    expected = {"model.safetensors", "model-int8.safetensors", "config.json", "loss.jsonl", "report.json",
-                "report.md", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "release.json",
-                "hf", "model-f16.gguf", "model-q8_0.gguf", "README.md", "pipeline.yaml"}
+    expected = {
+        "model.safetensors",
+        "model-int8.safetensors",
+        "config.json",
+        "loss.jsonl",
+        "report.json",
+        "report.md",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "release.json",
+        "hf",
+        "model-f16.gguf",
+        "model-q8_0.gguf",
+        "README.md",
+        "pipeline.yaml",
+    }
     assert {p.name for p in release.iterdir()} == expected
     assert (release / "hf" / "config.json").is_file() and (release / "hf" / "model.safetensors").is_file()
     record = json.loads((release / "release.json").read_text())
     assert record["version"] == "v0001" and record["created"]
     assert record["refs"] == {stage: fake_ref(stage, f"a-{stage}") for stage in ("train", "quantize", "evaluate")} | {
-        "train_tokenizer": fake_ref("train_tokenizer", "tok-shakespeare")}
+        "train_tokenizer": fake_ref("train_tokenizer", "tok-shakespeare")
+    }
     assert record["metrics"]["train"] == {"label": "a"}
     assert (out / "release.json").read_bytes() == (release / "release.json").read_bytes()
     assert (release / "model.safetensors").read_bytes() == (a["train"] / "model.safetensors").read_bytes()
@@ -166,7 +194,10 @@ def test_a_release_is_read_only_and_has_a_card(tmp_path, tokenizer_dir):
     files = [p for p in release.rglob("*") if p.is_file()]
     assert files and all(p.stat().st_mode & 0o222 == 0 for p in files)  # nobody may write
     card = (release / "README.md").read_text()
-    assert card.startswith("# Ember model v0001") and f"- parameters: {sum(p.numel() for p in model_params(release)):,}\n" in card
+    assert (
+        card.startswith("# Ember model v0001")
+        and f"- parameters: {sum(p.numel() for p in model_params(release)):,}\n" in card
+    )
     # Stand-in artifacts have no download / curation manifests: the card says so rather than guess.
     assert "Not recorded" in card
     record = json.loads((release / "release.json").read_text())
@@ -211,8 +242,9 @@ def test_a_failed_publish_leaves_no_half_release(tmp_path, tokenizer_dir):
     assert not list((store / "releases").glob(".tmp-*"))
 
 
-@pytest.mark.parametrize("missing", ["train/model.safetensors", "evaluate/report.md",
-                                     "quantize/model-int8.safetensors"])
+@pytest.mark.parametrize(
+    "missing", ["train/model.safetensors", "evaluate/report.md", "quantize/model-int8.safetensors"]
+)
 def test_a_missing_file_is_named(tmp_path, tokenizer_dir, missing):
     inputs = make_inputs(tmp_path, tokenizer_dir, "a")
     stage, name = missing.split("/")
@@ -289,8 +321,17 @@ def test_every_control_through_the_api(releases, serve):
     from gradio_client import Client
 
     client = Client(serve(releases).local_url, verbose=False)
-    controls = dict(prompt="To be", max_new_tokens=20, temperature=0.9, top_k=40, top_p=0.9,
-                    repetition_penalty=1.3, seed=7, release="v0001", precision="fp32")
+    controls = dict(
+        prompt="To be",
+        max_new_tokens=20,
+        temperature=0.9,
+        top_k=40,
+        top_p=0.9,
+        repetition_penalty=1.3,
+        seed=7,
+        release="v0001",
+        precision="fp32",
+    )
     first = client.predict(**controls, api_name="/generate")
     assert first.startswith("To be") and len(first) > len("To be")
     assert client.predict(**controls, api_name="/generate") == first  # the seed makes it repeatable
@@ -332,21 +373,40 @@ def test_direct_calls_are_clamped(releases):
     from ember.deployments.app import MAX_NEW_TOKENS, Releases, continue_text
 
     status: dict = {}
-    pieces = list(continue_text(Releases(releases), "To be", max_new_tokens=10**9, temperature=-5, top_k=-3,
-                                top_p=7, repetition_penalty=0, seed=-20, status=status))
+    pieces = list(
+        continue_text(
+            Releases(releases),
+            "To be",
+            max_new_tokens=10**9,
+            temperature=-5,
+            top_k=-3,
+            top_p=7,
+            repetition_penalty=0,
+            seed=-20,
+            status=status,
+        )
+    )
     assert pieces[-1].startswith("To be") and 0 < status["tokens"] <= MAX_NEW_TOKENS
 
 
 def test_the_page_marks_the_prompt_apart(releases):
     """The page shows the prompt highlighted and the model's text after it, both as text: a prompt
     or an answer holding markup is shown, never rendered. (`/generate` keeps one plain string.)"""
-    from ember.deployments.app import (MAX_PROMPT_CHARS, NO_RELEASE, Releases, continue_pieces, continue_text,
-                                       render_output)
+    from ember.deployments.app import (
+        MAX_PROMPT_CHARS,
+        NO_RELEASE,
+        Releases,
+        continue_pieces,
+        continue_text,
+        render_output,
+    )
 
     page = render_output("<b>To be</b> & ", "or <script>not</script>")
-    assert page == ('<div class="ember-output"><span class="ember-prompt" title="prompt / 提示词">'
-                    '&lt;b&gt;To be&lt;/b&gt; &amp; </span><span class="ember-generated">'
-                    'or &lt;script&gt;not&lt;/script&gt;</span></div>')
+    assert page == (
+        '<div class="ember-output"><span class="ember-prompt" title="prompt / 提示词">'
+        '&lt;b&gt;To be&lt;/b&gt; &amp; </span><span class="ember-generated">'
+        "or &lt;script&gt;not&lt;/script&gt;</span></div>"
+    )
     assert "ember-message" in render_output(None, NO_RELEASE) and "ember-prompt" not in render_output(None, NO_RELEASE)
     assert render_output("", "") == ""
 
@@ -420,13 +480,36 @@ def test_model_card_of_a_pipeline_release(tmp_path_factory, prefect_api):
 
     release = tiny_release_store(tmp_path_factory) / "releases" / "latest"
     card = (release / "README.md").read_text()
-    for expected in ("## Model", "## Training", "## Evaluation", "## Data", "## Sample outputs", "## Provenance",
-                     "| shakespeare | 1 | ", "public domain", "tinyshakespeare/SOURCE.md", "- filter: removed ",
-                     "- dedup: removed ", "40 steps", f"> **{PROMPT}**", "| fp32 | ", "| int8 | "):
+    for expected in (
+        "## Model",
+        "## Training",
+        "## Evaluation",
+        "## Data",
+        "## Sample outputs",
+        "## Provenance",
+        "| shakespeare | 1 | ",
+        "public domain",
+        "tinyshakespeare/SOURCE.md",
+        "- filter: removed ",
+        "- dedup: removed ",
+        "40 steps",
+        f"> **{PROMPT}**",
+        "| fp32 | ",
+        "| int8 | ",
+    ):
         assert expected in card, expected
     record = json.loads((release / "release.json").read_text())
-    assert list(record["lineage"]) == ["download", "normalize", "filter", "dedup", "train_tokenizer", "tokenize",
-                                       "train", "quantize", "evaluate"]
+    assert list(record["lineage"]) == [
+        "download",
+        "normalize",
+        "filter",
+        "dedup",
+        "train_tokenizer",
+        "tokenize",
+        "train",
+        "quantize",
+        "evaluate",
+    ]
     for stage, ref in record["lineage"].items():
         assert f"| {stage} | `{ref}` |" in card
     config = load_config(release / "pipeline.yaml")

@@ -44,7 +44,12 @@ def test_gate(tmp_path, prefect_api):
 
     # The CLI's --force-publish ships the worse one anyway.
     env = {**os.environ, "PREFECT_API_URL": prefect_api}
-    result = subprocess.run([sys.executable, "-m", "ember.flows.cli", "run", str(worse), "--force-publish",
-                             "--store", str(store)], env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "ember.flows.cli", "run", str(worse), "--force-publish", "--store", str(store)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert latest(store) == "v0003"

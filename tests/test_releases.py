@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from ember.storage.store import Store, make_ref, compute_key
-from ember.storage import releases as registry
-
 from demo_release import tiny_release_store
+from ember.storage import releases as registry
+from ember.storage.store import Store, compute_key, make_ref
 from test_publish_demo import free_port, make_inputs, run_publish, tokenizer_dir  # noqa: F401 (fixture)
 
 
@@ -40,8 +39,11 @@ def test_rollback(two_releases):
         registry.rollback(releases, "v0009")
     history = [json.loads(line) for line in (releases / "history.jsonl").read_text().splitlines()]
     assert [(h["was"], h["latest"], h["why"]) for h in history] == [
-        (None, "v0001", "publish"), ("v0001", "v0002", "publish"), ("v0002", "v0001", "rollback"),
-        ("v0001", "v0002", "rollback")]
+        (None, "v0001", "publish"),
+        ("v0001", "v0002", "publish"),
+        ("v0002", "v0001", "rollback"),
+        ("v0001", "v0002", "rollback"),
+    ]
     assert latest(two_releases) == "v0002"
 
 
@@ -110,8 +112,9 @@ def test_gc_keeps_every_artifact_a_release_names(tmp_path):
     lineage_only = _artifact(store, "filter", "f", {})
     folder = store.releases_dir / "v0001"
     folder.mkdir(parents=True)
-    (folder / "release.json").write_text(json.dumps({
-        "version": "v0001", "refs": {"train": train}, "lineage": {"filter": lineage_only, "train": train}}))
+    (folder / "release.json").write_text(
+        json.dumps({"version": "v0001", "refs": {"train": train}, "lineage": {"filter": lineage_only, "train": train}})
+    )
 
     assert store.gc(dry_run=True) == [orphan]
     assert store.gc() == [orphan]

@@ -10,10 +10,10 @@ import pytest
 from prefect import flow
 
 from ember.flows.config import PipelineConfig
+from ember.flows.prefect_stage import UnitMap, stage_task
 from ember.storage.objects import open_store
 from ember.tasks import dedup, download, normalize, tokenize, train_tokenizer
 from ember.tasks import filter as quality_filter
-from ember.flows.prefect_stage import UnitMap, stage_task
 from pipeline_configs import settled_task_runs, write_config
 
 pytestmark = pytest.mark.slow
@@ -29,8 +29,15 @@ def data_stages(config: PipelineConfig, store_root: str) -> dict[str, str]:
     refs: dict[str, str] = {}
 
     def run(stage, cfg, inputs, identity=None):
-        outcome = stage_task(store, stage, cfg, {name: refs[name] for name in inputs}, identity=identity,
-                             artifact_prefix=config.name, mapper=mapper)
+        outcome = stage_task(
+            store,
+            stage,
+            cfg,
+            {name: refs[name] for name in inputs},
+            identity=identity,
+            artifact_prefix=config.name,
+            mapper=mapper,
+        )
         refs[stage.name] = outcome.ref
 
     run(download.STAGE, config.download, [], identity=download.preflight(config.download))
@@ -48,8 +55,9 @@ def unit_task_runs(flow_run_id) -> list[str]:
 
     with get_client(sync_client=True) as client:
         runs = settled_task_runs(client, flow_run_id)
-    assert all(run.state is not None and run.state.is_completed() for run in runs), \
-        [(run.name, run.state and run.state.name) for run in runs]
+    assert all(run.state is not None and run.state.is_completed() for run in runs), [
+        (run.name, run.state and run.state.name) for run in runs
+    ]
     return [run.name for run in runs if run.name not in DATA_STAGES]
 
 
@@ -81,15 +89,22 @@ def source(tmp_path_factory, corpora):
     folder = tmp_path_factory.mktemp("runner-src")
     text = (corpora / "tinystories_sample" / "tinystories_valid_head.txt").read_text(encoding="utf-8")[:320_000]
     for i in range(4):
-        (folder / f"part{i}.txt").write_text(text[i * 80_000:(i + 1) * 80_000], encoding="utf-8")
+        (folder / f"part{i}.txt").write_text(text[i * 80_000 : (i + 1) * 80_000], encoding="utf-8")
     return folder
 
 
 def run_data_stages(tmp_path: Path, source: Path, name: str, runner: dict, store: str | None = None):
     from ember.flows.config import load_config
 
-    config = load_config(write_config(tmp_path, f"{name}.yaml", runner=runner, dedup={"unit_chars": 50_000},
-                                      download={"sources": [{"name": "plays", "path": str(source)}]}))
+    config = load_config(
+        write_config(
+            tmp_path,
+            f"{name}.yaml",
+            runner=runner,
+            dedup={"unit_chars": 50_000},
+            download={"sources": [{"name": "plays", "path": str(source)}]},
+        )
+    )
     store = store or str(tmp_path / name)
     state = data_stages(config, store, return_state=True)
     refs = state.result()
@@ -99,8 +114,11 @@ def run_data_stages(tmp_path: Path, source: Path, name: str, runner: dict, store
 
 def file_digests(manifest: dict) -> dict[str, str]:
     """Each file's sha256, less train_tokenizer's report.*: they say how long training took."""
-    return {name: entry["sha256"] for name, entry in manifest["files"].items()
-            if not (manifest["stage"] == "train_tokenizer" and name.startswith("report."))}
+    return {
+        name: entry["sha256"]
+        for name, entry in manifest["files"].items()
+        if not (manifest["stage"] == "train_tokenizer" and name.startswith("report."))
+    }
 
 
 def test_processes_and_dask_give_the_sequential_bytes(prefect_api, small_shards, source, dask_cluster, tmp_path):
@@ -110,8 +128,9 @@ def test_processes_and_dask_give_the_sequential_bytes(prefect_api, small_shards,
     assert len([unit for unit in units if unit.startswith("tokenize-shard")]) >= 2, units
 
     transitions = dask_cluster.scheduler.transition_counter
-    on_dask, dask_units = run_data_stages(tmp_path, source, "dask",
-                                          {"kind": "dask", "workers": 2, "address": dask_cluster.scheduler_address})
+    on_dask, dask_units = run_data_stages(
+        tmp_path, source, "dask", {"kind": "dask", "workers": 2, "address": dask_cluster.scheduler_address}
+    )
     assert on_dask == sequential
     assert sorted(dask_units) == sorted(units)
     # The units went through the cluster's scheduler (a task takes several transitions); tokenize's
@@ -139,8 +158,9 @@ def test_runner_config_is_checked():
         parse_config({"download": download, "schedule": {"timezone": "Mars/Olympus"}})
 
 
-def test_dask_workers_that_share_only_the_bucket_give_the_sequential_bytes(prefect_api, small_shards, source, s3,
-                                                                           tmp_path, monkeypatch):
+def test_dask_workers_that_share_only_the_bucket_give_the_sequential_bytes(
+    prefect_api, small_shards, source, s3, tmp_path, monkeypatch
+):
     """A Dask scheduler and two workers in folders of their own, the store in the SeaweedFS bucket:
     the units fetch their inputs by ref into each worker's cache and stage what they write in the
     bucket (flows/relocate.py); the artifacts are the sequential run's, byte for byte."""
@@ -158,25 +178,49 @@ def test_dask_workers_that_share_only_the_bucket_give_the_sequential_bytes(prefe
     (port,) = free_ports(1)
     address = f"tcp://127.0.0.1:{port}"
     dask = Path(sys.executable).parent / "dask"
-    procs = [subprocess.Popen([str(dask), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
-                              cwd=tmp_path, stdout=(tmp_path / "scheduler.log").open("wb"), stderr=subprocess.STDOUT,
-                              start_new_session=True)]
+    procs = [
+        subprocess.Popen(
+            [str(dask), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+            cwd=tmp_path,
+            stdout=(tmp_path / "scheduler.log").open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    ]
     machines = []
     try:
         for name in ("a", "b"):
             folder = tmp_path / f"machine-{name}"
             folder.mkdir()
             env = {**os.environ, **s3.env, "EMBER_CACHE": str(folder / "cache"), "OMP_NUM_THREADS": "1"}
-            procs.append(subprocess.Popen(
-                [str(dask), "worker", address, "--nthreads", "1", "--no-dashboard", "--local-directory",
-                 str(folder / "dask"), "--name", f"worker-{name}"], cwd=folder, env=env,
-                stdout=(folder / "worker.log").open("wb"), stderr=subprocess.STDOUT, start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    [
+                        str(dask),
+                        "worker",
+                        address,
+                        "--nthreads",
+                        "1",
+                        "--no-dashboard",
+                        "--local-directory",
+                        str(folder / "dask"),
+                        "--name",
+                        f"worker-{name}",
+                    ],
+                    cwd=folder,
+                    env=env,
+                    stdout=(folder / "worker.log").open("wb"),
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
             machines.append(folder)
         with Client(address, timeout=60) as client:
             client.wait_for_workers(2, timeout=120)
         url = f"s3://ember/{tmp_path.name}"
-        on_dask, _ = run_data_stages(tmp_path, source, "dask-bucket",
-                                     {"kind": "dask", "workers": 2, "address": address}, store=url)
+        on_dask, _ = run_data_stages(
+            tmp_path, source, "dask-bucket", {"kind": "dask", "workers": 2, "address": address}, store=url
+        )
     finally:
         for proc in reversed(procs):
             stop(proc)

@@ -66,8 +66,13 @@ def test_schedule_section_changes_the_deployments(tmp_path):
     from ember.flows.config import load_config
 
     config = load_config(REPO / "configs" / "sample.yaml")
-    config = config.model_copy(update={"schedule": config.schedule.model_copy(
-        update={"cron": None, "interval_seconds": 30.0, "watch_seconds": None})})
+    config = config.model_copy(
+        update={
+            "schedule": config.schedule.model_copy(
+                update={"cron": None, "interval_seconds": 30.0, "watch_seconds": None}
+            )
+        }
+    )
     found = {d.name: d for d in deployments(config)}
     (schedule,) = found["retrain"].schedules
     assert schedule.schedule.interval == timedelta(seconds=30)
@@ -145,9 +150,14 @@ def test_ember_watch_runs_the_watcher_until_interrupted(tmp_path, corpora):
     source.mkdir()
     (source / "a.txt").write_text("Some text to look at.\n", encoding="utf-8")
     config = write_config(tmp_path, download={"sources": [{"path": str(source)}]}, store={"root": str(tmp_path / "s")})
-    proc = subprocess.Popen([sys.executable, "-m", "ember.flows.cli", "watch", str(config), "--every", "0.2"],
-                            cwd=tmp_path, env={**os.environ, "PREFECT_HOME": str(tmp_path / "ph")},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ember.flows.cli", "watch", str(config), "--every", "0.2"],
+        cwd=tmp_path,
+        env={**os.environ, "PREFECT_HOME": str(tmp_path / "ph")},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     seen = tmp_path / "s" / "watch" / "tiny.json"
     deadline = time.monotonic() + 60
     while not seen.is_file() and time.monotonic() < deadline and proc.poll() is None:

@@ -21,15 +21,19 @@ def shard(tmp_path):
     return path, rows
 
 
-@pytest.mark.parametrize("start, stop", [(0, None), (0, 500), (10, 20), (63, 65), (499, 500), (130, 130)],
-                         ids=["all", "all_explicit", "inside_a_group", "across_groups", "last_row", "empty"])
+@pytest.mark.parametrize(
+    "start, stop",
+    [(0, None), (0, 500), (10, 20), (63, 65), (499, 500), (130, 130)],
+    ids=["all", "all_explicit", "inside_a_group", "across_groups", "last_row", "empty"],
+)
 def test_iter_batches_gives_exactly_the_rows_asked_for(shard, start, stop):
     path, rows = shard
     batches = list(iter_batches(path, ["id"], batch_chars=3000, start=start, stop=stop))
     assert [r["id"] for b in batches for r in b.to_pylist()] == [r["id"] for r in rows[start:stop]]
     assert all(b.num_rows <= 32 for b in batches)  # about 3,000 characters each, not the whole shard
-    assert read_rows(path, ["id", "text"], start, stop).to_pylist() == \
-        [{"id": r["id"], "text": r["text"]} for r in rows[start:stop]]
+    assert read_rows(path, ["id", "text"], start, stop).to_pylist() == [
+        {"id": r["id"], "text": r["text"]} for r in rows[start:stop]
+    ]
 
 
 def test_shard_file_appears_whole_or_not_at_all(tmp_path):

@@ -19,14 +19,15 @@ from ember.storage.shards import ShardWriter
 from ember.storage.store import Store
 from ember.storage.tokens import read_token_file
 from ember.tasks import tokenize, train_tokenizer
-from ember.tasks.stage import Stage, run_stage
 from ember.tasks.download import chunk_text
+from ember.tasks.stage import Stage, run_stage
 
 SHARDS = 6
 
 
 def copy_in(folder: Path):
     """A stage that copies a folder of prepared files in: how the test puts inputs in a store."""
+
     def run(cfg, ctx):
         for path in folder.rglob("*"):
             if path.is_file():
@@ -34,6 +35,7 @@ def copy_in(folder: Path):
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(path.read_bytes())
         return {}
+
     return Stage(name=folder.name, version=1, run=run)
 
 
@@ -47,28 +49,35 @@ def inputs(tmp_path_factory, corpora) -> tuple[Path, Path]:
     dedup = root / "dedup"
     for shard in range(SHARDS):
         with ShardWriter(dedup / "shards", prefix=f"part-{shard:05d}") as writer:
-            writer.write_many({"id": f"book/{shard}:{i}", "text": text, "source": "book"}
-                              for i, text in enumerate(chunks[shard * per_shard:(shard + 1) * per_shard]))
+            writer.write_many(
+                {"id": f"book/{shard}:{i}", "text": text, "source": "book"}
+                for i, text in enumerate(chunks[shard * per_shard : (shard + 1) * per_shard])
+            )
     for path in sorted((dedup / "shards").glob("*.parquet")):  # ShardWriter names them <prefix>-00000
         path.rename(path.with_name(path.name.replace("-00000.parquet", ".parquet")))
     store = Store(root / "tok-store")
     dedup_ref = run_stage(store, copy_in(dedup), None, {}).ref
-    trained = run_stage(store, train_tokenizer.STAGE, train_tokenizer.TokenizerConfig(vocab_size=1024),
-                        {"dedup": dedup_ref})
+    trained = run_stage(
+        store, train_tokenizer.STAGE, train_tokenizer.TokenizerConfig(vocab_size=1024), {"dedup": dedup_ref}
+    )
     return store.path(dedup_ref), store.path(trained.ref)
 
 
 def tokenize_in(store_root: Path, dedup: Path, tok: Path):
     store = Store(store_root)
-    refs = {"dedup": run_stage(store, copy_in(dedup), None, {}).ref,
-            "train_tokenizer": run_stage(store, copy_in(tok), None, {}).ref}
+    refs = {
+        "dedup": run_stage(store, copy_in(dedup), None, {}).ref,
+        "train_tokenizer": run_stage(store, copy_in(tok), None, {}).ref,
+    }
     return store, run_stage(store, tokenize.STAGE, tokenize.TokenizeConfig(), refs)
 
 
 def streams(store: Store, ref: str) -> dict[str, np.ndarray]:
     folder = store.path(ref)
-    return {split: np.concatenate([read_token_file(p) for p in sorted((folder / split).glob("*.arrow"))])
-            for split in ("train", "val")}
+    return {
+        split: np.concatenate([read_token_file(p) for p in sorted((folder / split).glob("*.arrow"))])
+        for split in ("train", "val")
+    }
 
 
 def test_killed_tokenize_reuses_finished_shards(tmp_path, inputs):
@@ -78,7 +87,7 @@ def test_killed_tokenize_reuses_finished_shards(tmp_path, inputs):
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from pathlib import Path
         from test_tokenize_resume import tokenize_in
-        tokenize_in(Path({str(tmp_path / 'killed')!r}), Path({str(dedup)!r}), Path({str(tok)!r}))
+        tokenize_in(Path({str(tmp_path / "killed")!r}), Path({str(dedup)!r}), Path({str(tok)!r}))
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
     work = tmp_path / "killed" / "work" / "tokenize"

@@ -6,8 +6,8 @@ import hashlib
 import json
 import unicodedata
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -24,8 +24,16 @@ from helpers import stage_context
 
 SAMPLE_CHARS = 150_000  # per corpus directory: enough to train on, fast to encode
 DOC_CHARS = 20_000  # books are cut into documents of this size, as chunking upstream would
-CORPUS_DIRS = ["chinese_classic_novels", "chinese_poetry", "gutenberg_en", "messy_web", "mojibake_ftfy",
-               "near_duplicates", "tinyshakespeare", "tinystories_sample"]
+CORPUS_DIRS = [
+    "chinese_classic_novels",
+    "chinese_poetry",
+    "gutenberg_en",
+    "messy_web",
+    "mojibake_ftfy",
+    "near_duplicates",
+    "tinyshakespeare",
+    "tinystories_sample",
+]
 
 
 def corpus_sample(folder: Path) -> list[dict]:
@@ -34,7 +42,7 @@ def corpus_sample(folder: Path) -> list[dict]:
     for path in sorted(folder.glob("*.jsonl")) + sorted(folder.glob("*.txt")):
         for n, text in enumerate(_texts(path)):
             for start in range(0, len(text), DOC_CHARS):
-                piece = text[start:start + DOC_CHARS]
+                piece = text[start : start + DOC_CHARS]
                 records.append({"id": f"{folder.name}/{path.name}:{n}:{start}", "text": piece, "source": folder.name})
                 chars += len(piece)
                 if chars >= SAMPLE_CHARS:
@@ -58,8 +66,14 @@ def write_shards(folder: Path, records: list[dict], max_chars: int = 200_000) ->
 
 
 def make_ctx(tmp_path: Path, name: str, inputs: dict[str, Path]) -> StageContext:
-    return stage_context(tmp_path / name, "out", inputs, work=tmp_path / name / "work", store_root=tmp_path / "store",
-                         reporter=Reporter(name))
+    return stage_context(
+        tmp_path / name,
+        "out",
+        inputs,
+        work=tmp_path / name / "work",
+        store_root=tmp_path / "store",
+        reporter=Reporter(name),
+    )
 
 
 def train(tmp_path: Path, name: str, dedup: Path, **cfg) -> tuple[Path, dict]:
@@ -94,8 +108,10 @@ def samples(corpora) -> dict[str, list[dict]]:
 def dedup(tmp_path_factory, samples) -> Path:
     """A dedup-like artifact: every corpus sample, plus documents holding special-token text."""
     records = [r for name in CORPUS_DIRS for r in samples[name]]
-    records += [{"id": "special/0", "text": "the end <eos> is not <pad> here <bos>", "source": "special"},
-                {"id": "special/1", "text": "", "source": "special"}]
+    records += [
+        {"id": "special/0", "text": "the end <eos> is not <pad> here <bos>", "source": "special"},
+        {"id": "special/1", "text": "", "source": "special"},
+    ]
     return write_shards(tmp_path_factory.mktemp("dedup"), records)
 
 
@@ -117,7 +133,7 @@ def test_round_trip_on_every_corpus(trained, samples, name):
     tok = load_tokenizer(trained[0])
     texts = [r["text"] for r in samples[name]]
     assert texts, f"no sample read from {name}"
-    for text, enc in zip(texts, tok.encode_batch(texts, add_special_tokens=False)):
+    for text, enc in zip(texts, tok.encode_batch(texts, add_special_tokens=False), strict=True):
         # NFC is the tokenizer's only change: exact for NFC text (what ftfy produces upstream).
         assert tok.decode(enc.ids) == unicodedata.normalize("NFC", text)
 
@@ -146,8 +162,11 @@ def test_round_trip_exact(trained, text):
     assert EOS_ID not in ids or text == ""
 
 
-@pytest.mark.parametrize("normalize_nfc, expected", [(True, "Caf\u00e9 Caf\u00e9"), (False, "Cafe\u0301 Caf\u00e9")],
-                         ids=["nfc_composes", "raw_keeps_bytes"])
+@pytest.mark.parametrize(
+    "normalize_nfc, expected",
+    [(True, "Caf\u00e9 Caf\u00e9"), (False, "Cafe\u0301 Caf\u00e9")],
+    ids=["nfc_composes", "raw_keeps_bytes"],
+)
 def test_nfc_option(tmp_path, normalize_nfc, expected):
     # A decomposed é (e + combining acute) comes back composed only when NFC is on.
     records = [{"id": f"d{i}", "text": f"Cafe\u0301 number {i} is open", "source": "t"} for i in range(50)]
@@ -213,8 +232,11 @@ def test_budget_is_respected_and_deterministic(tmp_path, dedup):
     assert (out_a / "tokenizer.json").read_bytes() == (out_b / "tokenizer.json").read_bytes()
 
 
-@pytest.mark.parametrize("bad", [{"vocab_size": 258}, {"min_frequency": 0}, {"max_chars": 0}, {"vocab": 100}],
-                         ids=["vocab_below_bytes", "zero_frequency", "zero_budget", "unknown_key"])
+@pytest.mark.parametrize(
+    "bad",
+    [{"vocab_size": 258}, {"min_frequency": 0}, {"max_chars": 0}, {"vocab": 100}],
+    ids=["vocab_below_bytes", "zero_frequency", "zero_budget", "unknown_key"],
+)
 def test_tokenizer_config_rejects(bad):
     with pytest.raises(ValidationError):
         train_tokenizer.TokenizerConfig(**bad)
@@ -256,19 +278,27 @@ def test_meta_matches_the_split_rule(tokenized, dedup, samples):
         expected[f"{split}_bytes"] += len(r["text"].encode("utf-8"))
     assert {k: meta[k] for k in expected} == expected
     assert {k: meta[k] for k in ("vocab_size", "dtype", "eos_id", "bos_id", "pad_id")} == {
-        "vocab_size": 2048, "dtype": "uint16", "eos_id": 2, "bos_id": 1, "pad_id": 0}
+        "vocab_size": 2048,
+        "dtype": "uint16",
+        "eos_id": 2,
+        "bos_id": 1,
+        "pad_id": 0,
+    }
 
 
 def test_split_is_stable_across_runs_and_doc_order(tmp_path, tokenized, dedup, trained, samples):
     out, _ = tokenized
     again, _ = run_tokenize(tmp_path, "again", dedup, trained[0], val_fraction=0.1)
     for split in ("train", "val"):
-        assert [p.read_bytes() for p in sorted((out / split).glob("*.arrow"))] == \
-               [p.read_bytes() for p in sorted((again / split).glob("*.arrow"))]
+        assert [p.read_bytes() for p in sorted((out / split).glob("*.arrow"))] == [
+            p.read_bytes() for p in sorted((again / split).glob("*.arrow"))
+        ]
     # Reversed order and other shard boundaries: the same documents land in the same split.
     records = [r for name in CORPUS_DIRS for r in samples[name]][::-1]
-    records += [{"id": "special/1", "text": "", "source": "special"},
-                {"id": "special/0", "text": "the end <eos> is not <pad> here <bos>", "source": "special"}]
+    records += [
+        {"id": "special/1", "text": "", "source": "special"},
+        {"id": "special/0", "text": "the end <eos> is not <pad> here <bos>", "source": "special"},
+    ]
     shuffled = write_shards(tmp_path / "shuffled", records, max_chars=70_000)
     other, _ = run_tokenize(tmp_path, "other", shuffled, trained[0], val_fraction=0.1)
     for split in ("train", "val"):
@@ -312,8 +342,11 @@ def test_tiny_input_still_gets_a_val_document(tmp_path, trained):
     assert tok.decode(read_split(out / "val").tolist()) == f"text of {closest}"
 
 
-@pytest.mark.parametrize("bad", [{"val_fraction": 0.0}, {"val_fraction": 0.5}, {"batch_size": 0}, {"shard": 1}],
-                         ids=["zero_val", "half_val", "zero_batch", "unknown_key"])
+@pytest.mark.parametrize(
+    "bad",
+    [{"val_fraction": 0.0}, {"val_fraction": 0.5}, {"batch_size": 0}, {"shard": 1}],
+    ids=["zero_val", "half_val", "zero_batch", "unknown_key"],
+)
 def test_tokenize_config_rejects(bad):
     with pytest.raises(ValidationError):
         tokenize.TokenizeConfig(**bad)
@@ -332,10 +365,10 @@ def test_round_trip_on_every_corpus_in_full(trained, corpora):
         else:
             texts = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line]
         for start in range(0, len(texts), 2000):
-            batch = texts[start:start + 2000]
+            batch = texts[start : start + 2000]
             ids = [e.ids for e in tok.encode_batch(batch, add_special_tokens=False)]
             decoded = tok.decode_batch(ids, skip_special_tokens=False)
-            bad = [i for i, (a, b) in enumerate(zip(batch, decoded)) if a != b]
+            bad = [i for i, (a, b) in enumerate(zip(batch, decoded, strict=True)) if a != b]
             assert not bad, f"{path}: record {start + bad[0]} does not round-trip"
             checked += len(batch)
     assert checked > 40_000  # 45,966 documents on 2026-11-27

@@ -24,8 +24,16 @@ from helpers import run_stage_in
 
 transformers = pytest.importorskip("transformers")
 
-CORPUS_DIRS = ["gutenberg_en", "tinyshakespeare", "tinystories_sample", "chinese_poetry", "chinese_classic_novels",
-               "messy_web", "mojibake_ftfy", "near_duplicates"]
+CORPUS_DIRS = [
+    "gutenberg_en",
+    "tinyshakespeare",
+    "tinystories_sample",
+    "chinese_poetry",
+    "chinese_classic_novels",
+    "messy_web",
+    "mojibake_ftfy",
+    "near_duplicates",
+]
 SAMPLE_CHARS = 40_000  # per corpus: about 320 KB in all, trains in well under a second
 CHUNK_CHARS = 4000  # the download stage's default chunk size
 COMPARE_DOCS = 25  # per corpus, compared id by id
@@ -70,9 +78,16 @@ def tokenizer_dir(tmp_path_factory, samples) -> Path:
     with ShardWriter(root / "dedup" / "shards", max_chars=100_000) as writer:
         for name, texts in samples.items():
             writer.write_many({"id": f"{name}:{n}", "text": text, "source": name} for n, text in enumerate(texts))
-    out, _ = run_stage_in(root, train_tokenizer.STAGE, train_tokenizer.TokenizerConfig(vocab_size=VOCAB_SIZE),
-                          {"dedup": root / "dedup"}, name="out", work=root / "work", store_root=root / "store",
-                          reporter=Reporter("train_tokenizer"))
+    out, _ = run_stage_in(
+        root,
+        train_tokenizer.STAGE,
+        train_tokenizer.TokenizerConfig(vocab_size=VOCAB_SIZE),
+        {"dedup": root / "dedup"},
+        name="out",
+        work=root / "work",
+        store_root=root / "store",
+        reporter=Reporter("train_tokenizer"),
+    )
     return out
 
 
@@ -119,14 +134,16 @@ def test_same_decoding_as_ember(corpus, samples, ember_tok, hf_tok):
         # with the flag spelled out both agree.
         framed = [1, *ids, 2]
         for skip in (True, False):
-            assert hf_tok.decode(framed, skip_special_tokens=skip) == ember_tok.decode(framed,
-                                                                                      skip_special_tokens=skip)
+            assert hf_tok.decode(framed, skip_special_tokens=skip) == ember_tok.decode(framed, skip_special_tokens=skip)
 
 
-@pytest.mark.parametrize("text", [
-    pytest.param("The end.<eos>Next <bos> doc <pad>", id="literal-special-tokens"),
-    pytest.param("<eos>", id="only-eos"),
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("The end.<eos>Next <bos> doc <pad>", id="literal-special-tokens"),
+        pytest.param("<eos>", id="only-eos"),
+    ],
+)
 def test_literal_special_token_text_is_text(text, ember_tok, hf_tok):
     """load_tokenizer sets `encode_special_tokens`: "<eos>" written inside a document is text, not id 2.
 

@@ -25,7 +25,6 @@ from helpers import CORPORA, stage_context
 SHAKESPEARE = CORPORA / "tinyshakespeare" / "input.txt"
 
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # -- a tokenizer and token artifact in the contract's formats -----------------------------------
@@ -45,9 +44,15 @@ def make_artifacts(root: Path, chars: int = 150_000, val_fraction: float = 0.1) 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator(docs, trainers.BpeTrainer(
-        vocab_size=512, special_tokens=list(SPECIAL_TOKENS),  # the ids load_tokenizer checks
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tokenizer.train_from_iterator(
+        docs,
+        trainers.BpeTrainer(
+            vocab_size=512,
+            special_tokens=list(SPECIAL_TOKENS),  # the ids load_tokenizer checks
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
     tok_dir = root / "train_tokenizer"
     tok_dir.mkdir(parents=True)
     tokenizer.save(str(tok_dir / "tokenizer.json"))
@@ -61,8 +66,13 @@ def make_artifacts(root: Path, chars: int = 150_000, val_fraction: float = 0.1) 
     for split, texts in splits.items():
         ids = [e.ids for e in tokenizer.encode_batch(texts)]
         write_tokens(tokens_dir / split, ids)
-        meta.update({f"{split}_tokens": sum(len(x) + 1 for x in ids),
-                     f"{split}_bytes": sum(len(t.encode()) for t in texts), f"{split}_docs": len(texts)})
+        meta.update(
+            {
+                f"{split}_tokens": sum(len(x) + 1 for x in ids),
+                f"{split}_bytes": sum(len(t.encode()) for t in texts),
+                f"{split}_docs": len(texts),
+            }
+        )
     (tokens_dir / "meta.json").write_text(json.dumps(meta))
     return {"tokenize": tokens_dir, "train_tokenizer": tok_dir}
 
@@ -72,18 +82,32 @@ def artifacts(tmp_path_factory) -> dict[str, Path]:
     return make_artifacts(tmp_path_factory.mktemp("artifacts"))
 
 
-def context(tmp: Path, name: str, inputs: dict[str, Path], work: Path | None = None,
-            reporter: Reporter | None = None) -> StageContext:
-    return stage_context(tmp, f"{name}-out", inputs, work=work or tmp / f"{name}-work",
-                         reporter=reporter or Reporter(name))
+def context(
+    tmp: Path, name: str, inputs: dict[str, Path], work: Path | None = None, reporter: Reporter | None = None
+) -> StageContext:
+    return stage_context(
+        tmp, f"{name}-out", inputs, work=work or tmp / f"{name}-work", reporter=reporter or Reporter(name)
+    )
 
 
 def tiny_train(**overrides) -> train.TrainConfig:
     """40 steps of 8 windows, accumulated from 2 micro-batches of 4. fp32 set, not probed: runs
     compared with each other must not depend on a timing."""
-    values = dict(model={"preset": "tiny"}, batch_size=4, tokens_per_step=8 * 64, max_steps=40, lr=3e-3,
-                  min_lr=3e-4, warmup_steps=5, eval_every=20, eval_batches=4, checkpoint_every=10, log_every=5,
-                  device="cpu", precision="fp32")
+    values = dict(
+        model={"preset": "tiny"},
+        batch_size=4,
+        tokens_per_step=8 * 64,
+        max_steps=40,
+        lr=3e-3,
+        min_lr=3e-4,
+        warmup_steps=5,
+        eval_every=20,
+        eval_batches=4,
+        checkpoint_every=10,
+        log_every=5,
+        device="cpu",
+        precision="fp32",
+    )
     return train.TrainConfig(**{**values, **overrides})
 
 
@@ -196,7 +220,10 @@ def test_quantize_and_evaluate_report_both_models(artifacts, trained, tmp_path):
     # Seeded: the same config gives the same samples.
     again = context(tmp_path, "evaluate-again", {"train": model_dir, "quantize": qctx.out, **artifacts})
     evaluate.run(cfg, again)
-    texts = lambda r: {name: [s["completion"] for s in samples] for name, samples in r["samples"].items()}
+
+    def texts(report: dict) -> dict:
+        return {name: [s["completion"] for s in samples] for name, samples in report["samples"].items()}
+
     assert texts(json.loads((again.out / "report.json").read_text())) == texts(report)
 
 
@@ -215,18 +242,31 @@ def test_empty_val_split_skips_validation(tmp_path):
     assert metrics["steps"] == 3 and metrics["val_loss"] is None and metrics["val_bpb"] is None
 
 
-@pytest.mark.parametrize("section, message", [
-    ({"model": {"preset": "huge"}}, "unknown preset"),
-    ({"model": {"preset": "tiny", "n_heads": 3}}, "not a multiple"),
-    ({"lr": 1e-4, "min_lr": 1e-3}, "min_lr"),
-    ({"batch_size": 0}, "greater than 0"),
-    ({"model": {"preset": "tiny"}, "seq_len": 65}, "exceeds the model's max_seq_len 64"),
-    ({"epochs": 3}, "Extra inputs"),
-    ({"grad_accum": 2}, "Extra inputs"),
-    ({"batch_size": 1, "nproc": 2}, "a step of 1 windows cannot be shared by nproc = 2 processes"),
-    ({"precision": "fp16"}, "Input should be 'auto', 'fp32' or 'bf16'"),
-], ids=["unknown_preset", "heads_do_not_divide", "min_lr_above_lr", "zero_batch", "seq_len_above_context",
-         "unknown_key", "v1_grad_accum_is_now_tokens_per_step", "step_smaller_than_nproc", "unknown_precision"])
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"model": {"preset": "huge"}}, "unknown preset"),
+        ({"model": {"preset": "tiny", "n_heads": 3}}, "not a multiple"),
+        ({"lr": 1e-4, "min_lr": 1e-3}, "min_lr"),
+        ({"batch_size": 0}, "greater than 0"),
+        ({"model": {"preset": "tiny"}, "seq_len": 65}, "exceeds the model's max_seq_len 64"),
+        ({"epochs": 3}, "Extra inputs"),
+        ({"grad_accum": 2}, "Extra inputs"),
+        ({"batch_size": 1, "nproc": 2}, "a step of 1 windows cannot be shared by nproc = 2 processes"),
+        ({"precision": "fp16"}, "Input should be 'auto', 'fp32' or 'bf16'"),
+    ],
+    ids=[
+        "unknown_preset",
+        "heads_do_not_divide",
+        "min_lr_above_lr",
+        "zero_batch",
+        "seq_len_above_context",
+        "unknown_key",
+        "v1_grad_accum_is_now_tokens_per_step",
+        "step_smaller_than_nproc",
+        "unknown_precision",
+    ],
+)
 def test_bad_train_config_is_refused(section, message):
     with pytest.raises(ValidationError, match=message):
         train.TrainConfig(**section)
@@ -239,9 +279,16 @@ def test_unkeyed_fields_are_intervals_and_how_the_batch_is_computed():
     assert {"precision", "tokens_per_step", "warm_start"} <= params.keys()
 
 
-@pytest.mark.parametrize("batch_size, tokens_per_step, windows", [
-    (16, None, 16), (4, 8 * 64, 8), (4, 8 * 64 + 1, 12), (8, 100, 8),
-], ids=["one_micro_batch", "two_micro_batches", "rounded_up_to_whole_micro_batches", "at_least_one"])
+@pytest.mark.parametrize(
+    "batch_size, tokens_per_step, windows",
+    [
+        (16, None, 16),
+        (4, 8 * 64, 8),
+        (4, 8 * 64 + 1, 12),
+        (8, 100, 8),
+    ],
+    ids=["one_micro_batch", "two_micro_batches", "rounded_up_to_whole_micro_batches", "at_least_one"],
+)
 def test_tokens_per_step_sets_the_accumulation(batch_size, tokens_per_step, windows):
     cfg = tiny_train(batch_size=batch_size, tokens_per_step=tokens_per_step)
     assert cfg.windows_per_step(64) == windows
@@ -256,10 +303,16 @@ def test_time_budget_stops_training_and_is_logged(artifacts, tmp_path, caplog):
     assert json.loads((ctx.out / "config.json").read_text())["train"]["steps"] == metrics["steps"]
 
 
-@pytest.mark.parametrize("fp32_s, bf16_s, expected", [
-    ([0.010], [0.300], "fp32"), ([0.010, 0.010], [0.009, 0.009], "fp32"),
-    ([0.010, 0.010], [0.005, 0.012], "fp32"), ([0.010, 0.011], [0.005, 0.006], "bf16"),
-], ids=["bf16_much_slower", "bf16_barely_faster", "rounds_disagree", "bf16_clearly_faster_in_every_round"])
+@pytest.mark.parametrize(
+    "fp32_s, bf16_s, expected",
+    [
+        ([0.010], [0.300], "fp32"),
+        ([0.010, 0.010], [0.009, 0.009], "fp32"),
+        ([0.010, 0.010], [0.005, 0.012], "fp32"),
+        ([0.010, 0.011], [0.005, 0.006], "bf16"),
+    ],
+    ids=["bf16_much_slower", "bf16_barely_faster", "rounds_disagree", "bf16_clearly_faster_in_every_round"],
+)
 def test_auto_precision_follows_the_probe(monkeypatch, fp32_s, bf16_s, expected):
     model = Transformer(train.TrainConfig(model={"preset": "tiny"}).model.build(vocab_size=512))
     monkeypatch.setattr("ember.tasks.train.precision.probe_precision", lambda *args: {"fp32": fp32_s, "bf16": bf16_s})
@@ -283,12 +336,16 @@ def test_compile_failure_says_how_to_turn_it_off(artifacts, tmp_path, monkeypatc
     def broken_compile(model, **kwargs):
         def compiled(*args, **kw):
             raise RuntimeError("InductorError: CppCompileError: C++ compile error\n(no compiler)")
+
         return compiled
 
     monkeypatch.setattr(torch, "compile", broken_compile)
     ctx = context(tmp_path, "train", artifacts)
-    with pytest.raises(RuntimeError, match=r"train.compile: torch.compile failed on cpu \(RuntimeError: "
-                                           r"InductorError.*set train.compile: false"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"train.compile: torch.compile failed on cpu \(RuntimeError: "
+        r"InductorError.*set train.compile: false",
+    ):
         train.run(tiny_train(compile=True, max_steps=3), ctx)
     assert list(ctx.out.iterdir()) == []
 
@@ -314,7 +371,7 @@ def external_bpb_by_hand(model, tokenizer, texts: list[str]) -> float:
     seq_len, nats = model.config.max_seq_len, 0.0
     with torch.no_grad():
         for start in range(0, len(stream) - 1, seq_len):
-            chunk = torch.tensor([stream[start:start + seq_len + 1]])
+            chunk = torch.tensor([stream[start : start + seq_len + 1]])
             logits, _ = model(chunk[:, :-1], chunk[:, 1:])
             nats += torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum").item()
     return nats / math.log(2) / sum(len(t.encode()) for t in texts)
@@ -324,8 +381,11 @@ def test_evaluate_reports_every_variant_and_external_texts(artifacts, trained, t
     model_dir, _ = trained
     qctx = context(tmp_path, "quantize", {"train": model_dir})
     qmetrics = quantize.run(quantize.QuantizeConfig(), qctx)
-    assert {p.name for p in qctx.out.iterdir()} == {"model-int8.safetensors", "model-int8-wo.safetensors",
-                                                     "config.json"}
+    assert {p.name for p in qctx.out.iterdir()} == {
+        "model-int8.safetensors",
+        "model-int8-wo.safetensors",
+        "config.json",
+    }
     assert qmetrics["variants"] == ["dynamic-int8", "weight-only-int8"]
     assert qmetrics["int8_wo_linear_ratio"] <= 0.3 and qmetrics["int8_wo_file_bytes"] < qmetrics["fp32_file_bytes"]
     config = json.loads((qctx.out / "config.json").read_text())
@@ -337,15 +397,24 @@ def test_evaluate_reports_every_variant_and_external_texts(artifacts, trained, t
     jsonl, txt = tmp_path / "held-out.jsonl", tmp_path / "long.txt"
     jsonl.write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs)))
     txt.write_text(text)
-    cfg = evaluate.EvaluateConfig(eval_batches=2, batch_size=8, max_new_tokens=8, speed_tokens=16,
-                                  external=[str(jsonl), str(txt)], external_max_tokens=3_000)
+    cfg = evaluate.EvaluateConfig(
+        eval_batches=2,
+        batch_size=8,
+        max_new_tokens=8,
+        speed_tokens=16,
+        external=[str(jsonl), str(txt)],
+        external_max_tokens=3_000,
+    )
     ectx = context(tmp_path, "evaluate", {"train": model_dir, "quantize": qctx.out, **artifacts})
     metrics = evaluate.run(cfg, ectx)
     report = json.loads((ectx.out / "report.json").read_text())
 
     assert report["models"] == ["fp32", "int8", "int8-wo"] and report["absent"] == {}
-    for name, file in [("fp32", model_dir / "model.safetensors"), ("int8", qctx.out / "model-int8.safetensors"),
-                       ("int8-wo", qctx.out / "model-int8-wo.safetensors")]:
+    for name, file in [
+        ("fp32", model_dir / "model.safetensors"),
+        ("int8", qctx.out / "model-int8.safetensors"),
+        ("int8-wo", qctx.out / "model-int8-wo.safetensors"),
+    ]:
         assert report[name]["file_bytes"] == file.stat().st_size and report[name]["tokens_per_s"] > 0
     fp32, wo = report["fp32"], report["int8-wo"]
     assert abs(wo["bpb"] - fp32["bpb"]) / fp32["bpb"] < 0.01 and wo["delta_bpb"] == wo["bpb"] - fp32["bpb"]
@@ -380,11 +449,15 @@ def test_evaluate_names_the_variant_that_is_absent(artifacts, trained, tmp_path)
     assert "| int8 | not evaluated: no model-int8.safetensors" in md and "not measured" in md
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, r"missing\.jsonl: evaluate.external file not found"),
-    ('{"text": "fine"}\nnot json\n', r"bad\.jsonl: line 2: not valid JSON"),
-    ('{"text": "fine"}\n\n{"body": "no text"}\n', r"bad\.jsonl: line 3: no string `text` field"),
-], ids=["missing_file", "broken_json_line", "no_text_field"])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, r"missing\.jsonl: evaluate.external file not found"),
+        ('{"text": "fine"}\nnot json\n', r"bad\.jsonl: line 2: not valid JSON"),
+        ('{"text": "fine"}\n\n{"body": "no text"}\n', r"bad\.jsonl: line 3: no string `text` field"),
+    ],
+    ids=["missing_file", "broken_json_line", "no_text_field"],
+)
 def test_bad_external_file_is_named(trained, artifacts, tmp_path, content, message):
     path = tmp_path / ("missing.jsonl" if content is None else "bad.jsonl")
     if content is not None:
@@ -396,11 +469,15 @@ def test_bad_external_file_is_named(trained, artifacts, tmp_path, content, messa
     assert list(ctx.out.iterdir()) == []
 
 
-@pytest.mark.parametrize("section, message", [
-    ({"variants": ["dynamic-int8", "dynamic-int8"]}, "listed twice"),
-    ({"variants": ["int4"]}, "Input should be"),
-    ({"scheme": "dynamic-int8"}, "Extra inputs"),
-], ids=["repeated_variant", "unknown_variant", "stage_v1_scheme_key"])
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"variants": ["dynamic-int8", "dynamic-int8"]}, "listed twice"),
+        ({"variants": ["int4"]}, "Input should be"),
+        ({"scheme": "dynamic-int8"}, "Extra inputs"),
+    ],
+    ids=["repeated_variant", "unknown_variant", "stage_v1_scheme_key"],
+)
 def test_bad_quantize_config_is_refused(section, message):
     with pytest.raises(ValidationError, match=message):
         quantize.QuantizeConfig(**section)

@@ -73,10 +73,16 @@ def test_changed_tokenizer_falls_back_to_scratch_and_says_why(published, tmp_pat
     tokenizer["model"]["merges"] = tokenizer["model"]["merges"][:-1]  # one merge fewer: another tokenizer
     (other / "tokenizer.json").write_text(json.dumps(tokenizer))
     with caplog.at_level("INFO", logger="ember.train"):
-        ctx, metrics = warm_run(tmp_path, store, {**artifacts, "train_tokenizer": other},
-                                tiny_train(max_steps=3, log_every=1, warm_start=True))
-    assert ("warm start not possible: release v0001's tokenizer differs from this run's; training from scratch"
-            in caplog.text)
+        ctx, metrics = warm_run(
+            tmp_path,
+            store,
+            {**artifacts, "train_tokenizer": other},
+            tiny_train(max_steps=3, log_every=1, warm_start=True),
+        )
+    assert (
+        "warm start not possible: release v0001's tokenizer differs from this run's; training from scratch"
+        in caplog.text
+    )
     assert metrics["warm_start"] is None
     assert first_loss(ctx.out) == first_loss(scratch)  # the same seeded initialisation as a fresh run
 
@@ -84,8 +90,12 @@ def test_changed_tokenizer_falls_back_to_scratch_and_says_why(published, tmp_pat
 def test_other_model_shape_falls_back_to_scratch(published, tmp_path, caplog):
     store, artifacts, _ = published
     with caplog.at_level("INFO", logger="ember.train"):
-        _, metrics = warm_run(tmp_path, store, artifacts,
-                              tiny_train(model={"preset": "tiny", "n_layers": 1}, max_steps=1, warm_start=True))
+        _, metrics = warm_run(
+            tmp_path,
+            store,
+            artifacts,
+            tiny_train(model={"preset": "tiny", "n_layers": 1}, max_steps=1, warm_start=True),
+        )
     assert "release v0001's model shape differs (n_layers 2 vs 1)" in caplog.text and metrics["warm_start"] is None
 
 

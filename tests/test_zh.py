@@ -27,8 +27,16 @@ def reduced_zh_config(folder: Path) -> Path:
         source["path"] = str((ZH.parent / source["path"]).resolve())
         source["max_docs"] = 40 if source["name"] == "novels" else 4000  # about 150k + 350k characters
     config["train_tokenizer"] = {"vocab_size": 2048}
-    config["train"] = {"model": {"preset": "tiny"}, "batch_size": 8, "max_steps": 200, "warmup_steps": 10,
-                       "lr": 0.004, "eval_every": 100, "eval_batches": 1, "checkpoint_every": 100}
+    config["train"] = {
+        "model": {"preset": "tiny"},
+        "batch_size": 8,
+        "max_steps": 200,
+        "warmup_steps": 10,
+        "lr": 0.004,
+        "eval_every": 100,
+        "eval_batches": 1,
+        "checkpoint_every": 100,
+    }
     config["evaluate"] = {"eval_batches": 1, "prompts": [PROMPT], "max_new_tokens": 8, "speed_tokens": 0}
     config["publish"] = {**config["publish"], "gguf": []}
     path = folder / "zh-small.yaml"
@@ -64,7 +72,7 @@ def test_a_chinese_model_answers_in_chinese(tmp_path, prefect_api, one_torch_thr
     finally:
         demo.close()
     assert answer.startswith(PROMPT)
-    new = "".join(answer[len(PROMPT):].split())
+    new = "".join(answer[len(PROMPT) :].split())
     han, punctuation = len(HAN.findall(new)), len(CJK_PUNCTUATION.findall(new))
     # Mostly Chinese characters, and nothing but Chinese text (characters and full-width punctuation).
     assert len(new) >= 10 and han / len(new) >= 0.5 and (han + punctuation) / len(new) >= 0.9, answer

@@ -67,8 +67,9 @@ def hash_strings(strings: pa.Array) -> np.ndarray:
     out[:] = h | np.uint64(1)
     out[lengths == 0] = 0
     for i in np.flatnonzero(lengths > _SHORT).tolist():
-        out[i] = int.from_bytes(hashlib.blake2b(strings[i].as_py().encode("utf-8"), digest_size=8).digest(),
-                                "little") | 1
+        out[i] = (
+            int.from_bytes(hashlib.blake2b(strings[i].as_py().encode("utf-8"), digest_size=8).digest(), "little") | 1
+        )
     return out
 
 
@@ -78,7 +79,7 @@ def _ngrams(ids: np.ndarray, n: int) -> np.ndarray:
     n = min(n, len(ids))  # a text shorter than one shingle is one shingle
     keys = ids[: len(ids) - n + 1].copy()
     for k in range(1, n):
-        keys = keys * _MUL + ids[k: len(ids) - n + 1 + k]  # wraps mod 2^64, on purpose
+        keys = keys * _MUL + ids[k : len(ids) - n + 1 + k]  # wraps mod 2^64, on purpose
     # splitmix64's finalizer: neighbouring keys must not share their high bits.
     keys ^= keys >> np.uint64(31)
     keys *= _MIX
@@ -87,13 +88,15 @@ def _ngrams(ids: np.ndarray, n: int) -> np.ndarray:
     return keys[np.concatenate(([True], keys[1:] != keys[:-1]))]
 
 
-def analyze(texts: pa.Array, cfg: DedupConfig, keys: bool = True,
-            sets: bool = True) -> tuple[np.ndarray | None, list[np.ndarray]]:
+def analyze(
+    texts: pa.Array, cfg: DedupConfig, keys: bool = True, sets: bool = True
+) -> tuple[np.ndarray | None, list[np.ndarray]]:
     """Texts -> (128-bit exact keys as (n, 2) uint64, or None; sorted unique 64-bit shingle hashes per text).
 
     Arrow's compute kernels lowercase, split and dictionary-encode the whole batch without a
-    Python object per word; numpy hashes each distinct token once, from Arrow's buffers. The exact key hashes the sequence of the lowercased tokens: the text with its case
-    and whitespace normalized. The same on every run and machine.
+    Python object per word; numpy hashes each distinct token once, from Arrow's buffers. The
+    exact key hashes the sequence of the lowercased tokens: the text with its case and
+    whitespace normalized. The same on every run and machine.
     """
     texts = pc.fill_null(texts, "")
     lower = pc.utf8_lower(texts)
@@ -112,9 +115,13 @@ def analyze(texts: pa.Array, cfg: DedupConfig, keys: bool = True,
     bounds = tokens.offsets.to_numpy()
     exact = None
     if keys:
-        exact = np.frombuffer(b"".join(hashlib.blake2b(seg[seg != 0].tobytes(), digest_size=16).digest()
-                                       for seg in (token_ids[a:b] for a, b in pairwise(bounds.tolist()))),
-                              dtype=np.uint64).reshape(len(texts), 2)
+        exact = np.frombuffer(
+            b"".join(
+                hashlib.blake2b(seg[seg != 0].tobytes(), digest_size=16).digest()
+                for seg in (token_ids[a:b] for a, b in pairwise(bounds.tolist()))
+            ),
+            dtype=np.uint64,
+        ).reshape(len(texts), 2)
     if not sets:
         return exact, []
     # CJK-heavy: more than cjk_fraction of the non-blank characters (ASCII texts skip the count).
@@ -133,10 +140,11 @@ def analyze(texts: pa.Array, cfg: DedupConfig, keys: bool = True,
         if cjk[i]:
             # Characters, not words: CJK characters are \w; spaces and punctuation go.
             chars = "".join(WORD.findall(lower[i].as_py()))
-            out.append(_ngrams(np.frombuffer(chars.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64),
-                               cfg.char_ngram))
+            out.append(
+                _ngrams(np.frombuffer(chars.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64), cfg.char_ngram)
+            )
         else:
-            doc = word_ids[bounds[i]: bounds[i + 1]]
+            doc = word_ids[bounds[i] : bounds[i + 1]]
             out.append(_ngrams(doc[doc != 0], cfg.ngram))
     return exact, out
 
@@ -184,15 +192,14 @@ def minhash(sets: list[np.ndarray], cfg: DedupConfig) -> np.ndarray:
     i = 0
     while i < len(sets):
         if len(sets[i]) >= BLOCK:  # a long document alone, in slices
-            out[i] = np.min([hashed(sets[i][j: j + BLOCK]).min(axis=1) for j in range(0, len(sets[i]), BLOCK)],
-                            axis=0)
+            out[i] = np.min([hashed(sets[i][j : j + BLOCK]).min(axis=1) for j in range(0, len(sets[i]), BLOCK)], axis=0)
             i += 1
             continue
         j, size = i, 0
         while j < len(sets) and len(sets[j]) < BLOCK and size + len(sets[j]) <= BLOCK:
             size += len(sets[j])
             j += 1
-        starts = np.cumsum([0] + [len(s) for s in sets[i: j - 1]])
+        starts = np.cumsum([0] + [len(s) for s in sets[i : j - 1]])
         out[i:j] = np.minimum.reduceat(hashed(np.concatenate(sets[i:j])), starts, axis=1).T
         i = j
     return out

@@ -47,9 +47,9 @@ from ember.tasks.dedup.config import DedupConfig
 from ember.tasks.dedup.hashing import analyze, band_keys, jaccard, minhash
 from ember.tasks.stage import Stage, StageContext, sequential_map
 
-
 # ---------------------------------------------------------------------------------------------
 # Units of work (module-level, plain arguments: they may run in another process)
+
 
 def _read_texts(unit: dict, rows: np.ndarray | None = None) -> pa.Array:
     """The unit's texts (or some of its rows), streaming the shard in batches: a worker holds
@@ -129,6 +129,7 @@ def write_kept(unit: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 # The global steps (main process)
 
+
 def plan_units(shards: list[Path], unit_chars: int) -> list[dict]:
     """Row ranges of about `unit_chars` characters, from the Parquet footers (no text read)."""
     units = []
@@ -175,7 +176,7 @@ def candidate_pairs(keys: np.ndarray, docs: np.ndarray) -> np.ndarray:
     ends = np.concatenate([change, [len(keys)]])
     sizes = ends - starts
     pairs = [np.stack([docs[order[starts[sizes == 2]]], docs[order[starts[sizes == 2] + 1]]], axis=1)]
-    for a, b in zip(starts[sizes > 2], ends[sizes > 2]):
+    for a, b in zip(starts[sizes > 2], ends[sizes > 2], strict=True):
         members = docs[order[a:b]]
         m = len(members)
         if m <= 32:
@@ -197,8 +198,12 @@ def run(cfg: DedupConfig, ctx: StageContext) -> dict:
         # Files of a crashed run are reused only for the same rows of the same shard file.
         stat = Path(u["shard"]).stat()
         name = f"{u['index']:05d}-{u['start']}-{u['stop']}-{stat.st_size}-{stat.st_mtime_ns}"
-        u.update(sig=str(ctx.work / f"sig-{name}.npz"), bands=str(ctx.work / f"bands-{name}.npy"),
-                 sets=str(ctx.work / f"sets-{name}.npz"), drop=str(ctx.work / f"drop-{name}.npy"))
+        u.update(
+            sig=str(ctx.work / f"sig-{name}.npz"),
+            bands=str(ctx.work / f"bands-{name}.npy"),
+            sets=str(ctx.work / f"sets-{name}.npz"),
+            drop=str(ctx.work / f"drop-{name}.npy"),
+        )
     ctx.log.info("dedup: %d documents in %d shards, %d units", total, len(shards), len(units))
 
     # Step 1: per unit, in parallel.
@@ -241,7 +246,7 @@ def run(cfg: DedupConfig, ctx: StageContext) -> dict:
             pair_list.append(candidate_pairs(keys, active))
             bytes_per_doc = max(bytes_per_doc, (held + keys.nbytes * 3 + n * 8) / n)  # keys, argsort, uf
             del keys
-    pairs = (np.unique(np.concatenate(pair_list), axis=0) if pair_list else np.zeros((0, 2), np.int64))
+    pairs = np.unique(np.concatenate(pair_list), axis=0) if pair_list else np.zeros((0, 2), np.int64)
     timings["candidates"] = time.monotonic() - started - sum(timings.values())
     ctx.report.progress(2, 4, "dedup: candidates")
 
@@ -262,7 +267,7 @@ def run(cfg: DedupConfig, ctx: StageContext) -> dict:
         base = u["base"]
         values, offs = z["values"], z["offsets"]
         for i, row in enumerate(z["rows"]):
-            sets[int(base + row)] = values[offs[i]: offs[i + 1]]
+            sets[int(base + row)] = values[offs[i] : offs[i + 1]]
     uf = UnionFind(n)
     verified = rejected = 0
     for a, b in pairs.tolist():
@@ -318,7 +323,7 @@ def run(cfg: DedupConfig, ctx: StageContext) -> dict:
     drop_mask = np.zeros(n, dtype=bool)
     drop_mask[dropped] = True
     for k, u in enumerate(units):
-        np.save(u["drop"], np.flatnonzero(drop_mask[offsets[k]: offsets[k + 1]]))
+        np.save(u["drop"], np.flatnonzero(drop_mask[offsets[k] : offsets[k + 1]]))
         u["out"] = str(ctx.out / "shards" / f"part-{k:05d}.parquet")
     results = ctx.map(write_kept, units, "dedup-write")
     kept_docs = sum(r["kept"] for r in results)
@@ -326,8 +331,19 @@ def run(cfg: DedupConfig, ctx: StageContext) -> dict:
 
     with open(ctx.out / "clusters.jsonl", "w", encoding="utf-8") as f:
         for doc, kept, kind, similarity, head in lines:
-            f.write(json.dumps({"id": ids[doc], "kept_id": ids[kept], "kind": kind, "jaccard": round(similarity, 4),
-                                "cluster": ids[head]}, ensure_ascii=False) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "id": ids[doc],
+                        "kept_id": ids[kept],
+                        "kind": kind,
+                        "jaccard": round(similarity, 4),
+                        "cluster": ids[head],
+                    },
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
 
     # Counted by the step that removed them (a line's `kind` tells how it relates to its kept_id:
     # an exact copy of a near-duplicate is "near" there).
@@ -361,7 +377,7 @@ def _ids_of(units: list[dict], offsets: np.ndarray, docs: list[int]) -> dict[int
     for k in np.unique(unit_of).tolist():
         u = units[k]
         mine = docs_arr[unit_of == k]
-        for doc, value in zip(mine.tolist(), _read_column(u, "id", mine - offsets[k]).to_pylist()):
+        for doc, value in zip(mine.tolist(), _read_column(u, "id", mine - offsets[k]).to_pylist(), strict=True):
             out[doc] = value
     return out
 
@@ -372,33 +388,53 @@ def _snippets(units: list[dict], offsets: np.ndarray, docs: list[int], width: in
     unit_of = np.searchsorted(offsets, docs_arr, side="right") - 1
     for k in np.unique(unit_of).tolist():
         mine = docs_arr[unit_of == k]
-        for doc, text in zip(mine.tolist(), _read_texts(units[k], mine - offsets[k]).to_pylist()):
+        for doc, text in zip(mine.tolist(), _read_texts(units[k], mine - offsets[k]).to_pylist(), strict=True):
             out[doc] = " ".join((text or "").split())[:width]
     return out
 
 
-def _report(ctx: StageContext, cfg: DedupConfig, units: list[dict], offsets: np.ndarray, lines: list[tuple],
-            ids: dict[int, str], n: int, exact_dups: int, near_dups: int, bytes_per_doc: float) -> None:
+def _report(
+    ctx: StageContext,
+    cfg: DedupConfig,
+    units: list[dict],
+    offsets: np.ndarray,
+    lines: list[tuple],
+    ids: dict[int, str],
+    n: int,
+    exact_dups: int,
+    near_dups: int,
+    bytes_per_doc: float,
+) -> None:
     by_kept: dict[int, list[tuple]] = {}
     for line in lines:
         by_kept.setdefault(line[1], []).append(line)
     top = sorted(by_kept.items(), key=lambda kv: (-len(kv[1]), kv[0]))[: cfg.report_clusters]
     snippets = _snippets(units, offsets, [k for k, _ in top] + [group[0][0] for _, group in top])
-    rows = [{"kept": ids[kept], "removed": len(group),
-             "kinds": "/".join(sorted({g[2] for g in group})),
-             "min_jaccard": round(min(g[3] for g in group), 4),
-             "kept_text": snippets[kept], "removed_example": f"{ids[group[0][0]]}: {snippets[group[0][0]]}"}
-            for kept, group in top]
-    ctx.report.table("dedup-clusters", rows or [{"kept": "(no duplicates)", "removed": 0}],
-                     f"Largest duplicate clusters ({exact_dups} exact and {near_dups} near duplicates "
-                     f"of {n} documents)")
+    rows = [
+        {
+            "kept": ids[kept],
+            "removed": len(group),
+            "kinds": "/".join(sorted({g[2] for g in group})),
+            "min_jaccard": round(min(g[3] for g in group), 4),
+            "kept_text": snippets[kept],
+            "removed_example": f"{ids[group[0][0]]}: {snippets[group[0][0]]}",
+        }
+        for kept, group in top
+    ]
+    ctx.report.table(
+        "dedup-clusters",
+        rows or [{"kept": "(no duplicates)", "removed": 0}],
+        f"Largest duplicate clusters ({exact_dups} exact and {near_dups} near duplicates of {n} documents)",
+    )
     ctx.report.markdown(
         "dedup-summary",
         f"| documents | exact duplicates | near duplicates | kept | bytes per document (global step) |\n"
         f"|---:|---:|---:|---:|---:|\n| {n} | {exact_dups} | {near_dups} | {n - exact_dups - near_dups} | "
         f"{bytes_per_doc:.0f} |\n\nMinHash {cfg.bands} bands x {cfg.rows} rows; a pair at Jaccard 0.8 is a "
-        f"candidate with probability {1 - (1 - 0.8 ** cfg.rows) ** cfg.bands:.3f}; candidates verified by exact "
-        f"Jaccard >= {cfg.threshold}.", "Deduplication")
+        f"candidate with probability {1 - (1 - 0.8**cfg.rows) ** cfg.bands:.3f}; candidates verified by exact "
+        f"Jaccard >= {cfg.threshold}.",
+        "Deduplication",
+    )
 
 
 STAGE = Stage(name="dedup", version=2, run=run, inputs=("filter",), unkeyed=("unit_chars", "report_clusters"))

@@ -20,9 +20,13 @@ JSON_FORMATS = (".jsonl", ".json")
 TABLE_FORMATS = (".parquet", ".arrow", ".feather")  # .arrow: Arrow IPC, file or stream
 COMPRESSIONS = (".gz", ".zst")
 # Longest suffix first: ".jsonl.gz" must win over ".gz".
-SUPPORTED_SUFFIXES = tuple(sorted(
-    [f + c for f in TEXT_FORMATS + JSON_FORMATS for c in ("", *COMPRESSIONS)] + list(TABLE_FORMATS),
-    key=len, reverse=True))
+SUPPORTED_SUFFIXES = tuple(
+    sorted(
+        [f + c for f in TEXT_FORMATS + JSON_FORMATS for c in ("", *COMPRESSIONS)] + list(TABLE_FORMATS),
+        key=len,
+        reverse=True,
+    )
+)
 SUPPORTED = ".txt .md .jsonl .json (each also .gz or .zst), .parquet, .arrow, .feather"
 GLOB_CHARS = re.compile(r"[*?\[]")
 ErrorMode = Literal["raise", "skip"]
@@ -44,27 +48,36 @@ class Source(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(
-        None, pattern=r"^[^/\s]+$",
-        description="names the records' `source` and id prefix; default: the folder, file or dataset name")
+        None,
+        pattern=r"^[^/\s]+$",
+        description="names the records' `source` and id prefix; default: the folder, file or dataset name",
+    )
     path: str | None = Field(None, description="a file, a folder (searched recursively) or a glob")
     url: str | list[str] | None = Field(
-        None, description="an http(s) file or .tar.gz/.tgz/.zip archive; a list: mirrors of one file, tried in order")
+        None, description="an http(s) file or .tar.gz/.tgz/.zip archive; a list: mirrors of one file, tried in order"
+    )
     hf: str | None = Field(None, description="a Hugging Face dataset name or a local dataset folder")
     hf_config: str | None = Field(None, description="the dataset's config (subset) name")
     hf_split: str = Field("train", description="the dataset split to read")
-    text_field: str = Field("text", min_length=1, description="field (json, hf) or column (parquet, arrow) holding the text")
+    text_field: str = Field(
+        "text", min_length=1, description="field (json, hf) or column (parquet, arrow) holding the text"
+    )
     metadata: bool | list[str] = Field(
-        True, description="other fields kept as metadata: all (true), none (false) or these")
+        True, description="other fields kept as metadata: all (true), none (false) or these"
+    )
     max_docs: int | None = Field(None, ge=1, description="read at most this many documents of this source")
     sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$", description="expected digest of the url's file")
     on_error: ErrorMode | None = Field(None, description="bad records and files: raise or skip; default: the stage's")
     encoding: str = Field(
-        "auto", description=".txt/.md encoding; auto: UTF-8, else cp1252/Latin-1 (counted); a codec name: strict")
+        "auto", description=".txt/.md encoding; auto: UTF-8, else cp1252/Latin-1 (counted); a codec name: strict"
+    )
     # A dataset card or a licence next to the data is not training text: "SOURCE.md" beside the
     # jsonl files of a corpus folder would otherwise become a document. A file named
     # explicitly in `path` is always read.
-    exclude: list[str] = Field(["README.md", "SOURCE.md", "LICENSE*", "CHANGELOG*"],
-                               description="file-name patterns skipped when searching a folder, glob or archive")
+    exclude: list[str] = Field(
+        ["README.md", "SOURCE.md", "LICENSE*", "CHANGELOG*"],
+        description="file-name patterns skipped when searching a folder, glob or archive",
+    )
 
     @field_validator("encoding")
     @classmethod
@@ -77,7 +90,7 @@ class Source(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _one_location(self) -> "Source":
+    def _one_location(self) -> Source:
         given = [key for key in ("path", "url", "hf") if getattr(self, key)]
         if len(given) != 1:
             raise ValueError(f"give exactly one of path, url, hf (got {', '.join(given) or 'none'})")
@@ -113,19 +126,24 @@ class DownloadConfig(BaseModel):
 
     sources: list[Source] = Field(..., min_length=1, description="where the text comes from")
     chunk_chars: int = Field(
-        4000, ge=100,
-        description="longer documents are split on paragraph boundaries into chunks of at most this many characters")
+        4000,
+        ge=100,
+        description="longer documents are split on paragraph boundaries into chunks of at most this many characters",
+    )
     min_chars: int = Field(1, ge=0, description="documents (and chunks) with fewer non-blank characters are skipped")
-    on_error: ErrorMode = Field("raise", description="bad records and files: raise (stop, naming them) or skip (count, list)")
+    on_error: ErrorMode = Field(
+        "raise", description="bad records and files: raise (stop, naming them) or skip (count, list)"
+    )
     http: HttpConfig = Field(default_factory=HttpConfig, description="retries and timeouts of url sources")
 
     @model_validator(mode="after")
-    def _unique_names(self) -> "DownloadConfig":
+    def _unique_names(self) -> DownloadConfig:
         names = [source.source_name() for source in self.sources]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
-            raise ValueError(f"sources share the name {', '.join(duplicates)}: "
-                             "give each a distinct `name` so ids stay unique")
+            raise ValueError(
+                f"sources share the name {', '.join(duplicates)}: give each a distinct `name` so ids stay unique"
+            )
         return self
 
 

@@ -195,8 +195,11 @@ def head(url: str, timeout: float = 10.0) -> dict:
     try:
         request = urllib.request.Request(url, method="HEAD", headers={"User-Agent": "ember"})
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return {"etag": response.headers.get("ETag"), "length": response.headers.get("Content-Length"),
-                    "last_modified": response.headers.get("Last-Modified")}
+            return {
+                "etag": response.headers.get("ETag"),
+                "length": response.headers.get("Content-Length"),
+                "last_modified": response.headers.get("Last-Modified"),
+            }
     except urllib.error.HTTPError as err:
         return {"status": err.code}
     except (urllib.error.URLError, TimeoutError, ConnectionError, http_client.HTTPException):
@@ -243,22 +246,28 @@ def _check_name(archive: Path, name: str) -> None:
     if path.is_absolute() or re.match(r"^[A-Za-z]:", name):
         raise FetchError(f"{archive.name}: entry {name!r} has an absolute path; refusing to unpack the archive")
     if ".." in path.parts:
-        raise FetchError(f"{archive.name}: entry {name!r} would land outside the target folder ('..'); "
-                         "refusing to unpack the archive")
+        raise FetchError(
+            f"{archive.name}: entry {name!r} would land outside the target folder ('..'); "
+            "refusing to unpack the archive"
+        )
 
 
 def _check_link(archive: Path, name: str, target: str, relative_to_entry: bool) -> None:
     """A link's target, resolved inside the archive, must stay inside it."""
     if target.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", target):
-        raise FetchError(f"{archive.name}: entry {name!r} links to {target!r}, outside the target folder; "
-                         "refusing to unpack the archive")
+        raise FetchError(
+            f"{archive.name}: entry {name!r} links to {target!r}, outside the target folder; "
+            "refusing to unpack the archive"
+        )
     base = PurePosixPath(name).parent if relative_to_entry else PurePosixPath(".")
     depth = 0
     for part in (base / target.replace("\\", "/")).parts:
         depth += -1 if part == ".." else 0 if part in (".", "") else 1
         if depth < 0:
-            raise FetchError(f"{archive.name}: entry {name!r} links to {target!r}, outside the target folder; "
-                             "refusing to unpack the archive")
+            raise FetchError(
+                f"{archive.name}: entry {name!r} links to {target!r}, outside the target folder; "
+                "refusing to unpack the archive"
+            )
 
 
 def _check_room(archive: Path, folder: Path, sizes: list[int], room: int) -> None:
@@ -266,8 +275,10 @@ def _check_room(archive: Path, folder: Path, sizes: list[int], room: int) -> Non
     whose data inflates past its declared size. So the sum is checked before a byte is written."""
     total = sum(sizes)
     if total > room:
-        raise FetchError(f"{archive.name}: its entries unpack to {total:,} bytes, more than the {room:,} bytes "
-                         f"free at {folder.parent}; refusing to unpack (a zip bomb, or too little disk space)")
+        raise FetchError(
+            f"{archive.name}: its entries unpack to {total:,} bytes, more than the {room:,} bytes "
+            f"free at {folder.parent}; refusing to unpack (a zip bomb, or too little disk space)"
+        )
 
 
 def _untar(archive: Path, folder: Path, room: int) -> None:

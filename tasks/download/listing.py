@@ -47,6 +47,5 @@ def list_files(source: Source, index: int, folder: Path | None = None) -> FileLi
             files.append(candidate)
     if not files:
         where = source.location if folder else path
-        raise SourceError(f"{key}: {where} holds no supported file ({SUPPORTED}); "
-                          f"{len(skipped)} other file(s) skipped")
+        raise SourceError(f"{key}: {where} holds no supported file ({SUPPORTED}); {len(skipped)} other file(s) skipped")
     return FileList(base, files, skipped)

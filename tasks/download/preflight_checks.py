@@ -49,14 +49,16 @@ def preflight(cfg: DownloadConfig) -> list[dict]:
             fingerprints.append({"name": name, "path": source.path, "files": files})
         elif source.url is not None:
             _check_url_type(source, i)
-            fingerprints.append({"name": name, "url": source.url, "sha256": source.sha256,
-                                 **_url_identity(source, i)})
+            fingerprints.append({"name": name, "url": source.url, "sha256": source.sha256, **_url_identity(source, i)})
         else:
             entry = {"name": name, "hf": source.hf, "config": source.hf_config, "split": source.hf_split}
             local = Path(source.hf or "")
             if local.is_dir():  # a local dataset folder: its files are its version
-                entry["files"] = sorted([p.relative_to(local).as_posix(), p.stat().st_size, content_digest(p)]
-                                        for p in local.rglob("*") if p.is_file() and ".cache" not in p.parts)
+                entry["files"] = sorted(
+                    [p.relative_to(local).as_posix(), p.stat().st_size, content_digest(p)]
+                    for p in local.rglob("*")
+                    if p.is_file() and ".cache" not in p.parts
+                )
                 _check_first_hf_records(source, i)
             fingerprints.append(entry)
     return fingerprints
@@ -68,8 +70,9 @@ def _check_first_records(path: Path, source: Source, index: int, mode: ErrorMode
     texts = []
     skip = mode == "skip"
     try:
-        docs = read_file(path, source.text_field, (lambda where, reason: None) if skip else None,
-                         encoding=source.encoding)
+        docs = read_file(
+            path, source.text_field, (lambda where, reason: None) if skip else None, encoding=source.encoding
+        )
         for doc in islice(docs, PREFLIGHT_RECORDS):
             texts.append(next(iter(doc.parts), ""))
     except SourceError as err:
@@ -77,8 +80,9 @@ def _check_first_records(path: Path, source: Source, index: int, mode: ErrorMode
             return
         raise SourceError(f"download.sources[{index}]: {err}") from None
     if texts and not any(t.strip() for t in texts) and not skip:
-        raise SourceError(f"download.sources[{index}]: {path}: the first {len(texts)} record(s) "
-                          f"have no text in {source.text_field!r}")
+        raise SourceError(
+            f"download.sources[{index}]: {path}: the first {len(texts)} record(s) have no text in {source.text_field!r}"
+        )
 
 
 def _check_first_hf_records(source: Source, index: int) -> None:
@@ -87,8 +91,10 @@ def _check_first_hf_records(source: Source, index: int) -> None:
     except SourceError as err:
         raise SourceError(f"download.sources[{index}].hf: {err}") from None
     if not any(t.strip() for t in texts):
-        raise SourceError(f"download.sources[{index}].hf: {source.hf}: the first {len(texts)} record(s) "
-                          f"have no text in {source.text_field!r}")
+        raise SourceError(
+            f"download.sources[{index}].hf: {source.hf}: the first {len(texts)} record(s) "
+            f"have no text in {source.text_field!r}"
+        )
 
 
 def _url_identity(source: Source, index: int) -> dict:
@@ -103,13 +109,17 @@ def _url_identity(source: Source, index: int) -> dict:
             return answer
         statuses.append(answer.get("status"))
     if statuses and all(s in (404, 410) for s in statuses):
-        raise SourceError(f"download.sources[{index}].url: {source.location}: HTTP {statuses[0]} "
-                          f"at {'every location' if len(statuses) > 1 else 'the server'}")
+        raise SourceError(
+            f"download.sources[{index}].url: {source.location}: HTTP {statuses[0]} "
+            f"at {'every location' if len(statuses) > 1 else 'the server'}"
+        )
     return {}
 
 
 def _check_url_type(source: Source, index: int) -> None:
     name = fetch.url_file_name(source.urls[0])
     if file_format(name) is None and fetch.archive_suffix(name) is None:
-        raise SourceError(f"download.sources[{index}].url: {source.location}: unsupported file type "
-                          f"(supported: {SUPPORTED}, or a {', '.join(fetch.ARCHIVE_SUFFIXES)} archive of them)")
+        raise SourceError(
+            f"download.sources[{index}].url: {source.location}: unsupported file type "
+            f"(supported: {SUPPORTED}, or a {', '.join(fetch.ARCHIVE_SUFFIXES)} archive of them)"
+        )

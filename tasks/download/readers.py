@@ -10,9 +10,10 @@ import io
 import json
 import re
 import zlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Iterator
+from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -33,14 +34,21 @@ class Doc:
 OnBad = Callable[[str, str], None]  # (where, reason): raises, or records a skipped record
 
 
-def read_file(path: Path, text_field: str = "text", on_bad: OnBad | None = None, *,
-              metadata: bool | list[str] = False, encoding: str = "auto",
-              on_note: OnBad | None = None) -> Iterator[Doc]:
+def read_file(
+    path: Path,
+    text_field: str = "text",
+    on_bad: OnBad | None = None,
+    *,
+    metadata: bool | list[str] = False,
+    encoding: str = "auto",
+    on_note: OnBad | None = None,
+) -> Iterator[Doc]:
     """Every document of a file, streaming.
 
     A bad record goes to `on_bad(where, reason)` (default: raise BadInput); a bad file raises
     BadInput naming the position reached. `on_note` hears of a fallback decoding.
     """
+
     def raise_bad(where: str, reason: str) -> None:
         raise BadInput(path, where, reason)
 
@@ -366,10 +374,14 @@ def iter_hf(source: Source) -> Iterator[Doc]:
     for index, row in enumerate(ds):
         text = row.get(source.text_field)
         if text is not None and not isinstance(text, str):
-            raise SourceError(f"{source.hf}: row {index}: field {source.text_field!r} "
-                              f"is {type(text).__name__}, not a string")
+            raise SourceError(
+                f"{source.hf}: row {index}: field {source.text_field!r} is {type(text).__name__}, not a string"
+            )
         meta = None
         if source.metadata:
-            meta = {k: v for k, v in row.items()
-                    if k != source.text_field and (source.metadata is True or k in source.metadata)} or None
+            meta = {
+                k: v
+                for k, v in row.items()
+                if k != source.text_field and (source.metadata is True or k in source.metadata)
+            } or None
         yield Doc(index, [text or ""], meta)

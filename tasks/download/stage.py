@@ -6,9 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -91,7 +91,7 @@ class MetadataWriter:
         if self._writer is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._writer = pq.ParquetWriter(self.path, self.SCHEMA, compression="zstd")
-        columns = list(zip(*self._buffer))
+        columns = list(zip(*self._buffer, strict=True))
         self._writer.write_table(pa.table([pa.array(c, pa.string()) for c in columns], schema=self.SCHEMA))
         self._buffer = []
 
@@ -102,8 +102,9 @@ class MetadataWriter:
             self._writer.close()
 
 
-def _units(source: Source, index: int, cfg: DownloadConfig, ctx: StageContext,
-           counts: SourceCounts) -> Iterator[tuple[str, Path | None]]:
+def _units(
+    source: Source, index: int, cfg: DownloadConfig, ctx: StageContext, counts: SourceCounts
+) -> Iterator[tuple[str, Path | None]]:
     """(relative name, path) of each file of a source; ("", None) for a dataset."""
     if source.hf is not None:
         yield "", None
@@ -126,7 +127,7 @@ def run(cfg: DownloadConfig, ctx: StageContext) -> dict:
     ok = False
     try:
         with ShardWriter(ctx.out / "shards") as writer:
-            for i, (source, counts) in enumerate(zip(cfg.sources, all_counts)):
+            for i, (source, counts) in enumerate(zip(cfg.sources, all_counts, strict=True)):
                 _read_source(cfg, ctx, i, source, counts, problems, writer, meta_writer)
         ok = True
     finally:
@@ -135,8 +136,11 @@ def run(cfg: DownloadConfig, ctx: StageContext) -> dict:
         with open(ctx.out / "problems.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in problems.rows)
         shown = problems.rows[:200]
-        ctx.report.table("download-problems", shown,
-                         f"Bad input met ({len(problems.rows)}; first {len(shown)} shown; all in problems.jsonl)")
+        ctx.report.table(
+            "download-problems",
+            shown,
+            f"Bad input met ({len(problems.rows)}; first {len(shown)} shown; all in problems.jsonl)",
+        )
     rows = [vars(c).copy() for c in all_counts]
     ctx.report.table("download-sources", rows, "Documents and chunks read from each source")
     seconds = time.monotonic() - started
@@ -164,8 +168,16 @@ def run(cfg: DownloadConfig, ctx: StageContext) -> dict:
     }
 
 
-def _read_source(cfg: DownloadConfig, ctx: StageContext, i: int, source: Source, counts: SourceCounts,
-                 problems: Problems, writer: ShardWriter, meta_writer: MetadataWriter) -> None:
+def _read_source(
+    cfg: DownloadConfig,
+    ctx: StageContext,
+    i: int,
+    source: Source,
+    counts: SourceCounts,
+    problems: Problems,
+    writer: ShardWriter,
+    meta_writer: MetadataWriter,
+) -> None:
     mode = source.on_error or cfg.on_error
     hint = " (on_error: skip skips and counts such input)"
     min_chars = max(cfg.min_chars, 1)
@@ -222,8 +234,9 @@ def _read_source(cfg: DownloadConfig, ctx: StageContext, i: int, source: Source,
             problems.add(counts, rel, where, reason, "decoded")
 
         try:
-            for doc in read_file(path, source.text_field, on_bad, metadata=source.metadata,
-                                 encoding=source.encoding, on_note=on_note):
+            for doc in read_file(
+                path, source.text_field, on_bad, metadata=source.metadata, encoding=source.encoding, on_note=on_note
+            ):
                 write_doc(f"{counts.name}/{rel}:{doc.index}", doc)
                 if source.max_docs is not None and counts.docs >= source.max_docs:
                     break
@@ -235,11 +248,15 @@ def _read_source(cfg: DownloadConfig, ctx: StageContext, i: int, source: Source,
         if source.max_docs is not None and counts.docs >= source.max_docs:
             break
     if counts.chunks == 0:
-        raise SourceError(f"download.sources[{i}] ({source.location}): no text found "
-                          f"({counts.empty_docs} empty document(s), {counts.empty_files} empty file(s), "
-                          f"{counts.bad_records} bad record(s), {counts.bad_files} bad file(s), "
-                          f"text field {source.text_field!r})")
-    ctx.log.info("source %s: %d docs -> %d chunks, %.1f MB", counts.name, counts.docs, counts.chunks, counts.bytes / 1e6)
+        raise SourceError(
+            f"download.sources[{i}] ({source.location}): no text found "
+            f"({counts.empty_docs} empty document(s), {counts.empty_files} empty file(s), "
+            f"{counts.bad_records} bad record(s), {counts.bad_files} bad file(s), "
+            f"text field {source.text_field!r})"
+        )
+    ctx.log.info(
+        "source %s: %d docs -> %d chunks, %.1f MB", counts.name, counts.docs, counts.chunks, counts.bytes / 1e6
+    )
 
 
 # Version 2: streamed .txt chunking, metadata/ and problems.jsonl, more formats, url mirrors.

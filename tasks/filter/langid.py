@@ -29,15 +29,18 @@ from ember.model import scripts
 
 ENGLISH_FUNCTION_WORDS = frozenset(
     "the of and to a in is was that it he i for on with as his her be at by you had not but from "
-    "this have they she which or were are an my all so said one".split())
+    "this have they she which or were are an my all so said one".split()
+)
 _ENGLISH_BYTES = frozenset(w.encode() for w in ENGLISH_FUNCTION_WORDS)
 _ASCII_NON_LETTERS = bytes(c for c in range(128) if not chr(c).isalpha())
 NON_ASCII = re.compile(r"[^\x00-\x7f]+")
 HAN = re.compile(f"[{scripts.HAN}{scripts.HAN_COMPATIBILITY}{scripts.HAN_SUPPLEMENTARY}]")
 KANA = re.compile(f"[{scripts.KANA}{scripts.KANA_EXTENSIONS}{scripts.HALFWIDTH_KANA}]")
 HANGUL = re.compile(f"[{scripts.HANGUL}{scripts.HANGUL_JAMO}]")
-CJK_ANY = re.compile(f"[{scripts.HAN}{scripts.HAN_COMPATIBILITY}{scripts.HAN_SUPPLEMENTARY}{scripts.KANA}{scripts.KANA_EXTENSIONS}"
-                     f"{scripts.HALFWIDTH_KANA}{scripts.HANGUL}{scripts.HANGUL_JAMO}]")
+CJK_ANY = re.compile(
+    f"[{scripts.HAN}{scripts.HAN_COMPATIBILITY}{scripts.HAN_SUPPLEMENTARY}{scripts.KANA}{scripts.KANA_EXTENSIONS}"
+    f"{scripts.HALFWIDTH_KANA}{scripts.HANGUL}{scripts.HANGUL_JAMO}]"
+)
 
 
 class Language(NamedTuple):

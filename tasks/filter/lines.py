@@ -63,6 +63,7 @@ class LineDrop(NamedTuple):
 
 class Unit(NamedTuple):
     """Lines first..last (indices in text.split("\n")) that the line rules judge together."""
+
     first: int
     last: int
     ends: bool  # its last line ends a sentence
@@ -108,16 +109,21 @@ def _count_words(text: str, cjk: bool) -> int:
     return len(text.split())
 
 
-def line_rules(text: str, cfg: FilterConfig, cjk: bool, words: list[str] | None = None,
-               units: list[Unit] | None = None) -> tuple[str, list[LineDrop]]:
+def line_rules(
+    text: str, cfg: FilterConfig, cjk: bool, words: list[str] | None = None, units: list[Unit] | None = None
+) -> tuple[str, list[LineDrop]]:
     """Apply C4's line rules: (the text left, the lines dropped). `words`, `units`: if known."""
     # Rules that need a substring are skipped for the whole text when it has none.
     lower = text.lower() if cfg.line_javascript or cfg.line_policy_phrases else ""
     javascript = cfg.line_javascript and "javascript" in lower
     phrases = [p for p in cfg.line_policy_phrases or () if p in lower]
     boilerplate = [p for p in cfg.line_boilerplate_phrases or () if p in lower]
-    long_words = (cfg.line_max_word_chars is not None and not cjk and len(text) > cfg.line_max_word_chars
-                  and max(map(len, text.split() if words is None else words), default=0) > cfg.line_max_word_chars)
+    long_words = (
+        cfg.line_max_word_chars is not None
+        and not cjk
+        and len(text) > cfg.line_max_word_chars
+        and max(map(len, text.split() if words is None else words), default=0) > cfg.line_max_word_chars
+    )
     lines = text.split("\n")
     changed: dict[int, str] = {}
     if cfg.strip_citations and "[" in text:
@@ -138,13 +144,21 @@ def line_rules(text: str, cfg: FilterConfig, cjk: bool, words: list[str] | None 
             # blank line ("...and then he said:"), goes on: it is not a line without an end.
             if not (unit.goes_on and (n == len(units) - 1 or last.endswith(INTRODUCES))):
                 verdict = ("line_terminal_punct", 0.0, 1.0)
-        if verdict is None and (long_words or javascript or phrases or boilerplate or (
-                cfg.line_min_words is not None and not (cfg.line_min_words_unless_sentence and unit.ends))):
+        if verdict is None and (
+            long_words
+            or javascript
+            or phrases
+            or boilerplate
+            or (cfg.line_min_words is not None and not (cfg.line_min_words_unless_sentence and unit.ends))
+        ):
             joined = " ".join(changed.get(i, lines[i]).strip() for i in range(unit.first, unit.last + 1))
             if long_words and (longest := max(map(len, joined.split()), default=0)) > cfg.line_max_word_chars:
                 verdict = ("line_max_word_chars", longest, cfg.line_max_word_chars)
-            elif cfg.line_min_words is not None and not (cfg.line_min_words_unless_sentence and unit.ends) and (
-                    (words := _count_words(joined, cjk)) < cfg.line_min_words):
+            elif (
+                cfg.line_min_words is not None
+                and not (cfg.line_min_words_unless_sentence and unit.ends)
+                and ((words := _count_words(joined, cjk)) < cfg.line_min_words)
+            ):
                 verdict = ("line_min_words", words, cfg.line_min_words)
             elif javascript or phrases or boilerplate:
                 low = joined.lower()
@@ -155,7 +169,7 @@ def line_rules(text: str, cfg: FilterConfig, cjk: bool, words: list[str] | None 
                 elif any(p in low for p in boilerplate):
                     verdict = ("line_boilerplate", 1.0, 1.0)
         if verdict is None and cfg.line_drop_repeats and unit.ends:
-            key = "\n".join(lines[unit.first: unit.last + 1]).strip()
+            key = "\n".join(lines[unit.first : unit.last + 1]).strip()
             if key in seen:
                 if _count_words(key, cjk) >= max(1, cfg.repeat_min_words):
                     verdict = ("line_repeated", 1.0, 1.0)
@@ -191,6 +205,10 @@ def c4_document(text: str, cfg: FilterConfig, cjk: bool) -> Drop | None:
         return Drop("lorem_ipsum", 1.0, 1.0)
     if cfg.drop_curly_bracket and "{" in text:
         return Drop("curly_bracket", float(text.count("{")), 1.0)
-    if cfg.min_sentences is not None and not cjk and (sentences := count_sentences(text, cfg.min_sentences)) < cfg.min_sentences:
+    if (
+        cfg.min_sentences is not None
+        and not cjk
+        and (sentences := count_sentences(text, cfg.min_sentences)) < cfg.min_sentences
+    ):
         return Drop("min_sentences", sentences, cfg.min_sentences)
     return None

@@ -12,9 +12,9 @@ CJK-heavy text every rule that counts words counts characters.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from functools import cached_property
 from itertools import filterfalse, islice, repeat
-from typing import Callable
 
 import numpy as np
 
@@ -134,6 +134,7 @@ def _duplicates(items: list[str], min_words: int = 0) -> tuple[int, int]:
 
 
 # -- Gopher quality and repetition, cheapest first. Each returns why the document goes, or None. --
+
 
 def min_chars(doc: Doc, cfg: FilterConfig) -> Drop | None:
     if cfg.min_chars is not None and len(doc.text.strip()) < cfg.min_chars and not doc.is_cjk:
@@ -279,6 +280,7 @@ def repeated_ngrams(doc: Doc, cfg: FilterConfig) -> Drop | None:
 
 # -- FineWeb's quality rules -----------------------------------------------------------------------
 
+
 def fineweb_quality(doc: Doc, cfg: FilterConfig) -> Drop | None:
     if not doc.lines:
         return None
@@ -307,8 +309,16 @@ def fineweb_quality(doc: Doc, cfg: FilterConfig) -> Drop | None:
 
 
 RULES: list[Callable[[Doc, FilterConfig], Drop | None]] = [
-    min_chars, word_count, mean_word_length, symbol_ratios, line_shapes, alpha_words, stop_words,
-    repeated_paragraphs_and_lines, repeated_ngrams, fineweb_quality,
+    min_chars,
+    word_count,
+    mean_word_length,
+    symbol_ratios,
+    line_shapes,
+    alpha_words,
+    stop_words,
+    repeated_paragraphs_and_lines,
+    repeated_ngrams,
+    fineweb_quality,
 ]
 
 

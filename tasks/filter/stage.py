@@ -31,7 +31,8 @@ A dropped document is written to `removed/` with `rule`, `value` (what was measu
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import pyarrow as pa
 
@@ -43,11 +44,23 @@ from ember.tasks.filter.rules import RULES, Doc, min_chars
 from ember.tasks.shard_stage import Document, ShardStage, Stats
 from ember.tasks.stage import Stage, StageContext
 
-REMOVED_SCHEMA = TEXT_SCHEMA.append(pa.field("rule", pa.string())).append(pa.field("value", pa.float64())) \
-    .append(pa.field("threshold", pa.float64())).append(pa.field("detail", pa.string()))
-REMOVED_LINES_SCHEMA = pa.schema([("id", pa.string()), ("line", pa.int32()), ("text", pa.string()),
-                                  ("source", pa.string()), ("rule", pa.string()), ("value", pa.float64()),
-                                  ("threshold", pa.float64())])
+REMOVED_SCHEMA = (
+    TEXT_SCHEMA.append(pa.field("rule", pa.string()))
+    .append(pa.field("value", pa.float64()))
+    .append(pa.field("threshold", pa.float64()))
+    .append(pa.field("detail", pa.string()))
+)
+REMOVED_LINES_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("line", pa.int32()),
+        ("text", pa.string()),
+        ("source", pa.string()),
+        ("rule", pa.string()),
+        ("value", pa.float64()),
+        ("threshold", pa.float64()),
+    ]
+)
 NO_LANGUAGE = langid.Language("-", 0.0, "off")
 
 
@@ -88,8 +101,12 @@ def c4_lines(j: Judging, cfg: FilterConfig) -> None:
     # whitespace token of half that length (str.lower can double a token: 'İ' is two code points
     # lowercased) no word is that long, and a plain split is a fifth of the cost of the words.
     limit = cfg.line_max_word_chars
-    long_token = (limit is not None and not doc.is_cjk and len(text) > limit
-                  and max(map(len, text.split()), default=0) > limit // 2)
+    long_token = (
+        limit is not None
+        and not doc.is_cjk
+        and len(text) > limit
+        and max(map(len, text.split()), default=0) > limit // 2
+    )
     kept, j.lines = line_rules(text, cfg, doc.is_cjk, doc.words if long_token else [], doc.c4_units)
     if kept is not text:
         j.doc = Doc(kept, cfg)
@@ -136,9 +153,17 @@ class QualityFilter(ShardStage):
         verdict = judge(doc.text, self.cfg)
         stats.add("languages", key=verdict.language.code)
         for line in verdict.lines:
-            out["removed_lines"].add({"id": doc.id, "line": line.line, "text": line.text, "source": doc.source,
-                                      "rule": line.rule, "value": float(line.value),
-                                      "threshold": float(line.threshold)})
+            out["removed_lines"].add(
+                {
+                    "id": doc.id,
+                    "line": line.line,
+                    "text": line.text,
+                    "source": doc.source,
+                    "rule": line.rule,
+                    "value": float(line.value),
+                    "threshold": float(line.threshold),
+                }
+            )
             stats.add("removed_lines", key=line.rule)
             stats.add("removed_line_chars", len(line.text) + 1, key=line.rule)
         for rule in dict.fromkeys(line.rule for line in verdict.lines):
@@ -149,8 +174,17 @@ class QualityFilter(ShardStage):
             stats.add("kept_chars", len(verdict.text))
             return
         drop = verdict.drop
-        out["removed"].add({"id": doc.id, "text": doc.text, "source": doc.source, "rule": drop.rule,
-                            "value": float(drop.value), "threshold": float(drop.threshold), "detail": drop.detail})
+        out["removed"].add(
+            {
+                "id": doc.id,
+                "text": doc.text,
+                "source": doc.source,
+                "rule": drop.rule,
+                "value": float(drop.value),
+                "threshold": float(drop.threshold),
+                "detail": drop.detail,
+            }
+        )
         stats.add("removed_docs", key=drop.rule)
         stats.add("removed_chars", len(doc.text), key=drop.rule)
         stats.first("removed_example", drop.rule, (doc.id, round(float(drop.value), 4), float(drop.threshold)))
@@ -159,24 +193,57 @@ class QualityFilter(ShardStage):
         docs, kept = int(stats.total("docs")), int(stats.total("kept"))
         chars_in, kept_chars = int(stats.total("chars_in")), int(stats.total("kept_chars"))
         examples = stats.firsts.get("removed_example", {})
-        rows = sorted(({"rule": rule, "docs": int(n), "chars": int(stats.keyed("removed_chars")[rule]),
-                        "threshold": examples[rule][2], "example_id": examples[rule][0],
-                        "example_value": examples[rule][1]}
-                       for rule, n in stats.keyed("removed_docs").items()), key=lambda r: (-r["docs"], r["rule"]))
-        line_rows = sorted(({"rule": rule, "lines": int(n), "chars": int(stats.keyed("removed_line_chars")[rule]),
-                             "docs": int(stats.keyed("removed_line_docs")[rule])}
-                            for rule, n in stats.keyed("removed_lines").items()),
-                           key=lambda r: (-r["lines"], r["rule"]))
+        rows = sorted(
+            (
+                {
+                    "rule": rule,
+                    "docs": int(n),
+                    "chars": int(stats.keyed("removed_chars")[rule]),
+                    "threshold": examples[rule][2],
+                    "example_id": examples[rule][0],
+                    "example_value": examples[rule][1],
+                }
+                for rule, n in stats.keyed("removed_docs").items()
+            ),
+            key=lambda r: (-r["docs"], r["rule"]),
+        )
+        line_rows = sorted(
+            (
+                {
+                    "rule": rule,
+                    "lines": int(n),
+                    "chars": int(stats.keyed("removed_line_chars")[rule]),
+                    "docs": int(stats.keyed("removed_line_docs")[rule]),
+                }
+                for rule, n in stats.keyed("removed_lines").items()
+            ),
+            key=lambda r: (-r["lines"], r["rule"]),
+        )
         languages = {code: int(n) for code, n in stats.keyed("languages").items()}
-        ctx.report.table("filter-removed", rows or [{"rule": "(none)", "docs": 0, "chars": 0}],
-                         f"Documents removed per rule ({docs - kept} of {docs}; chars = characters removed)")
-        ctx.report.table("filter-removed-lines", line_rows or [{"rule": "(none)", "lines": 0, "chars": 0}],
-                         "Lines removed per line rule (from documents kept or not)")
-        ctx.report.markdown("filter-summary", "\n".join([
-            f"**{kept} of {docs} documents kept** ({kept_chars:,} of {chars_in:,} characters).", "",
-            "Languages: " + ", ".join(f"{code} {n}" for code, n in sorted(languages.items(), key=lambda kv: -kv[1])),
-            "", "Every removed document is in `removed/` (rule, value, threshold) and every removed line "
-            "in `removed_lines/` (id, line); `ember audit DOC_ID` explains one document."]))
+        ctx.report.table(
+            "filter-removed",
+            rows or [{"rule": "(none)", "docs": 0, "chars": 0}],
+            f"Documents removed per rule ({docs - kept} of {docs}; chars = characters removed)",
+        )
+        ctx.report.table(
+            "filter-removed-lines",
+            line_rows or [{"rule": "(none)", "lines": 0, "chars": 0}],
+            "Lines removed per line rule (from documents kept or not)",
+        )
+        ctx.report.markdown(
+            "filter-summary",
+            "\n".join(
+                [
+                    f"**{kept} of {docs} documents kept** ({kept_chars:,} of {chars_in:,} characters).",
+                    "",
+                    "Languages: "
+                    + ", ".join(f"{code} {n}" for code, n in sorted(languages.items(), key=lambda kv: -kv[1])),
+                    "",
+                    "Every removed document is in `removed/` (rule, value, threshold) and every removed line "
+                    "in `removed_lines/` (id, line); `ember audit DOC_ID` explains one document.",
+                ]
+            ),
+        )
         return {
             "docs": docs,
             "kept": kept,

@@ -38,8 +38,9 @@ def lineage(store: Store, inputs: dict[str, Path]) -> dict[str, dict]:
     stand-in folder, an artifact deleted since) just ends that branch.
     """
     found: dict[str, dict] = {}
-    pending: list[tuple[str, dict | None]] = [(name, read_json_or_none(Path(folder) / MANIFEST))
-                                              for name, folder in inputs.items()]
+    pending: list[tuple[str, dict | None]] = [
+        (name, read_json_or_none(Path(folder) / MANIFEST)) for name, folder in inputs.items()
+    ]
     while pending:
         name, manifest = pending.pop()
         if manifest is None or name in found:
@@ -86,9 +87,11 @@ def pipeline_config(stages: dict[str, dict], publish_params: dict) -> dict:
 
 
 def pipeline_yaml(stages: dict[str, dict], publish_params: dict) -> str:
-    header = ("# The settings of every stage that produced this release, as recorded in the store's\n"
-              "# manifests (settings that do not change an artifact are left at their defaults).\n"
-              "# `ember run pipeline.yaml` rebuilds it: each stage is a cache hit while its artifact exists.\n")
+    header = (
+        "# The settings of every stage that produced this release, as recorded in the store's\n"
+        "# manifests (settings that do not change an artifact are left at their defaults).\n"
+        "# `ember run pipeline.yaml` rebuilds it: each stage is a cache hit while its artifact exists.\n"
+    )
     return header + yaml.safe_dump(pipeline_config(stages, publish_params), sort_keys=False, allow_unicode=True)
 
 
@@ -140,11 +143,19 @@ def source_rows(stages: dict[str, dict], dedup_dir: Path | None, licenses: dict[
             licence, where = licenses[name], "publish.licenses"
         else:
             licence, where = licence_near(locations.get(name, "")) or (UNKNOWN, "")
-        rows.append({"source": name, "location": locations.get(name, ""), "docs": read.get("docs"),
-                     "chunks": read.get("chunks"), "chars": read.get("chars"),
-                     "kept_chunks": kept.get(name, {}).get("docs") if kept else None,
-                     "kept_chars": kept.get(name, {}).get("chars") if kept else None,
-                     "licence": licence, "licence_from": where})
+        rows.append(
+            {
+                "source": name,
+                "location": locations.get(name, ""),
+                "docs": read.get("docs"),
+                "chunks": read.get("chunks"),
+                "chars": read.get("chars"),
+                "kept_chunks": kept.get(name, {}).get("docs") if kept else None,
+                "kept_chars": kept.get(name, {}).get("chars") if kept else None,
+                "licence": licence,
+                "licence_from": where,
+            }
+        )
     return rows
 
 
@@ -154,7 +165,7 @@ def kept_per_source(dedup_dir: Path) -> dict[str, dict]:
     for path in list_shards(Path(dedup_dir) / "shards"):
         table = read_shard(path, columns=["source", "text"])
         lengths = pc.utf8_length(table["text"]).to_pylist()
-        for source, n in zip(table["source"].to_pylist(), lengths):
+        for source, n in zip(table["source"].to_pylist(), lengths, strict=True):
             entry = counts.setdefault(source, {"docs": 0, "chars": 0})
             entry["docs"] += 1
             entry["chars"] += n or 0
@@ -203,12 +214,15 @@ def render(version: str, created: str, folder: Path, stages: dict[str, dict], so
     params = parameter_count(folder / "model.safetensors")
     files = {p.name: p.stat().st_size for p in folder.iterdir() if p.is_file()}
     lines = [
-        f"# Ember model {version}", "",
+        f"# Ember model {version}",
+        "",
         f"Published {created}. A small decoder-only transformer (Llama layout: RMSNorm, rotary "
         "positions, SwiGLU, grouped-query attention) trained from scratch by Ember on the text below. "
         "It continues text in the style of its training data; it is not instruction-tuned, it makes "
-        "things up, and nothing it writes should be taken as fact.", "",
-        "## Model", "",
+        "things up, and nothing it writes should be taken as fact.",
+        "",
+        "## Model",
+        "",
         f"- parameters: {params:,}",
         f"- width {model.get('dim', 'n/a')}, {model.get('n_layers', 'n/a')} layers, {model.get('n_heads', 'n/a')} "
         f"attention heads ({model.get('n_kv_heads', 'n/a')} key/value)",
@@ -216,26 +230,31 @@ def render(version: str, created: str, folder: Path, stages: dict[str, dict], so
         "(byte-level BPE)",
         f"- weights: fp32 {_mb(files.get('model.safetensors'))}, int8 {_mb(files.get('model-int8.safetensors'))}",
         "",
-        "## Training", "",
+        "## Training",
+        "",
         f"{_n(train.get('steps'))} steps, {_n(train.get('tokens'))} training tokens in "
         f"{_duration(train.get('seconds'))}"
         + (f" on {train_metrics['device']}" if train_metrics.get("device") else "")
         + (f" ({_n(train_metrics['tokens_per_s'])} tokens/s)" if train_metrics.get("tokens_per_s") else "")
-        + f". Final train loss {_n(train.get('loss'), 4)}, validation loss {_n(train.get('val_loss'), 4)}.", "",
+        + f". Final train loss {_n(train.get('loss'), 4)}, validation loss {_n(train.get('val_loss'), 4)}.",
+        "",
     ]
     lines += _eval_section(report)
     lines += _data_section(stages, sources)
     lines += _samples_section(report)
     lines += [
-        "## Use it", "",
+        "## Use it",
+        "",
         "```bash",
         f"ember demo --release {version}          # the Gradio demo, http://127.0.0.1:7860",
-        "```", "",
+        "```",
+        "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         'model = AutoModelForCausalLM.from_pretrained("hf")   # this folder\'s hf/',
         'tokenizer = AutoTokenizer.from_pretrained("hf")',
-        "```", "",
+        "```",
+        "",
     ]
     ggufs = sorted(name for name in files if name.endswith(".gguf"))
     if ggufs:
@@ -249,20 +268,28 @@ def _eval_section(report: dict) -> list[str]:
     if not names:
         return ["## Evaluation", "", "No evaluation report.", ""]
     val = report.get("val", {})
-    lines = ["## Evaluation", "",
-             f"On {_n(val.get('tokens'))} held-out validation tokens ({_n(val.get('windows'))} windows of "
-             f"{_n(val.get('seq_len'))}); lower is better. tokens/s is greedy generation on the machine that "
-             "ran the pipeline.", "",
-             "| weights | file size | val loss | perplexity | bits per byte | tokens/s |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "## Evaluation",
+        "",
+        f"On {_n(val.get('tokens'))} held-out validation tokens ({_n(val.get('windows'))} windows of "
+        f"{_n(val.get('seq_len'))}); lower is better. tokens/s is greedy generation on the machine that "
+        "ran the pipeline.",
+        "",
+        "| weights | file size | val loss | perplexity | bits per byte | tokens/s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for name in names:
         s = report.get(name, {})
-        lines.append(f"| {name} | {_mb(s.get('file_bytes'))} | {_n(s.get('val_loss'), 4)} | "
-                     f"{_n(s.get('perplexity'), 2)} | {_n(s.get('bpb'), 4)} | {_n(s.get('tokens_per_s'), 1)} |")
+        lines.append(
+            f"| {name} | {_mb(s.get('file_bytes'))} | {_n(s.get('val_loss'), 4)} | "
+            f"{_n(s.get('perplexity'), 2)} | {_n(s.get('bpb'), 4)} | {_n(s.get('tokens_per_s'), 1)} |"
+        )
     for e in report.get("external", []):
         for name, s in e.get("models", {}).items():
-            lines.append(f"| {name} on `{Path(e['path']).name}` | | {_n(s.get('loss'), 4)} | "
-                         f"{_n(s.get('perplexity'), 2)} | {_n(s.get('bpb'), 4)} | |")
+            lines.append(
+                f"| {name} on `{Path(e['path']).name}` | | {_n(s.get('loss'), 4)} | "
+                f"{_n(s.get('perplexity'), 2)} | {_n(s.get('bpb'), 4)} | |"
+            )
     return lines + ["", "The full report is `report.md` in this folder.", ""]
 
 
@@ -272,15 +299,23 @@ def _data_section(stages: dict[str, dict], sources: list[dict]) -> list[str]:
         return lines + ["Not recorded (the publish stage was not given the download artifact).", ""]
     # Read and kept share a cell: four columns fit a narrow column (the demo's, a phone's) where
     # seven did not, and each cell reads as what went in and what came out.
-    lines += ["Documents longer than the download's `chunk_chars` are split into chunks; the filter and "
-              "dedup stages work on chunks. Kept = what the tokenizer and the model were trained on.", "",
-              "| source | documents | chunks: read → kept | characters: read → kept |",
-              "|---|---:|---:|---:|"]
+    lines += [
+        "Documents longer than the download's `chunk_chars` are split into chunks; the filter and "
+        "dedup stages work on chunks. Kept = what the tokenizer and the model were trained on.",
+        "",
+        "| source | documents | chunks: read → kept | characters: read → kept |",
+        "|---|---:|---:|---:|",
+    ]
     for row in sources:
-        share = (f" ({100 * row['kept_chars'] / row['chars']:.1f}%)"
-                 if row.get("kept_chars") is not None and row.get("chars") else "")
-        lines.append(f"| {row['source']} | {_n(row['docs'])} | {_n(row['chunks'])} → {_n(row['kept_chunks'])} | "
-                     f"{_n(row['chars'])} → {_n(row['kept_chars'])}{share} |")
+        share = (
+            f" ({100 * row['kept_chars'] / row['chars']:.1f}%)"
+            if row.get("kept_chars") is not None and row.get("chars")
+            else ""
+        )
+        lines.append(
+            f"| {row['source']} | {_n(row['docs'])} | {_n(row['chunks'])} → {_n(row['kept_chunks'])} | "
+            f"{_n(row['chars'])} → {_n(row['kept_chars'])}{share} |"
+        )
     lines += ["", "Licences (of the sources, as their own documentation states them):", ""]
     for row in sources:
         where = f" (from `{row['licence_from']}`)" if row["licence_from"] else ""
@@ -288,20 +323,27 @@ def _data_section(stages: dict[str, dict], sources: list[dict]) -> list[str]:
     lines += ["", "### What curation removed", ""]
     normalize = stages.get("normalize", {}).get("metrics")
     if normalize:
-        lines.append(f"- normalize: {_n(normalize.get('ftfy_changed'))} chunks repaired by ftfy, "
-                     f"{_n(normalize.get('other_changed'))} changed by Unicode / whitespace / control-character "
-                     "normalization (none removed).")
+        lines.append(
+            f"- normalize: {_n(normalize.get('ftfy_changed'))} chunks repaired by ftfy, "
+            f"{_n(normalize.get('other_changed'))} changed by Unicode / whitespace / control-character "
+            "normalization (none removed)."
+        )
     filtered = stages.get("filter", {}).get("metrics")
     if filtered:
-        rules = ", ".join(f"{rule} {_n(n)}" for rule, n in
-                          sorted(filtered.get("removed_per_rule", {}).items(), key=lambda kv: -kv[1]))
-        lines.append(f"- filter: removed {_n(filtered.get('removed'))} of {_n(filtered.get('docs'))} chunks "
-                     f"({100 * (filtered.get('removed_fraction') or 0):.1f}%, "
-                     f"{_n(filtered.get('removed_chars'))} characters)" + (f"; by rule: {rules}." if rules else "."))
+        rules = ", ".join(
+            f"{rule} {_n(n)}" for rule, n in sorted(filtered.get("removed_per_rule", {}).items(), key=lambda kv: -kv[1])
+        )
+        lines.append(
+            f"- filter: removed {_n(filtered.get('removed'))} of {_n(filtered.get('docs'))} chunks "
+            f"({100 * (filtered.get('removed_fraction') or 0):.1f}%, "
+            f"{_n(filtered.get('removed_chars'))} characters)" + (f"; by rule: {rules}." if rules else ".")
+        )
     dedup = stages.get("dedup", {}).get("metrics")
     if dedup:
-        lines.append(f"- dedup: removed {_n(dedup.get('exact_dups'))} exact and {_n(dedup.get('near_dups'))} "
-                     f"near duplicates of {_n(dedup.get('docs'))} chunks; {_n(dedup.get('kept'))} kept.")
+        lines.append(
+            f"- dedup: removed {_n(dedup.get('exact_dups'))} exact and {_n(dedup.get('near_dups'))} "
+            f"near duplicates of {_n(dedup.get('docs'))} chunks; {_n(dedup.get('kept'))} kept."
+        )
     if not (normalize or filtered or dedup):
         lines.append("Not recorded (the publish stage was not given the curation artifacts).")
     return lines + [""]
@@ -312,9 +354,13 @@ def _samples_section(report: dict) -> list[str]:
     if not samples:
         return []
     g = report.get("generation", {})
-    lines = ["## Sample outputs", "",
-             f"fp32 weights, temperature {g.get('temperature')}, top-k {g.get('top_k')}, "
-             f"up to {g.get('max_new_tokens')} new tokens; the prompt is in bold.", ""]
+    lines = [
+        "## Sample outputs",
+        "",
+        f"fp32 weights, temperature {g.get('temperature')}, top-k {g.get('top_k')}, "
+        f"up to {g.get('max_new_tokens')} new tokens; the prompt is in bold.",
+        "",
+    ]
     for s in samples:
         completion = s["completion"].replace("\n", "\n> ")
         lines += [f"> **{s['prompt']}**{completion}", ""]
@@ -322,10 +368,15 @@ def _samples_section(report: dict) -> list[str]:
 
 
 def _provenance_section(stages: dict[str, dict]) -> list[str]:
-    lines = ["## Provenance", "",
-             "The store artifacts (`ember show REF`) that produced this release; `pipeline.yaml` holds "
-             "their settings and `release.json` every file's sha256.", "",
-             "| stage | store key |", "|---|---|"]
+    lines = [
+        "## Provenance",
+        "",
+        "The store artifacts (`ember show REF`) that produced this release; `pipeline.yaml` holds "
+        "their settings and `release.json` every file's sha256.",
+        "",
+        "| stage | store key |",
+        "|---|---|",
+    ]
     for stage, manifest in stages.items():
         if manifest.get("ref"):
             lines.append(f"| {stage} | `{manifest['ref']}` |")

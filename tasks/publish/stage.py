@@ -41,8 +41,7 @@ from ember.model.checkpoint import load_model
 from ember.model.export import export_gguf, export_hf
 from ember.model.scoring import text_bits_per_byte
 from ember.model.tokenizer import EOS_ID, TOKENIZER_FILES, load_tokenizer
-from ember.storage.releases import (CARD, LATEST, RELEASE_JSON, find_release, next_version, point_latest,
-                                    publish_lock)
+from ember.storage.releases import CARD, LATEST, RELEASE_JSON, find_release, next_version, point_latest, publish_lock
 from ember.storage.store import MANIFEST, Store, file_sha256, read_json_or_none
 from ember.storage.tokens import TokenStream
 from ember.tasks.publish import model_card
@@ -68,17 +67,25 @@ class PublishConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     include_int8: bool = Field(True, description="Ship the int8 model (model-int8.safetensors) beside the fp32 one.")
-    gate: bool = Field(True, description="Publish only a candidate with lower bits per byte than the release "
-                                         "`latest` points to, both scored on the candidate's validation text.")
+    gate: bool = Field(
+        True,
+        description="Publish only a candidate with lower bits per byte than the release "
+        "`latest` points to, both scored on the candidate's validation text.",
+    )
     force: bool = Field(False, description="Publish even when the gate says no (`ember run --force-publish`).")
-    gate_tokens: int = Field(100_000, ge=1000, description="Validation tokens (of the candidate's tokenizer) "
-                                                           "the gate scores both models on.")
+    gate_tokens: int = Field(
+        100_000, ge=1000, description="Validation tokens (of the candidate's tokenizer) the gate scores both models on."
+    )
     export_hf: bool = Field(True, description="Also write hf/: a LlamaForCausalLM folder transformers loads.")
-    gguf: list[Literal["f32", "f16", "q8_0"]] = Field(["f16", "q8_0"], description="GGUF files to write for "
-                                                      "llama.cpp / Ollama (model-<type>.gguf); [] for none.")
-    licenses: dict[str, str] = Field({}, description="source name -> licence, for the model card; a source not "
-                                     "named here gets the `Licence:` line of a SOURCE.md / README.md beside its "
-                                     "files, else \"unknown\".")
+    gguf: list[Literal["f32", "f16", "q8_0"]] = Field(
+        ["f16", "q8_0"], description="GGUF files to write for llama.cpp / Ollama (model-<type>.gguf); [] for none."
+    )
+    licenses: dict[str, str] = Field(
+        {},
+        description="source name -> licence, for the model card; a source not "
+        "named here gets the `Licence:` line of a SOURCE.md / README.md beside its "
+        'files, else "unknown".',
+    )
 
 
 # -- the gate --------------------------------------------------------------------------------------
@@ -109,7 +116,8 @@ def gate_decision(ctx: StageContext, releases: Path, cfg: PublishConfig) -> dict
         return None
     published_files = (read_json_or_none(latest / RELEASE_JSON) or {}).get("files", {})
     if published_files.get("model.safetensors", {}).get("sha256") == file_sha256(
-            Path(ctx.inputs["train"]) / "model.safetensors"):
+        Path(ctx.inputs["train"]) / "model.safetensors"
+    ):
         return None  # the same weights (republished with a new card or layout): nothing to compare
     if "tokenize" not in ctx.inputs:
         raise ValueError("publish.gate needs the tokenize artifact (the validation text) among its inputs")
@@ -117,8 +125,13 @@ def gate_decision(ctx: StageContext, releases: Path, cfg: PublishConfig) -> dict
     texts = validation_texts(Path(ctx.inputs["tokenize"]), candidate_tokenizer, cfg.gate_tokens)
     candidate = text_bits_per_byte(load_model(ctx.inputs["train"]), candidate_tokenizer, texts)
     published = text_bits_per_byte(load_model(latest), load_tokenizer(latest), texts)
-    return {"published_version": latest.resolve().name, "candidate_bpb": candidate, "published_bpb": published,
-            "better": candidate < published, "docs": len(texts)}
+    return {
+        "published_version": latest.resolve().name,
+        "candidate_bpb": candidate,
+        "published_bpb": published,
+        "better": candidate < published,
+        "docs": len(texts),
+    }
 
 
 def release_sources(inputs: dict[str, Path], include_int8: bool) -> dict[str, Path]:
@@ -157,8 +170,16 @@ def _make_read_only(folder: Path) -> None:
             path.chmod(0o444)
 
 
-def _build_release(releases: Path, version: str, sources: dict[str, Path], record: dict, cfg: PublishConfig,
-                   inputs: dict[str, Path], stages: dict[str, dict], source_rows: list[dict]) -> Path:
+def _build_release(
+    releases: Path,
+    version: str,
+    sources: dict[str, Path],
+    record: dict,
+    cfg: PublishConfig,
+    inputs: dict[str, Path],
+    stages: dict[str, dict],
+    source_rows: list[dict],
+) -> Path:
     tmp = releases / f".tmp-{version}-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
@@ -169,13 +190,16 @@ def _build_release(releases: Path, version: str, sources: dict[str, Path], recor
             export_hf(inputs["train"], inputs["train_tokenizer"], tmp / "hf")
         for outtype in cfg.gguf:
             export_gguf(inputs["train"], inputs["train_tokenizer"], tmp / f"model-{outtype}.gguf", outtype=outtype)
-        (tmp / PIPELINE_YAML).write_text(model_card.pipeline_yaml(stages, cfg.model_dump(mode="json")),
-                                         encoding="utf-8")
-        (tmp / CARD).write_text(model_card.render(version, record["created"], tmp, stages, source_rows),
-                                encoding="utf-8")
+        (tmp / PIPELINE_YAML).write_text(
+            model_card.pipeline_yaml(stages, cfg.model_dump(mode="json")), encoding="utf-8"
+        )
+        (tmp / CARD).write_text(
+            model_card.render(version, record["created"], tmp, stages, source_rows), encoding="utf-8"
+        )
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        record["files"] = {p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
-                           for p in files}
+        record["files"] = {
+            p.relative_to(tmp).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in files
+        }
         (tmp / RELEASE_JSON).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
         final = releases / version
         os.rename(tmp, final)  # fails rather than merge if the version exists
@@ -214,25 +238,42 @@ def run(cfg: PublishConfig, ctx: StageContext) -> dict:
     # folder's); an object store's releases are fetched first and what was published sent after.
     with store.releases_lock(), publish_lock(store.sync_releases()):
         gate = None
-        layout = {"files": sorted(sources), "hf": cfg.export_hf, "gguf": sorted(cfg.gguf), "card": CARD_FORMAT,
-                  "licenses": {row["source"]: row["licence"] for row in source_rows}}
+        layout = {
+            "files": sorted(sources),
+            "hf": cfg.export_hf,
+            "gguf": sorted(cfg.gguf),
+            "card": CARD_FORMAT,
+            "licenses": {row["source"]: row["licence"] for row in source_rows},
+        }
         if cfg.gate and find_release(releases, refs, layout) is None:
             gate = gate_decision(ctx, releases, cfg)
         if gate is not None and not gate["better"] and not cfg.force:
-            message = (f"not published: candidate {gate['candidate_bpb']:.4f} bits per byte vs published "
-                       f"{gate['published_version']} {gate['published_bpb']:.4f} (lower is better); "
-                       "`ember run CONFIG --force-publish` publishes it anyway")
+            message = (
+                f"not published: candidate {gate['candidate_bpb']:.4f} bits per byte vs published "
+                f"{gate['published_version']} {gate['published_bpb']:.4f} (lower is better); "
+                "`ember run CONFIG --force-publish` publishes it anyway"
+            )
             ctx.log.warning(message)
             ctx.report.markdown("publish-gate", f"**{message}**", "Publish gate")
             decision = {"published": False, "reason": message, "gate": gate}
             (ctx.out / "decision.json").write_text(json.dumps(decision, indent=2) + "\n")
-            return {"published": False, "version": gate["published_version"], "reason": message,
-                    "candidate_bpb": gate["candidate_bpb"], "published_bpb": gate["published_bpb"],
-                    "path": "", "seconds": round(time.monotonic() - started, 3)}
+            return {
+                "published": False,
+                "version": gate["published_version"],
+                "reason": message,
+                "candidate_bpb": gate["candidate_bpb"],
+                "published_bpb": gate["published_bpb"],
+                "path": "",
+                "seconds": round(time.monotonic() - started, 3),
+            }
         if gate is not None:
             verdict = "better than" if gate["better"] else "forced over"
-            ctx.report.markdown("publish-gate", f"Candidate {gate['candidate_bpb']:.4f} bits per byte, {verdict} "
-                                f"{gate['published_version']} at {gate['published_bpb']:.4f}.", "Publish gate")
+            ctx.report.markdown(
+                "publish-gate",
+                f"Candidate {gate['candidate_bpb']:.4f} bits per byte, {verdict} "
+                f"{gate['published_version']} at {gate['published_bpb']:.4f}.",
+                "Publish gate",
+            )
         for leftover in releases.glob(".tmp-*"):  # a crashed publisher's; we hold the lock
             shutil.rmtree(leftover, ignore_errors=True)
         version = find_release(releases, refs, layout)
@@ -254,14 +295,24 @@ def run(cfg: PublishConfig, ctx: StageContext) -> dict:
     record = json.loads((releases / version / RELEASE_JSON).read_text())
     shutil.copyfile(releases / version / RELEASE_JSON, ctx.out / RELEASE_JSON)  # not its read-only mode
     size = sum(f["size"] for f in record["files"].values())
-    ctx.report.table("release", [{"file": name, "bytes": f["size"]} for name, f in record["files"].items()],
-                     f"Release {version} ({'new' if created else 'already published; latest points to it'})")
+    ctx.report.table(
+        "release",
+        [{"file": name, "bytes": f["size"]} for name, f in record["files"].items()],
+        f"Release {version} ({'new' if created else 'already published; latest points to it'})",
+    )
     ctx.log.info("release %s at %s (%s)", version, releases / version, "new" if created else "existing")
-    metrics = {"published": True, "version": version, "path": str(releases / version), "size_bytes": size,
-               "new": created, "seconds": round(time.monotonic() - started, 3)}
+    metrics = {
+        "published": True,
+        "version": version,
+        "path": str(releases / version),
+        "size_bytes": size,
+        "new": created,
+        "seconds": round(time.monotonic() - started, 3),
+    }
     if gate is not None:
-        metrics.update(candidate_bpb=gate["candidate_bpb"], published_bpb=gate["published_bpb"],
-                       replaced=gate["published_version"])
+        metrics.update(
+            candidate_bpb=gate["candidate_bpb"], published_bpb=gate["published_bpb"], replaced=gate["published_version"]
+        )
     return metrics
 
 
@@ -281,6 +332,9 @@ def _manifest_metrics(folder: Path) -> dict:
 
 # 3: a model card, pipeline.yaml and the lineage's store keys in every release; files read-only.
 # The data stages too: the model card says what went in and what curation removed.
-STAGE = Stage(name="publish", version=3, run=run,
-              inputs=("download", "normalize", "filter", "dedup", "train_tokenizer", "tokenize", "train", "quantize",
-                      "evaluate"))
+STAGE = Stage(
+    name="publish",
+    version=3,
+    run=run,
+    inputs=("download", "normalize", "filter", "dedup", "train_tokenizer", "tokenize", "train", "quantize", "evaluate"),
+)

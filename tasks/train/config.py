@@ -32,7 +32,7 @@ class ModelSection(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> "ModelSection":
+    def _consistent(self) -> ModelSection:
         self.build(vocab_size=256)  # raises on e.g. dim not divisible by n_heads, before any work
         return self
 
@@ -49,11 +49,15 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(16, gt=0, description="windows per micro-batch (per process)")
     seq_len: int | None = Field(None, gt=0, description="tokens per window; None = the model's max_seq_len")
     tokens_per_step: int | None = Field(
-        None, gt=0, description="tokens per optimizer step (the global batch): micro-batches of batch_size windows "
-        "are accumulated until they reach it, rounded up to whole micro-batches; None = one micro-batch")
+        None,
+        gt=0,
+        description="tokens per optimizer step (the global batch): micro-batches of batch_size windows "
+        "are accumulated until they reach it, rounded up to whole micro-batches; None = one micro-batch",
+    )
     max_steps: int = Field(1000, gt=0, description="optimizer steps; the cosine schedule ends here")
-    max_minutes: float | None = Field(None, gt=0,
-                                      description="stop earlier at this time budget (counted across resumes)")
+    max_minutes: float | None = Field(
+        None, gt=0, description="stop earlier at this time budget (counted across resumes)"
+    )
     lr: float = Field(2e-3, gt=0, description="peak learning rate")
     min_lr: float = Field(2e-4, ge=0, description="learning rate at the end of the cosine decay")
     warmup_steps: int = Field(50, ge=0)
@@ -67,15 +71,23 @@ class TrainConfig(BaseModel):
     log_every: int = Field(10, gt=0, description="steps between loss.jsonl records")
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="auto: cuda, then mps, then cpu")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="bf16 = bf16 autocast; auto = bf16 on CUDA, elsewhere whichever a short probe of the "
-        "model's matmuls at start finds faster (logged)")
+        "auto",
+        description="bf16 = bf16 autocast; auto = bf16 on CUDA, elsewhere whichever a short probe of the "
+        "model's matmuls at start finds faster (logged)",
+    )
     compile: bool = Field(False, description="run the model through torch.compile (a C compiler is needed on CPU)")
-    nproc: int = Field(1, ge=1, description="processes on this machine; >1 launches torchrun (DistributedDataParallel, "
-                                           "gloo on CPU, nccl on CUDA) with the same global batch")
+    nproc: int = Field(
+        1,
+        ge=1,
+        description="processes on this machine; >1 launches torchrun (DistributedDataParallel, "
+        "gloo on CPU, nccl on CUDA) with the same global batch",
+    )
     warm_start: bool | str = Field(
-        False, description="start from a release's weights when its tokenizer and model shape are this run's, else "
+        False,
+        description="start from a release's weights when its tokenizer and model shape are this run's, else "
         "from scratch: a version (v0003), or true = the newest published release not already trained on this "
-        "run's tokens (what the scheduled retrain uses)")
+        "run's tokens (what the scheduled retrain uses)",
+    )
 
     @field_validator("warm_start")
     @classmethod
@@ -85,15 +97,17 @@ class TrainConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _lr_range(self) -> "TrainConfig":
+    def _lr_range(self) -> TrainConfig:
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) is above lr ({self.lr})")
         context = self.model.build(vocab_size=256).max_seq_len
         if self.seq_len is not None and self.seq_len > context:
             raise ValueError(f"seq_len {self.seq_len} exceeds the model's max_seq_len {context}")
         if self.windows_per_step(self.seq_len or context) < self.nproc:
-            raise ValueError(f"a step of {self.windows_per_step(self.seq_len or context)} windows cannot be shared "
-                             f"by nproc = {self.nproc} processes; raise tokens_per_step or batch_size")
+            raise ValueError(
+                f"a step of {self.windows_per_step(self.seq_len or context)} windows cannot be shared "
+                f"by nproc = {self.nproc} processes; raise tokens_per_step or batch_size"
+            )
         return self
 
     def windows_per_step(self, seq_len: int) -> int:

@@ -54,14 +54,27 @@ def launch_ddp(cfg: TrainConfig, ctx: StageContext) -> dict:
     config_path.write_text(cfg.model_dump_json(indent=2) + "\n")
     # The cores this process may use, shared out: N processes of all threads each would fight.
     threads = max(1, torch.get_num_threads() // cfg.nproc)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.nproc}",
-               "-m", "ember.tasks.train.ddp", "--config", str(config_path), "--out", str(ctx.out),
-               "--work", str(ctx.work),
-               *[f"--input={name}={path}" for name, path in sorted(ctx.inputs.items())],
-               *[f"--resource={name}={path}" for name, path in sorted(ctx.resources.items())]]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={cfg.nproc}",
+        "-m",
+        "ember.tasks.train.ddp",
+        "--config",
+        str(config_path),
+        "--out",
+        str(ctx.out),
+        "--work",
+        str(ctx.work),
+        *[f"--input={name}={path}" for name, path in sorted(ctx.inputs.items())],
+        *[f"--resource={name}={path}" for name, path in sorted(ctx.resources.items())],
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-    ctx.log.info("launching %d training processes (%d torch threads each): %s", cfg.nproc, threads,
-                 " ".join(command[:6]))
+    ctx.log.info(
+        "launching %d training processes (%d torch threads each): %s", cfg.nproc, threads, " ".join(command[:6])
+    )
     metrics, errors, tail = None, [], deque(maxlen=40)
     # Same process group as this one: killing the run (SIGKILL to the group) also ends torchrun's workers.
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
@@ -88,9 +101,12 @@ def launch_ddp(cfg: TrainConfig, ctx: StageContext) -> dict:
                 proc.kill()
                 proc.wait()
     if returncode != 0 or metrics is None:
-        raise RuntimeError(f"distributed training ({cfg.nproc} processes) failed with exit code {returncode}"
-                           + "".join(f"\n{e}" for e in dict.fromkeys(errors))
-                           + "\nits last lines:\n" + "\n".join(tail))
+        raise RuntimeError(
+            f"distributed training ({cfg.nproc} processes) failed with exit code {returncode}"
+            + "".join(f"\n{e}" for e in dict.fromkeys(errors))
+            + "\nits last lines:\n"
+            + "\n".join(tail)
+        )
     config_path.unlink(missing_ok=True)
     return metrics
 
@@ -99,7 +115,7 @@ def _report_message(line: str) -> dict | None:
     if not line.startswith(REPORT_PREFIX):
         return None
     try:
-        message = json.loads(line[len(REPORT_PREFIX):])
+        message = json.loads(line[len(REPORT_PREFIX) :])
     except json.JSONDecodeError:
         return None
     ok = message.get("kind") in ("progress", "table", "markdown", "metrics", "error")
@@ -131,15 +147,27 @@ class LineReporter(Reporter):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m ember.tasks.train.ddp", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, type=Path, help="the train section, YAML or JSON")
-    parser.add_argument("--input", action="append", default=[], metavar="STAGE=DIR",
-                        help="an upstream artifact folder (tokenize is required; train_tokenizer for warm start)")
+    parser.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="STAGE=DIR",
+        help="an upstream artifact folder (tokenize is required; train_tokenizer for warm start)",
+    )
     parser.add_argument("--out", required=True, type=Path, help="where rank 0 writes the model")
     parser.add_argument("--work", required=True, type=Path, help="checkpoints (resumed from when present)")
-    parser.add_argument("--resource", action="append", default=[], metavar="NAME=DIR",
-                        help="a folder from outside the store (warm_start=RELEASE_DIR: the release to start from)")
-    parser.add_argument("--store", metavar="FOLDER|URL",
-                        help="the store the inputs are in: each --input is then STAGE=REF, fetched into this "
-                             "machine's cache")
+    parser.add_argument(
+        "--resource",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="a folder from outside the store (warm_start=RELEASE_DIR: the release to start from)",
+    )
+    parser.add_argument(
+        "--store",
+        metavar="FOLDER|URL",
+        help="the store the inputs are in: each --input is then STAGE=REF, fetched into this machine's cache",
+    )
     args = parser.parse_args(argv)
 
     def folders(items: list[str], option: str) -> dict[str, Path]:
@@ -169,23 +197,32 @@ def main(argv: list[str] | None = None) -> int:
         cfg = TrainConfig.model_validate(yaml.safe_load(args.config.read_text()) or {})
     except FileNotFoundError:
         raise SystemExit(f"{args.config}: no such config file") from None
-    logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING, stream=sys.stdout,
-                        format=f"[rank {dist.rank}] %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if dist.is_main else logging.WARNING,
+        stream=sys.stdout,
+        format=f"[rank {dist.rank}] %(message)s",
+    )
 
     device = pick_device(cfg.device)
     if device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(device)
     elif device.type == "mps":
-        raise SystemExit("train: DistributedDataParallel runs on CUDA (nccl) or CPU (gloo), not MPS; "
-                         "set train.device: cpu or train.nproc: 1")
+        raise SystemExit(
+            "train: DistributedDataParallel runs on CUDA (nccl) or CPU (gloo), not MPS; "
+            "set train.device: cpu or train.nproc: 1"
+        )
     torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         args.out.mkdir(parents=True, exist_ok=True)
         args.work.mkdir(parents=True, exist_ok=True)
-        ctx = StageContext(inputs=args.inputs, out=args.out, work=args.work,
-                           report=LineReporter("train") if dist.is_main else Reporter("train"),
-                           resources=args.resources)
+        ctx = StageContext(
+            inputs=args.inputs,
+            out=args.out,
+            work=args.work,
+            report=LineReporter("train") if dist.is_main else Reporter("train"),
+            resources=args.resources,
+        )
         metrics = train_model(cfg, ctx, dist, device)
         if dist.is_main:
             emit("metrics", metrics=metrics)

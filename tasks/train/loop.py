@@ -57,9 +57,12 @@ class Dist:
     local_rank: int = 0
 
     @classmethod
-    def from_env(cls) -> "Dist":
-        return cls(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
-                   int(os.environ.get("LOCAL_RANK", "0")))
+    def from_env(cls) -> Dist:
+        return cls(
+            int(os.environ.get("RANK", "0")),
+            int(os.environ.get("WORLD_SIZE", "1")),
+            int(os.environ.get("LOCAL_RANK", "0")),
+        )
 
     @property
     def is_main(self) -> bool:
@@ -126,17 +129,21 @@ def train_model(cfg: TrainConfig, ctx: StageContext, dist: Dist = Dist(), device
 
     train = TokenStream(Path(tokens_dir) / "train", meta.get("dtype"))
     if train.num_windows(seq_len) == 0:
-        raise ValueError(f"{train.folder}: {train.num_tokens} train tokens in {len(train.paths)} shard(s), "
-                         f"fewer than seq_len + 1 = {seq_len + 1} in every shard; "
-                         "tokenize more text or lower train.seq_len")
+        raise ValueError(
+            f"{train.folder}: {train.num_tokens} train tokens in {len(train.paths)} shard(s), "
+            f"fewer than seq_len + 1 = {seq_len + 1} in every shard; "
+            "tokenize more text or lower train.seq_len"
+        )
     val = TokenStream(Path(tokens_dir) / "val", meta.get("dtype"))
     val_windows = val.fixed_windows(cfg.eval_batches * cfg.batch_size, seq_len)
     if val_windows is None and main:
         log.warning("%s: no validation shard holds %d tokens; skipping validation", val.folder, seq_len + 1)
     n_windows = cfg.windows_per_step(seq_len)
     if n_windows < dist.world_size:
-        raise ValueError(f"a step of {n_windows} windows cannot be shared by {dist.world_size} processes; "
-                         "raise train.tokens_per_step or train.batch_size")
+        raise ValueError(
+            f"a step of {n_windows} windows cannot be shared by {dist.world_size} processes; "
+            "raise train.tokens_per_step or train.batch_size"
+        )
     tokens_per_step = n_windows * seq_len
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # matmuls outside autocast (fp32 precision) too
@@ -174,10 +181,18 @@ def train_model(cfg: TrainConfig, ctx: StageContext, dist: Dist = Dist(), device
     if main:
         log.info("precision %s (%s)", precision, why)
         if state is None:
-            log.info("training %s parameters (%s preset) on %s%s, %d windows x %d tokens = %d tokens per step "
-                     "(micro-batches of %d)", f"{n_params:,}", cfg.model.preset, device,
-                     f" x {dist.world_size} processes" if dist.world_size > 1 else "",
-                     n_windows, seq_len, tokens_per_step, cfg.batch_size)
+            log.info(
+                "training %s parameters (%s preset) on %s%s, %d windows x %d tokens = %d tokens per step "
+                "(micro-batches of %d)",
+                f"{n_params:,}",
+                cfg.model.preset,
+                device,
+                f" x {dist.world_size} processes" if dist.world_size > 1 else "",
+                n_windows,
+                seq_len,
+                tokens_per_step,
+                cfg.batch_size,
+            )
 
     ddp = None
     forward = model
@@ -204,9 +219,15 @@ def train_model(cfg: TrainConfig, ctx: StageContext, dist: Dist = Dist(), device
         return {"val_loss": loss, "val_bpb": bits_per_byte(loss, meta)}
 
     def checkpoint(at: int, seconds: float) -> None:
-        folder = save_checkpoint(ctx.work, at, model, optimizer, seconds,
-                                 {"records": records, "precision": precision, "warm_start": warm},
-                                 config=cfg.model_dump(mode="json"))
+        folder = save_checkpoint(
+            ctx.work,
+            at,
+            model,
+            optimizer,
+            seconds,
+            {"records": records, "precision": precision, "warm_start": warm},
+            config=cfg.model_dump(mode="json"),
+        )
         # How the run is going, beside the weights it would resume from.
         partial = folder / ".loss.partial.png"  # renamed only once whole
         if loss_curve_png(records, partial, f"{cfg.model.preset} preset, step {at} of {cfg.max_steps}"):
@@ -242,9 +263,11 @@ def train_model(cfg: TrainConfig, ctx: StageContext, dist: Dist = Dist(), device
                     (loss * weight).backward()
                 except Exception as err:
                     if cfg.compile and step == (resumed_from or 0) and i == 0:
-                        raise RuntimeError(f"train.compile: torch.compile failed on {device.type} "
-                                           f"({type(err).__name__}: {str(err).strip().splitlines()[0][:300]}); "
-                                           "set train.compile: false to train without it") from err
+                        raise RuntimeError(
+                            f"train.compile: torch.compile failed on {device.type} "
+                            f"({type(err).__name__}: {str(err).strip().splitlines()[0][:300]}); "
+                            "set train.compile: false to train without it"
+                        ) from err
                     raise
             loss_sum += loss.detach() * weight
         if cfg.grad_clip > 0:
@@ -264,8 +287,12 @@ def train_model(cfg: TrainConfig, ctx: StageContext, dist: Dist = Dist(), device
         if step == 1 or step % cfg.log_every == 0 or evaluating or stop:
             loss_value = loss_sum.item()  # only here: .item() waits for the device
             now = time.monotonic()
-            record = {"step": step, "loss": loss_value, "lr": lr,
-                      "tokens_per_s": window_steps * tokens_per_step / max(now - window_start, 1e-9)}
+            record = {
+                "step": step,
+                "loss": loss_value,
+                "lr": lr,
+                "tokens_per_s": window_steps * tokens_per_step / max(now - window_start, 1e-9),
+            }
             record.update(val_point() if evaluating and main else {})
             records.append(record)
             window_start, window_steps = time.monotonic(), 0
@@ -310,44 +337,65 @@ def train_model(cfg: TrainConfig, ctx: StageContext, dist: Dist = Dist(), device
     return metrics
 
 
-def write_artifact(cfg: TrainConfig, ctx: StageContext, model: Transformer, meta: dict, metrics: dict,
-                   records: list[dict]) -> None:
+def write_artifact(
+    cfg: TrainConfig, ctx: StageContext, model: Transformer, meta: dict, metrics: dict, records: list[dict]
+) -> None:
     """The model, its loss log and curve into ctx.out, and the reports."""
     n_params, step, seconds = metrics["params"], metrics["steps"], metrics["seconds"]
-    save_model(model, ctx.out, extra={
-        "tokenizer": {k: meta.get(k, v) for k, v in (("bos_id", 1), ("eos_id", 2), ("pad_id", 0))},
-        "train": {k: metrics[k] for k in ("steps", "tokens", "seconds", "loss", "val_loss", "val_bpb")},
-        "train_config": cfg.model_dump(mode="json"),
-    })
+    save_model(
+        model,
+        ctx.out,
+        extra={
+            "tokenizer": {k: meta.get(k, v) for k, v in (("bos_id", 1), ("eos_id", 2), ("pad_id", 0))},
+            "train": {k: metrics[k] for k in ("steps", "tokens", "seconds", "loss", "val_loss", "val_bpb")},
+            "train_config": cfg.model_dump(mode="json"),
+        },
+    )
     with open(ctx.out / "loss.jsonl", "w") as f:
         for record in records:
             f.write(json.dumps(record) + "\n")
     plot = loss_curve_png(records, ctx.out / "loss.png", f"{cfg.model.preset} preset, {n_params:,} parameters")
 
-    val_text = (f"val loss **{metrics['val_loss']:.4f}**, {metrics['val_bpb']:.3f} bits per byte"
-                if metrics["val_loss"] is not None and metrics["val_bpb"] is not None
-                else "no validation (the val split is empty or too short)")
+    val_text = (
+        f"val loss **{metrics['val_loss']:.4f}**, {metrics['val_bpb']:.3f} bits per byte"
+        if metrics["val_loss"] is not None and metrics["val_bpb"] is not None
+        else "no validation (the val split is empty or too short)"
+    )
     resumed_from = metrics["resumed_from"]
-    ctx.report.markdown("train-summary", "\n".join([
-        f"### Training: {cfg.model.preset} preset, {n_params:,} parameters",
-        f"- {step} steps ({step - (resumed_from or 0)} in this run"
-        + (f", resumed from step {resumed_from}" if resumed_from is not None else "") + ")"
-        + (f", warm-started from release {metrics['warm_start']}" if metrics["warm_start"] else ""),
-        f"- {metrics['tokens']:,} tokens in {seconds:.0f} s on {metrics['device']}"
-        + (f" x {metrics['processes']} processes" if metrics["processes"] > 1 else "")
-        + f", {metrics['precision']}" + (", compiled" if metrics["compile"] else "")
-        + (f", {metrics['tokens_per_s']:,.0f} tokens/s" if metrics["tokens_per_s"] else ""),
-        f"- final train loss {metrics['loss']:.4f}; {val_text}",
-        *(["", "![loss curve](loss.png)"] if plot else []),  # the stage's card embeds the artifact's file
-    ]), description="Training summary")
+    ctx.report.markdown(
+        "train-summary",
+        "\n".join(
+            [
+                f"### Training: {cfg.model.preset} preset, {n_params:,} parameters",
+                f"- {step} steps ({step - (resumed_from or 0)} in this run"
+                + (f", resumed from step {resumed_from}" if resumed_from is not None else "")
+                + ")"
+                + (f", warm-started from release {metrics['warm_start']}" if metrics["warm_start"] else ""),
+                f"- {metrics['tokens']:,} tokens in {seconds:.0f} s on {metrics['device']}"
+                + (f" x {metrics['processes']} processes" if metrics["processes"] > 1 else "")
+                + f", {metrics['precision']}"
+                + (", compiled" if metrics["compile"] else "")
+                + (f", {metrics['tokens_per_s']:,.0f} tokens/s" if metrics["tokens_per_s"] else ""),
+                f"- final train loss {metrics['loss']:.4f}; {val_text}",
+                *(["", "![loss curve](loss.png)"] if plot else []),  # the stage's card embeds the artifact's file
+            ]
+        ),
+        description="Training summary",
+    )
     ctx.report.table("train-loss", _loss_rows(_thin(records, 60)), description="Training loss by step")
 
 
 def _loss_rows(records: list[dict]) -> list[dict]:
     """loss.jsonl records as the rows of the step / loss / val loss / tokens/s table."""
-    return [{"step": r["step"], "loss": round(r["loss"], 4),
-             "val loss": round(r["val_loss"], 4) if r.get("val_loss") is not None else "",
-             "tokens/s": round(r["tokens_per_s"]) if r.get("tokens_per_s") else ""} for r in records]
+    return [
+        {
+            "step": r["step"],
+            "loss": round(r["loss"], 4),
+            "val loss": round(r["val_loss"], 4) if r.get("val_loss") is not None else "",
+            "tokens/s": round(r["tokens_per_s"]) if r.get("tokens_per_s") else "",
+        }
+        for r in records
+    ]
 
 
 def _thin(rows: list[dict], keep: int) -> list[dict]:

@@ -17,9 +17,9 @@ def loss_curve_png(records: list[dict], path: Path, title: str = "") -> Path | N
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.plot(*zip(*train), label="train loss", linewidth=1.2)
+    ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1.2)
     if val:
-        ax.plot(*zip(*val), "o-", label="val loss", linewidth=1.5)
+        ax.plot(*zip(*val, strict=True), "o-", label="val loss", linewidth=1.5)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per token)")
     ax.set_title(title)

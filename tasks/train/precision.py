@@ -62,8 +62,9 @@ def probe_precision(model: Transformer, windows: int, seq_len: int, device: torc
     return times
 
 
-def resolve_precision(requested: str, model: Transformer, windows: int, seq_len: int,
-                      device: torch.device) -> tuple[str, str]:
+def resolve_precision(
+    requested: str, model: Transformer, windows: int, seq_len: int, device: torch.device
+) -> tuple[str, str]:
     """The precision to train in, and why."""
     if requested != "auto":
         return requested, "set in the config"
@@ -73,7 +74,9 @@ def resolve_precision(requested: str, model: Transformer, windows: int, seq_len:
         return "fp32", "auto: this CUDA device has no bf16"
     t = probe_precision(model, windows, seq_len, device)
     # Only a clear win in every round counts, so that timing noise does not flip the choice.
-    choice = "bf16" if all(b < 0.8 * f for f, b in zip(t["fp32"], t["bf16"])) else "fp32"
+    choice = "bf16" if all(b < 0.8 * f for f, b in zip(t["fp32"], t["bf16"], strict=True)) else "fp32"
     rounds = lambda xs: "/".join(f"{x * 1e3:.1f}" for x in xs)  # noqa: E731
-    return choice, (f"auto: a training pass took {rounds(t['fp32'])} ms in fp32, {rounds(t['bf16'])} ms "
-                    f"under bf16 autocast on {device.type}")
+    return choice, (
+        f"auto: a training pass took {rounds(t['fp32'])} ms in fp32, {rounds(t['bf16'])} ms "
+        f"under bf16 autocast on {device.type}"
+    )

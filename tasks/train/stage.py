@@ -28,5 +28,10 @@ def run(cfg: TrainConfig, ctx: StageContext) -> dict:
 # batches depend on the step alone, evaluation draws no random numbers), so they stay out of the
 # key; nor do the number of processes and torch.compile, which change how the same global batch
 # is computed (float rounding, as a different thread count does), not what is computed.
-STAGE = Stage(name="train", version=2, run=run, inputs=("tokenize", "train_tokenizer"),
-              unkeyed=("log_every", "eval_every", "checkpoint_every", "nproc", "compile"))
+STAGE = Stage(
+    name="train",
+    version=2,
+    run=run,
+    inputs=("tokenize", "train_tokenizer"),
+    unkeyed=("log_every", "eval_every", "checkpoint_every", "nproc", "compile"),
+)
