@@ -22,6 +22,7 @@ import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any, TypedDict
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -39,7 +40,7 @@ def _state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     return {name: t.detach().to("cpu").contiguous().clone() for name, t in model.state_dict().items()}
 
 
-def save_model(model: Transformer, folder: Path | str, extra: dict | None = None) -> Path:
+def save_model(model: Transformer, folder: Path | str, extra: dict[str, Any] | None = None) -> Path:
     """Write `model.safetensors` and `config.json` into `folder`; returns the weights path."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -49,11 +50,11 @@ def save_model(model: Transformer, folder: Path | str, extra: dict | None = None
     return folder / WEIGHTS
 
 
-def read_config(folder: Path | str) -> tuple[ModelConfig, dict]:
+def read_config(folder: Path | str) -> tuple[ModelConfig, dict[str, Any]]:
     """The ModelConfig and the whole config.json of a model folder."""
     path = Path(folder) / CONFIG
     try:
-        config = json.loads(path.read_text())
+        config: dict[str, Any] = json.loads(path.read_text())
         return ModelConfig(**config["model"]), config
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no config.json; is {folder} a model folder?") from None
@@ -72,14 +73,14 @@ def load_model(folder: Path | str, device: str | torch.device = "cpu") -> Transf
 # -- training checkpoints -------------------------------------------------------------------------
 
 
-def _rng_states() -> dict:
-    states = {"torch": torch.get_rng_state()}
+def _rng_states() -> dict[str, torch.Tensor | list[torch.Tensor]]:
+    states: dict[str, torch.Tensor | list[torch.Tensor]] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
 
 
-def _set_rng_states(states: dict) -> None:
+def _set_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
@@ -91,8 +92,8 @@ def save_checkpoint(
     model: Transformer,
     optimizer: torch.optim.Optimizer,
     elapsed_s: float,
-    extra: dict | None = None,
-    config: dict | None = None,
+    extra: dict[str, Any] | None = None,
+    config: dict[str, Any] | None = None,
 ) -> Path:
     """Write `work/ckpt-<step>` atomically, point LATEST at it, delete older checkpoints.
 
@@ -139,7 +140,17 @@ def latest_checkpoint(work: Path | str) -> Path | None:
     return complete[-1] if complete else None
 
 
-def load_checkpoint(work: Path | str, model: Transformer, optimizer: torch.optim.Optimizer) -> dict | None:
+class Resumed(TypedDict):
+    """What `load_checkpoint` restored: the step and training seconds so far, and what the trainer saved."""
+
+    step: int
+    elapsed_s: float
+    config: dict[str, Any]  # the training config, as JSON-able values
+    extra: dict[str, Any]
+    path: Path  # the checkpoint folder
+
+
+def load_checkpoint(work: Path | str, model: Transformer, optimizer: torch.optim.Optimizer) -> Resumed | None:
     """Restore model, optimizer and RNG states from the latest checkpoint in `work`.
 
     Returns {"step", "elapsed_s", "config", "extra", "path"}, or None when there is no checkpoint.

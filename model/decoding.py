@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 
-def usable_fused(fused: torch.Tensor | None, *linears: nn.Module) -> torch.Tensor | None:
+def usable_fused(fused: torch.Tensor | None, *linears: nn.Linear) -> torch.Tensor | None:
     """`fused` (from use_decoding_layout) when it may stand in for `linears`: no gradients wanted
     (it is not a parameter) and their weights still live in its storage (not replaced or moved)."""
     if fused is None or torch.is_grad_enabled():
@@ -51,9 +51,10 @@ def use_decoding_layout(model: nn.Module) -> nn.Module:
     def on_cpu_float(w: torch.Tensor) -> bool:
         return w.device.type == "cpu" and w.is_floating_point() and w.dim() == 2
 
-    def fuse(linears: tuple[nn.Module, ...]) -> torch.Tensor | None:
+    def fuse(modules: tuple[nn.Module, ...]) -> torch.Tensor | None:
         """One column-major (in, sum of outs) matrix whose column blocks become the weights."""
-        if not all(isinstance(lin, nn.Linear) and on_cpu_float(lin.weight) for lin in linears):
+        linears = [lin for lin in modules if isinstance(lin, nn.Linear) and on_cpu_float(lin.weight)]
+        if len(linears) < len(modules):  # one is not a float nn.Linear on CPU (a quantized one, say)
             return None
         fused = torch.cat([lin.weight.data for lin in linears]).t().contiguous()
         start = 0
@@ -64,12 +65,15 @@ def use_decoding_layout(model: nn.Module) -> nn.Module:
             fused_linears.add(id(lin))
         return fused
 
+    # Imported here: transformer.py imports this module for `usable_fused`.
+    from ember.model.transformer import Attention, FeedForward
+
     fused_linears: set[int] = set()
     for module in model.modules():  # a block comes before its own projections
-        # Ember's attention and MLP modules say by these attributes that they can use a fused matrix.
-        if hasattr(module, "wqkv_t"):
+        # Ember's attention and MLP modules can use a fused matrix (their wqkv_t and w13_t).
+        if isinstance(module, Attention):
             module.wqkv_t = fuse((module.wq, module.wk, module.wv))
-        elif hasattr(module, "w13_t"):
+        elif isinstance(module, FeedForward):
             module.w13_t = fuse((module.w1, module.w3))
         elif (
             isinstance(module, (nn.Linear, nn.Embedding))

@@ -18,7 +18,7 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device, precision: str | None = None):
+def autocast(device: torch.device, precision: str | None = None) -> contextlib.AbstractContextManager[None, None]:
     """bf16 autocast when `precision` is bf16; None = the default for the device (bf16 on CUDA)."""
     if precision is None:
         precision = "bf16" if device.type == "cuda" else "fp32"

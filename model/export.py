@@ -47,9 +47,10 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import gguf
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -100,7 +101,7 @@ def special_ids(model_dir: Path) -> dict[str, int]:
     return {**SPECIAL_IDS, **{k: int(v) for k, v in config.get("tokenizer", {}).items() if k in SPECIAL_IDS}}
 
 
-def hf_config(cfg: ModelConfig, ids: dict[str, int]) -> dict:
+def hf_config(cfg: ModelConfig, ids: dict[str, int]) -> dict[str, Any]:
     """config.json of the equivalent `LlamaForCausalLM`."""
     return {
         "architectures": ["LlamaForCausalLM"],
@@ -191,7 +192,9 @@ def gguf_tensors(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
         yield name, tensor
 
 
-def _encode_tensor(name: str, tensor: torch.Tensor, qtype: gguf.GGMLQuantizationType):
+def _encode_tensor(
+    name: str, tensor: torch.Tensor, qtype: gguf.GGMLQuantizationType
+) -> tuple[np.ndarray[Any, Any], gguf.GGMLQuantizationType]:
     """(numpy data, ggml type) the way the converter stores it."""
     data = tensor.numpy()
     # llama.cpp handles 1-D tensors and norms in f32 only.

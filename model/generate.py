@@ -84,6 +84,7 @@ def generate(
         seen[torch.tensor(prompt_ids, device=device)] = True
 
     def prefill(ids: list[int]) -> torch.Tensor:
+        logits: torch.Tensor
         logits, _ = model(torch.tensor([ids], device=device), kv_cache=cache, start_pos=0)
         return logits[0, -1]  # (V,)
 

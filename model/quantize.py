@@ -31,11 +31,12 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from copy import deepcopy
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 import torch.nn as nn
@@ -48,6 +49,8 @@ from ember.model.transformer import Transformer
 INT8_WEIGHTS = "model-int8.safetensors"
 WO_INT8_WEIGHTS = "model-int8-wo.safetensors"
 CONFIG = "config.json"
+
+_M = TypeVar("_M", bound=nn.Module)
 
 
 @contextmanager
@@ -65,11 +68,15 @@ with _quiet():
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
+def quantize_int8(model: _M) -> _M:
     """A copy of `model` (on CPU, eval mode) whose nn.Linear layers are dynamic int8; `model` is untouched."""
     copy = deepcopy(model).to("cpu").eval()
     with _quiet():
-        return quantize_dynamic(copy, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+        # torch declares no types for quantize_dynamic; with inplace=True it returns `copy` itself.
+        quantize_dynamic(  # type: ignore[no-untyped-call]
+            copy, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True
+        )
+    return copy
 
 
 def int8_tensors(qmodel: nn.Module) -> dict[str, torch.Tensor]:
@@ -78,7 +85,8 @@ def int8_tensors(qmodel: nn.Module) -> dict[str, torch.Tensor]:
     for name, module in qmodel.named_modules():
         if not isinstance(module, DynamicLinear):
             continue
-        weight = module.weight()  # a quantized tensor
+        # A quantized tensor. (torch declares no types for DynamicLinear's weight() and bias().)
+        weight: torch.Tensor = module.weight()  # type: ignore[no-untyped-call]
         if weight.qscheme() == torch.per_channel_affine:
             if weight.q_per_channel_axis() != 0:
                 raise ValueError(
@@ -94,7 +102,7 @@ def int8_tensors(qmodel: nn.Module) -> dict[str, torch.Tensor]:
         tensors[f"{name}.weight_int8"] = weight.int_repr().contiguous()
         tensors[f"{name}.weight_scale"] = scale.to(torch.float32).contiguous()
         tensors[f"{name}.weight_zero_point"] = zero_point.to(torch.int8).contiguous()
-        bias = module.bias()
+        bias: torch.Tensor | None = module.bias()  # type: ignore[no-untyped-call]
         if bias is not None:
             tensors[f"{name}.bias"] = bias.detach().float().contiguous()
     return tensors
@@ -115,7 +123,7 @@ def linear_weight_bytes(model: nn.Module) -> int:
     return total
 
 
-def save_int8(qmodel: nn.Module, folder: Path | str, extra: dict | None = None) -> Path:
+def save_int8(qmodel: Transformer, folder: Path | str, extra: dict[str, Any] | None = None) -> Path:
     """Write `model-int8.safetensors` and `config.json` into `folder`; returns the weights path."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -139,7 +147,7 @@ def _quantized_weight(name: str, tensors: dict[str, torch.Tensor]) -> torch.Tens
     return torch._make_per_channel_quantized_tensor(int_repr, scale, zero_point, 0)
 
 
-def load_int8(folder: Path | str) -> nn.Module:
+def load_int8(folder: Path | str) -> Transformer:
     """The int8 model saved by `save_int8`, in eval mode, on CPU."""
     folder = Path(folder)
     cfg, _ = read_config(folder)
@@ -158,7 +166,7 @@ def load_int8(folder: Path | str) -> nn.Module:
         for name, module in linears.items():
             if f"{name}.weight_int8" not in tensors:
                 raise ValueError(f"{path}: no int8 weight for Linear layer {name}")
-            qlinear = DynamicLinear(
+            qlinear = DynamicLinear(  # type: ignore[no-untyped-call]  # torch declares no types for it
                 module.in_features, module.out_features, bias_=module.bias is not None, dtype=torch.qint8
             )
             qlinear.set_weight_bias(_quantized_weight(name, tensors), tensors.get(f"{name}.bias"))
@@ -212,8 +220,15 @@ class Int8WeightOnlyLinear(nn.Module):
     """
 
     packed_max_rows: int = 32
+    # Buffers (register_buffer), declared for the type checker.
+    weight_int8: torch.Tensor
+    weight_scale: torch.Tensor
+    weight_scale_bf16: torch.Tensor
+    bias: torch.Tensor | None
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None):
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = False, device: torch.device | str | None = None
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
@@ -230,10 +245,11 @@ class Int8WeightOnlyLinear(nn.Module):
         module.weight_scale.copy_(scale)
         module.weight_scale_bf16.copy_(scale.to(torch.bfloat16))
         if linear.bias is not None:
+            assert module.bias is not None  # made above, as linear has one
             module.bias.copy_(linear.bias.detach())
         return module
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         with torch.no_grad():
             self.weight_scale_bf16.copy_(self.weight_scale.to(torch.bfloat16))
@@ -266,14 +282,14 @@ class Int8WeightOnlyLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def _swap_linears(model: nn.Module, make) -> None:
+def _swap_linears(model: nn.Module, make: Callable[[nn.Linear], nn.Module]) -> None:
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear):
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, make(module))
 
 
-def quantize_weight_only_int8(model: nn.Module) -> nn.Module:
+def quantize_weight_only_int8(model: _M) -> _M:
     """A copy of `model` (same device, eval mode) whose nn.Linear layers are `Int8WeightOnlyLinear`;
     `model` is untouched. The embedding (also the tied output projection) and norms stay fp32."""
     copy = deepcopy(model).eval()
@@ -282,7 +298,7 @@ def quantize_weight_only_int8(model: nn.Module) -> nn.Module:
     return copy
 
 
-def save_weight_only_int8(qmodel: nn.Module, folder: Path | str, extra: dict | None = None) -> Path:
+def save_weight_only_int8(qmodel: Transformer, folder: Path | str, extra: dict[str, Any] | None = None) -> Path:
     """Write `model-int8-wo.safetensors` and `config.json` into `folder`; returns the weights path."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -297,7 +313,7 @@ def save_weight_only_int8(qmodel: nn.Module, folder: Path | str, extra: dict | N
     return folder / WO_INT8_WEIGHTS
 
 
-def load_weight_only_int8(folder: Path | str, device: torch.device | str = "cpu") -> nn.Module:
+def load_weight_only_int8(folder: Path | str, device: torch.device | str = "cpu") -> Transformer:
     """The weight-only int8 model saved by `save_weight_only_int8`, in eval mode, on `device`."""
     folder = Path(folder)
     cfg, _ = read_config(folder)

@@ -8,18 +8,22 @@ so that models with different vocabularies compare fairly).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
+from tokenizers import Tokenizer
 
 from ember.model.device import autocast
 from ember.model.tokenizer import EOS_ID
+from ember.model.transformer import Transformer
 
 
 @torch.no_grad()
 def eval_loss(
     model: torch.nn.Module,
-    windows: np.ndarray | torch.Tensor,
+    windows: npt.NDArray[np.integer[Any]] | torch.Tensor,
     batch_size: int,
     device: torch.device | str = "cpu",
     precision: str | None = None,
@@ -39,7 +43,7 @@ def eval_loss(
     return total / count
 
 
-def token_stream(texts: list[str], tokenizer, eos_id: int, max_tokens: int) -> tuple[list[int], int, int]:
+def token_stream(texts: list[str], tokenizer: Tokenizer, eos_id: int, max_tokens: int) -> tuple[list[int], int, int]:
     """EOS, doc, EOS, doc, EOS... with at most `max_tokens` tokens after the first EOS; returns the
     stream, the UTF-8 bytes of the text it covers and the documents it holds (a cut one included).
     A document cut by the budget gets no EOS, and only its covered text's bytes count."""
@@ -75,7 +79,7 @@ def stream_windows(stream: list[int], seq_len: int) -> tuple[torch.Tensor, torch
 
 
 @torch.no_grad()
-def total_nats(model, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
+def total_nats(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
     """Summed cross-entropy (nats) of every target that is not -1."""
     total = 0.0
     for start in range(0, len(x), batch_size):
@@ -85,7 +89,7 @@ def total_nats(model, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> floa
     return total
 
 
-def text_bits_per_byte(model, tokenizer, texts: list[str], batch_size: int = 8) -> float:
+def text_bits_per_byte(model: Transformer, tokenizer: Tokenizer, texts: list[str], batch_size: int = 8) -> float:
     """Bits per UTF-8 byte of `texts` under `model` with its own tokenizer: documents joined by
     EOS, every token predicted once (as evaluate scores external texts)."""
     stream, n_bytes, _ = token_stream(texts, tokenizer, EOS_ID, max_tokens=2**62)

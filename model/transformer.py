@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from ember.model.decoding import usable_fused
 
 
-@dataclass
+@dataclass(init=False)
 class ModelConfig:
     vocab_size: int
     dim: int
@@ -29,13 +30,28 @@ class ModelConfig:
     n_heads: int
     hidden_dim: int  # width of the SwiGLU MLP
     max_seq_len: int
-    n_kv_heads: int | None = None  # None = n_heads (plain multi-head attention)
+    n_kv_heads: int  # n_heads when given as None (the default): plain multi-head attention
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
 
-    def __post_init__(self) -> None:
-        if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
+    # Written out rather than generated so that n_kv_heads may be given as None while the field
+    # always holds a number.
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        n_layers: int,
+        n_heads: int,
+        hidden_dim: int,
+        max_seq_len: int,
+        n_kv_heads: int | None = None,
+        rope_theta: float = 10000.0,
+        norm_eps: float = 1e-5,
+    ) -> None:
+        self.vocab_size, self.dim, self.n_layers, self.n_heads = vocab_size, dim, n_layers, n_heads
+        self.hidden_dim, self.max_seq_len = hidden_dim, max_seq_len
+        self.n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        self.rope_theta, self.norm_eps = rope_theta, norm_eps
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
@@ -69,7 +85,7 @@ class ModelConfig:
 # ~128k tokens (Llama 3's 128,256 gives 665M); 1.3B is GPT-3 XL's count, which is 2048 wide but
 # 24 layers deep with a two-matrix MLP (these 32 layers with one would be 1.68B). We keep the
 # guide's shapes, which configs and docs name, and state the exact counts instead.
-PRESETS: dict[str, dict] = {
+PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=192, max_seq_len=64),  # tests
     "cpu": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, hidden_dim=768, max_seq_len=256),  # sample run, 2 cores
     "cpu-base": dict(dim=512, n_layers=8, n_heads=8, hidden_dim=1536, max_seq_len=512),  # longer CPU runs, benchmarks
@@ -120,7 +136,7 @@ class KVCache:
 _SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any) -> torch.Tensor:
     """`scaled_dot_product_attention` for q (B, nh, T, hs) and k, v (B, nkv, L, hs), nkv | nh."""
     if k.size(1) != q.size(1):
         if _SDPA_GQA:
@@ -154,7 +170,7 @@ class Attention(nn.Module):
         fused = usable_fused(self.wqkv_t, self.wq, self.wk, self.wv)
         if fused is not None:  # decoding: one product, and one rotation for q and k together
             qkv = (x @ fused).view(B, T, nh + 2 * nkv, hs)
-            q, k = apply_rope(qkv[:, :, : nh + nkv], cos, sin).split([nh, nkv], dim=2)
+            q, k = torch.split(apply_rope(qkv[:, :, : nh + nkv], cos, sin), [nh, nkv], dim=2)
             v = qkv[:, :, nh + nkv :]
         else:
             q = apply_rope(self.wq(x).view(B, T, nh, hs), cos, sin)  # (B, T, nh, hs)
@@ -178,7 +194,8 @@ class Attention(nn.Module):
             mask = torch.ones(T, L, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
             y = sdpa(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_heads * self.head_dim)  # (B, T, C)
-        return self.wo(y)
+        out: torch.Tensor = self.wo(y)
+        return out
 
 
 class FeedForward(nn.Module):
@@ -193,10 +210,13 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused = usable_fused(self.w13_t, self.w1, self.w3)
+        out: torch.Tensor
         if fused is not None:
             gate, up = (x @ fused).chunk(2, dim=-1)
-            return self.w2(F.silu(gate) * up)
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+            out = self.w2(F.silu(gate) * up)
+        else:
+            out = self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return out
 
 
 class Block(nn.Module):
@@ -207,12 +227,24 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, cos, sin, cache, start_pos):
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: tuple[torch.Tensor, torch.Tensor] | None,
+        start_pos: int,
+    ) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), cos, sin, cache, start_pos)  # (B, T, C)
-        return x + self.feed_forward(self.ffn_norm(x))
+        x = x + self.feed_forward(self.ffn_norm(x))
+        return x
 
 
 class Transformer(nn.Module):
+    # Buffers (register_buffer), declared for the type checker.
+    rope_cos: torch.Tensor
+    rope_sin: torch.Tensor
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg

@@ -35,6 +35,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ember.storage.releases import HISTORY, LATEST, RELEASE_JSON, VERSION_RE, current_version, list_versions
 from ember.storage.store import (
@@ -50,6 +51,9 @@ from ember.storage.store import (
     split_ref,
     write_json_atomic,
 )
+
+if TYPE_CHECKING:
+    from fsspec import AbstractFileSystem
 
 log = logging.getLogger("ember.store")
 CACHE_ENV = "EMBER_CACHE"
@@ -80,7 +84,12 @@ class ObjectStore(Store):
     """A `Store` whose artifacts, run records and locks live at `url` (any fsspec filesystem), with
     a local cache at `root` for the files stages read and write."""
 
-    def __init__(self, url: str, lock_timeout_s: float = 3600.0, cache: str | Path | None = None, **storage_options):
+    fs: AbstractFileSystem  # the store's filesystem (S3, GCS, ...), as fsspec opened `url`
+    remote: str  # the store's path inside `fs` (`bucket/prefix`)
+
+    def __init__(
+        self, url: str, lock_timeout_s: float = 3600.0, cache: str | Path | None = None, **storage_options: Any
+    ):
         import fsspec
 
         self.url = url.rstrip("/")
@@ -129,7 +138,8 @@ class ObjectStore(Store):
 
     def _fetch(self, artifact: Artifact) -> None:
         def cached() -> bool:
-            return (read_json_or_none(artifact.path / MANIFEST) or {}).get("digest") == artifact.manifest["digest"]
+            local = read_json_or_none(artifact.path / MANIFEST) or {}
+            return bool(local.get("digest") == artifact.manifest["digest"])
 
         if cached():
             return
@@ -153,9 +163,9 @@ class ObjectStore(Store):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def _manifests(self) -> dict[str, dict]:
+    def _manifests(self) -> dict[str, dict[str, Any]]:
         paths = self.fs.glob(self.remote_path("artifacts", "*", "*", MANIFEST))
-        found = {}
+        found: dict[str, dict[str, Any]] = {}
         for path, raw in (self.fs.cat(paths) if paths else {}).items():
             stage, key = path.rstrip("/").split("/")[-3:-1]
             if len(key) == 64:
@@ -187,7 +197,7 @@ class ObjectStore(Store):
         finally:
             lock.release()
 
-    def _commit(self, tmp: Path, ref: str, manifest: dict, started: float) -> None:
+    def _commit(self, tmp: Path, ref: str, manifest: dict[str, Any], started: float) -> None:
         full = self._seal(tmp, ref, manifest, started)
         remote = self._remote_artifact(ref)
         # A forced rebuild replaces an artifact: its manifest goes first, so that nobody reads the
@@ -199,12 +209,12 @@ class ObjectStore(Store):
         self.fs.put_file(str(tmp / MANIFEST), f"{remote}/{MANIFEST}")  # last: now it exists
         self._place(tmp, ref)
 
-    def record_run(self, name: str, refs: dict[str, str], extra: dict | None = None) -> Path:
+    def record_run(self, name: str, refs: dict[str, str], extra: dict[str, Any] | None = None) -> Path:
         path = super().record_run(name, refs, extra)
         self.fs.put_file(str(path), self.remote_path("runs", path.name))
         return path
 
-    def run_records(self) -> list[dict]:
+    def run_records(self) -> list[dict[str, Any]]:
         paths = sorted(self.fs.glob(self.remote_path("runs", "*.json")))
         return [json.loads(raw) for _, raw in sorted((self.fs.cat(paths) if paths else {}).items())]
 
@@ -331,7 +341,7 @@ class ObjectStore(Store):
 class ObjectLock:
     """A lock that holds across machines: one object, created only if absent (If-None-Match)."""
 
-    def __init__(self, fs, path: str):
+    def __init__(self, fs: AbstractFileSystem, path: str):
         self.fs, self.path = fs, path
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._stop = threading.Event()
@@ -342,7 +352,8 @@ class ObjectLock:
 
     def holder(self) -> str:
         try:
-            return json.loads(self.fs.cat_file(self.path)).get("owner", "?")
+            owner: str = json.loads(self.fs.cat_file(self.path)).get("owner", "?")
+            return owner
         except (FileNotFoundError, json.JSONDecodeError):
             return "nobody now"
 
@@ -413,7 +424,7 @@ class ObjectLock:
             pass
 
 
-def _remote_sha256(fs, path: str, chunk: int = 1 << 20) -> str:
+def _remote_sha256(fs: AbstractFileSystem, path: str, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with fs.open(path, "rb") as f:
         while block := f.read(chunk):

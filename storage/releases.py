@@ -21,6 +21,7 @@ import re
 import secrets
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, TypedDict
 
 from filelock import FileLock
 
@@ -41,10 +42,10 @@ def list_versions(releases: Path) -> list[str]:
         if releases.is_dir()
         else []
     )
-    return sorted(found, key=lambda name: int(VERSION_RE.match(name).group(1)))
+    return sorted(found, key=_number)
 
 
-def find_release(releases: Path, refs: dict[str, str], layout: dict) -> str | None:
+def find_release(releases: Path, refs: dict[str, str], layout: dict[str, Any]) -> str | None:
     """The newest version already made from these refs with this layout, if any."""
     for version in reversed(list_versions(releases)):
         try:
@@ -58,7 +59,7 @@ def find_release(releases: Path, refs: dict[str, str], layout: dict) -> str | No
 
 def next_version(releases: Path) -> str:
     versions = list_versions(releases)
-    last = int(VERSION_RE.match(versions[-1]).group(1)) if versions else 0
+    last = _number(versions[-1]) if versions else 0
     return f"v{last + 1:04d}"
 
 
@@ -124,14 +125,31 @@ def rollback(releases: Path, version: str | None = None) -> tuple[str | None, st
 
 
 def _number(version: str) -> int:
-    return int(VERSION_RE.match(version).group(1))
+    """The number of a version name (one that VERSION_RE matches: callers check or list only those)."""
+    match = VERSION_RE.match(version)
+    assert match is not None, version
+    return int(match.group(1))
 
 
-def list_releases(releases: Path) -> list[dict]:
+class ReleaseRow(TypedDict):
+    """One row of `list_releases`; the figures are None where the release's reports lack them."""
+
+    version: str
+    created: str
+    bpb: float | None
+    val_loss: float | None
+    int8_bpb: float | None
+    steps: int | None
+    tokens: int | None
+    size_bytes: int
+    latest: bool
+
+
+def list_releases(releases: Path) -> list[ReleaseRow]:
     """One row per release, oldest first: version, date, eval figures, size, whether it is latest."""
     releases = Path(releases)
     latest = current_version(releases)
-    rows = []
+    rows: list[ReleaseRow] = []
     for version in list_versions(releases):
         folder = releases / version
         record = read_json_or_none(folder / RELEASE_JSON) or {}

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from types import TracebackType
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -70,7 +72,7 @@ def read_rows(path: Path, columns: list[str] | None = None, start: int = 0, stop
     return pa.Table.from_batches(list(iter_batches(path, columns, start=start, stop=stop)), schema=schema)
 
 
-def iter_records(folder: Path, columns: list[str] | None = None) -> Iterator[dict]:
+def iter_records(folder: Path, columns: list[str] | None = None) -> Iterator[dict[str, Any]]:
     """Every record of every shard in a folder, as dicts, one shard in memory at a time."""
     for path in list_shards(folder):
         yield from read_shard(path, columns=columns).to_pylist()
@@ -93,17 +95,17 @@ class ShardWriter:
         self.prefix = prefix
         self.paths: list[Path] = []
         self.rows = 0
-        self._buffer: list[dict] = []
+        self._buffer: list[dict[str, Any]] = []
         self._chars = 0
 
-    def write(self, record: dict) -> None:
+    def write(self, record: dict[str, Any]) -> None:
         self._buffer.append(record)
         self._chars += len(record.get("text") or "")
         self.rows += 1
         if self._chars >= self.max_chars:
             self._flush()
 
-    def write_many(self, records: Iterable[dict]) -> None:
+    def write_many(self, records: Iterable[dict[str, Any]]) -> None:
         for record in records:
             self.write(record)
 
@@ -122,7 +124,9 @@ class ShardWriter:
     def __enter__(self) -> ShardWriter:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         # On an error the half-written folder is thrown away by the store with the rest of the
         # temporary artifact, so there is nothing to flush.
         if exc_type is None:
@@ -139,11 +143,11 @@ class ShardFileWriter:
     def __init__(self, path: Path, schema: pa.Schema):
         self.path, self.schema = Path(path), schema
         self.count = 0  # rows written
-        self._columns: dict[str, list] = {name: [] for name in schema.names}  # rows added, not yet written
+        self._columns: dict[str, list[Any]] = {name: [] for name in schema.names}  # rows added, not yet written
         self._writer: pq.ParquetWriter | None = None
         self._tmp = self.path.with_name(self.path.name + ".partial")
 
-    def add(self, row: dict) -> None:
+    def add(self, row: dict[str, Any]) -> None:
         for name, column in self._columns.items():
             column.append(row[name])
 

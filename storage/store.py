@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from filelock import FileLock, Timeout
 
@@ -49,6 +49,13 @@ class LockTimeout(StoreError):
     pass
 
 
+class FileEntry(TypedDict):
+    """One file of an artifact, as its manifest lists it under `files`."""
+
+    size: int
+    sha256: str
+
+
 def default_root() -> Path:
     return Path(os.environ.get(ROOT_ENV) or DEFAULT_ROOT)
 
@@ -57,7 +64,7 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
-def compute_key(stage: str, version: int, params: dict, inputs: dict[str, str]) -> str:
+def compute_key(stage: str, version: int, params: dict[str, Any], inputs: dict[str, str]) -> str:
     """sha256 of what determines a stage's output: nothing else (not time, not paths of the store)."""
     payload = {"stage": stage, "version": version, "params": params, "inputs": inputs}
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()
@@ -82,7 +89,7 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def content_digest(files: dict) -> str:
+def content_digest(files: dict[str, FileEntry]) -> str:
     """What an artifact holds, as one hash: names, sizes and checksums of its files.
 
     Downstream artifacts record their inputs' digests: an input rebuilt with other content
@@ -112,15 +119,17 @@ def write_json_atomic(path: Path, value: Any) -> None:
 class Artifact:
     ref: str
     path: Path
-    manifest: dict
+    manifest: dict[str, Any]
 
     @property
     def stage(self) -> str:
-        return self.manifest["stage"]
+        stage: str = self.manifest["stage"]
+        return stage
 
     @property
-    def metrics(self) -> dict:
-        return self.manifest.get("metrics", {})
+    def metrics(self) -> dict[str, Any]:
+        metrics: dict[str, Any] = self.manifest.get("metrics", {})
+        return metrics
 
     @property
     def size(self) -> int:
@@ -239,7 +248,7 @@ class Store:
             lock.release()
 
     @contextmanager
-    def writer(self, ref: str, manifest: dict) -> Iterator[Path]:
+    def writer(self, ref: str, manifest: dict[str, Any]) -> Iterator[Path]:
         """Yield an empty temporary folder; on a clean exit, commit it as `ref`.
 
         The caller must hold `lock(ref)`. `manifest` holds what the caller knows (params,
@@ -259,15 +268,15 @@ class Store:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
 
-    def _commit(self, tmp: Path, ref: str, manifest: dict, started: float) -> None:
+    def _commit(self, tmp: Path, ref: str, manifest: dict[str, Any], started: float) -> None:
         self._seal(tmp, ref, manifest, started)
         self._place(tmp, ref)
 
-    def _seal(self, tmp: Path, ref: str, manifest: dict, started: float) -> dict:
+    def _seal(self, tmp: Path, ref: str, manifest: dict[str, Any], started: float) -> dict[str, Any]:
         """Add the file list (sizes, sha256) and timing to `manifest` (in place: the writer's
         caller then holds the committed manifest) and write it into `tmp`."""
         stage, key = split_ref(ref)
-        files = {}
+        files: dict[str, FileEntry] = {}
         for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
             rel = path.relative_to(tmp).as_posix()
             files[rel] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
@@ -342,7 +351,7 @@ class Store:
 
     # -- runs and garbage collection ----------------------------------------------------------
 
-    def record_run(self, name: str, refs: dict[str, str], extra: dict | None = None) -> Path:
+    def record_run(self, name: str, refs: dict[str, str], extra: dict[str, Any] | None = None) -> Path:
         """Remember which artifacts a pipeline run used, so gc keeps them."""
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
@@ -350,13 +359,13 @@ class Store:
         write_json_atomic(path, {"name": name, "created": time.time(), "refs": refs, **(extra or {})})
         return path
 
-    def run_records(self) -> list[dict]:
+    def run_records(self) -> list[dict[str, Any]]:
         """Every run record, oldest first."""
         return [json.loads(path.read_text()) for path in sorted(self.runs_dir.glob("*.json"))]
 
     def live_refs(self) -> set[str]:
         """Refs that gc keeps: those of the latest run of each config, and of every release."""
-        latest: dict[str, dict] = {}
+        latest: dict[str, dict[str, Any]] = {}
         for record in self.run_records():
             latest[record["name"]] = record
         refs = {ref for record in latest.values() for ref in record["refs"].values()}

@@ -14,26 +14,31 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
 
 META = "meta.json"
 SPLITS = ("train", "val")
 
+# Token ids as shards hold them: uint16 while the vocabulary fits, else uint32.
+TokenArray = npt.NDArray[np.unsignedinteger[Any]]
 
-def token_dtype(vocab_size: int) -> np.dtype:
+
+def token_dtype(vocab_size: int) -> np.dtype[np.unsignedinteger[Any]]:
     return np.dtype(np.uint16 if vocab_size <= 65535 else np.uint32)
 
 
-def write_token_file(path: Path, tokens: np.ndarray) -> None:
+def write_token_file(path: Path, tokens: TokenArray) -> None:
     """One Arrow IPC file, one record batch, one `tokens` column."""
     batch = pa.record_batch([pa.array(tokens)], names=["tokens"])
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, batch.schema) as writer:
         writer.write_batch(batch)
 
 
-def read_token_file(path: Path) -> np.ndarray:
+def read_token_file(path: Path) -> TokenArray:
     """A zero-copy view of a token file (valid while the memory map lives, i.e. while referenced)."""
     reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
     return reader.get_batch(0).column(0).to_numpy()
@@ -48,10 +53,10 @@ class TokenShardWriter:
         self.shard_tokens = shard_tokens
         self.paths: list[Path] = []
         self.tokens = 0
-        self._chunks: list[np.ndarray] = []
+        self._chunks: list[TokenArray] = []
         self._buffered = 0
 
-    def add(self, tokens: np.ndarray) -> None:
+    def add(self, tokens: TokenArray) -> None:
         if len(tokens):
             self._chunks.append(tokens)
             self._buffered += len(tokens)
@@ -68,19 +73,21 @@ class TokenShardWriter:
         self._chunks, self._buffered = [], 0
 
 
-def read_meta(tokens_dir: Path) -> dict:
+def read_meta(tokens_dir: Path) -> dict[str, Any]:
     path = Path(tokens_dir) / META
     try:
-        return json.loads(path.read_text())
+        meta: dict[str, Any] = json.loads(path.read_text())
+        return meta
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: missing; is {tokens_dir} a tokenize artifact?") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
 
 
-def bits_per_byte(loss: float | None, meta: dict, split: str = "val") -> float | None:
+def bits_per_byte(loss: float | None, meta: dict[str, Any], split: str = "val") -> float | None:
     """Nats per token -> bits per UTF-8 byte of the split's text."""
-    tokens, n_bytes = meta.get(f"{split}_tokens", 0), meta.get(f"{split}_bytes", 0)
+    tokens: int = meta.get(f"{split}_tokens", 0)
+    n_bytes: int = meta.get(f"{split}_bytes", 0)
     if loss is None or not tokens or not n_bytes:
         return None
     return loss / math.log(2) * tokens / n_bytes
@@ -99,7 +106,7 @@ class TokenStream:
         self.parts = [self._map(path, dtype) for path in self.paths]
 
     @staticmethod
-    def _map(path: Path, dtype: str | None) -> np.ndarray:
+    def _map(path: Path, dtype: str | None) -> TokenArray:
         reader = pa.ipc.open_file(pa.memory_map(str(path)))
         if reader.num_record_batches == 0:  # an empty split written as a table without rows
             return np.empty(0, dtype=reader.schema.field(0).type.to_pandas_dtype())
@@ -117,7 +124,7 @@ class TokenStream:
     def num_windows(self, seq_len: int) -> int:
         return sum(max(0, len(p) - seq_len) for p in self.parts)
 
-    def windows(self, index: np.ndarray, seq_len: int) -> np.ndarray:
+    def windows(self, index: npt.NDArray[np.integer[Any]], seq_len: int) -> npt.NDArray[np.int64]:
         """Windows by global index: (n, seq_len + 1) int64."""
         counts = np.array([max(0, len(p) - seq_len) for p in self.parts])
         ends = np.cumsum(counts)
@@ -128,11 +135,11 @@ class TokenStream:
         ]
         return np.stack(rows).astype(np.int64)
 
-    def random_index(self, n: int, seq_len: int, seed: int, step: int) -> np.ndarray:
+    def random_index(self, n: int, seq_len: int, seed: int, step: int) -> npt.NDArray[np.int64]:
         """The window indices of step `step`'s batch: a function of (seed, step) alone."""
         return np.random.default_rng([seed, step]).integers(0, self.num_windows(seq_len), size=n)
 
-    def fixed_windows(self, n: int, seq_len: int) -> np.ndarray | None:
+    def fixed_windows(self, n: int, seq_len: int) -> npt.NDArray[np.int64] | None:
         """n windows evenly spaced over the split, the same every time; None if it is too short."""
         total = self.num_windows(seq_len)
         if total == 0:
