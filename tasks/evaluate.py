@@ -25,10 +25,15 @@ import math
 import shutil
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from tokenizers import Tokenizer
 
 from ember.model.checkpoint import WEIGHTS, load_model, read_config
 from ember.model.decoding import use_decoding_layout
@@ -36,11 +41,12 @@ from ember.model.generate import generate
 from ember.model.quantize import INT8_WEIGHTS, WO_INT8_WEIGHTS, load_int8, load_weight_only_int8
 from ember.model.scoring import eval_loss, stream_windows, token_stream, total_nats
 from ember.model.tokenizer import load_tokenizer
+from ember.model.transformer import Transformer
 from ember.storage.tokens import TokenStream, bits_per_byte, read_meta
 from ember.tasks.stage import Stage, StageContext
 
 # name in the report -> (file in the quantize artifact, loader, what it is)
-QUANTIZED = {
+QUANTIZED: dict[str, tuple[str, Callable[[Path], Transformer], str]] = {
     "int8": (INT8_WEIGHTS, load_int8, "dynamic int8"),
     "int8-wo": (WO_INT8_WEIGHTS, load_weight_only_int8, "weight-only int8"),
 }
@@ -81,7 +87,9 @@ class EvaluateConfig(BaseModel):
 # -- scoring -----------------------------------------------------------------------------------------
 
 
-def _scores(model, windows, batch_size: int, meta: dict) -> dict:
+def _scores(
+    model: torch.nn.Module, windows: npt.NDArray[np.int64] | None, batch_size: int, meta: dict[str, Any]
+) -> dict[str, float | None]:
     if windows is None:
         return {"val_loss": None, "perplexity": None, "bpb": None, "seconds": 0.0}
     started = time.monotonic()
@@ -94,7 +102,7 @@ def _scores(model, windows, batch_size: int, meta: dict) -> dict:
     }
 
 
-def _delta(score: dict, base: dict) -> dict:
+def _delta(score: dict[str, Any], base: dict[str, Any]) -> dict[str, float | None]:
     """The change against fp32 (None where a figure is missing)."""
     if score["val_loss"] is None or base["val_loss"] is None:
         return {"delta_loss": None, "delta_bpb": None, "delta_relative": None}
@@ -105,12 +113,12 @@ def _delta(score: dict, base: dict) -> dict:
     }
 
 
-def generation_speed(model, prompt_ids: list[int], new_tokens: int) -> float | None:
+def generation_speed(model: Transformer, prompt_ids: list[int], new_tokens: int) -> float | None:
     """Tokens per second of greedy generation, batch 1, after a warm-up; the median of a few runs."""
     if new_tokens <= 0:
         return None
     list(generate(model, prompt_ids, min(8, new_tokens), temperature=0))  # first calls, allocations
-    speeds = []
+    speeds: list[float] = []
     for _ in range(SPEED_REPEATS):
         started = time.perf_counter()
         n = sum(1 for _ in generate(model, prompt_ids, new_tokens, temperature=0))
@@ -118,8 +126,8 @@ def generation_speed(model, prompt_ids: list[int], new_tokens: int) -> float | N
     return round(statistics.median(speeds), 1)
 
 
-def _samples(model, tokenizer, cfg: EvaluateConfig, eos_id: int) -> list[dict]:
-    samples = []
+def _samples(model: Transformer, tokenizer: Tokenizer, cfg: EvaluateConfig, eos_id: int) -> list[dict[str, Any]]:
+    samples: list[dict[str, Any]] = []
     for i, prompt in enumerate(cfg.prompts):
         ids = [eos_id] + tokenizer.encode(prompt, add_special_tokens=False).ids
         started = time.monotonic()
@@ -156,7 +164,7 @@ def read_texts(path: Path) -> list[str]:
     try:
         if path.suffix != ".jsonl":
             return [path.read_text(encoding="utf-8")]
-        texts = []
+        texts: list[str] = []
         with path.open(encoding="utf-8") as f:
             for n, line in enumerate(f, start=1):
                 if not line.strip():
@@ -173,16 +181,19 @@ def read_texts(path: Path) -> list[str]:
         raise ValueError(f"{path}: not UTF-8 text ({err})") from None
 
 
-def evaluate_external(path: Path, texts: list[str], models: dict, tokenizer, eos_id: int, cfg: EvaluateConfig) -> dict:
+def evaluate_external(
+    path: Path, texts: list[str], models: dict[str, Transformer], tokenizer: Tokenizer, eos_id: int, cfg: EvaluateConfig
+) -> dict[str, Any]:
     seq_len = models["fp32"].config.max_seq_len
     stream, n_bytes, docs = token_stream(texts, tokenizer, eos_id, cfg.external_max_tokens)
+    scores: dict[str, dict[str, float]] = {}  # model -> loss, perplexity, bpb, delta_bpb
     result = {
         "path": str(path),
         "docs": len(texts),
         "docs_scored": docs,
         "tokens": len(stream) - 1,
         "bytes": n_bytes,
-        "models": {},
+        "models": scores,
     }
     if len(stream) < 2 or n_bytes == 0:
         return result
@@ -190,9 +201,9 @@ def evaluate_external(path: Path, texts: list[str], models: dict, tokenizer, eos
     for name, model in models.items():
         nats = total_nats(model, x, y, cfg.batch_size)
         loss = nats / (len(stream) - 1)
-        result["models"][name] = {"loss": loss, "perplexity": math.exp(loss), "bpb": nats / math.log(2) / n_bytes}
-    base = result["models"]["fp32"]["bpb"]
-    for score in result["models"].values():
+        scores[name] = {"loss": loss, "perplexity": math.exp(loss), "bpb": nats / math.log(2) / n_bytes}
+    base = scores["fp32"]["bpb"]
+    for score in scores.values():
         score["delta_bpb"] = score["bpb"] - base
     return result
 
@@ -200,7 +211,7 @@ def evaluate_external(path: Path, texts: list[str], models: dict, tokenizer, eos
 # -- the stage ---------------------------------------------------------------------------------------
 
 
-def run(cfg: EvaluateConfig, ctx: StageContext) -> dict:
+def run(cfg: EvaluateConfig, ctx: StageContext) -> dict[str, Any]:
     model_dir, quant_dir = Path(ctx.inputs["train"]), Path(ctx.inputs["quantize"])
     tokens_dir = Path(ctx.inputs["tokenize"])
     # External files first: a missing one should fail before minutes of scoring.
@@ -212,7 +223,7 @@ def run(cfg: EvaluateConfig, ctx: StageContext) -> dict:
 
     models = {"fp32": load_model(model_dir)}
     files = {"fp32": model_dir / WEIGHTS}
-    absent = {}
+    absent: dict[str, str] = {}
     for name, (file, load, what) in QUANTIZED.items():
         if (quant_dir / file).exists():
             models[name], files[name] = load(quant_dir), quant_dir / file
@@ -228,7 +239,7 @@ def run(cfg: EvaluateConfig, ctx: StageContext) -> dict:
         ctx.log.warning("%s: no validation shard holds %d tokens; no loss figures", val.folder, seq_len + 1)
 
     speed_prompt = [eos_id] + (tokenizer.encode(cfg.prompts[0], add_special_tokens=False).ids if cfg.prompts else [])
-    scores = {}
+    scores: dict[str, dict[str, Any]] = {}  # model -> its figures (report.json)
     for name, model in models.items():
         ctx.report.progress(len(scores), len(models), "evaluate models")
         scores[name] = {
@@ -278,7 +289,7 @@ def run(cfg: EvaluateConfig, ctx: StageContext) -> dict:
     (ctx.out / "report.md").write_text(md)
     ctx.report.markdown("eval-report", md, description="Evaluation report")
 
-    metrics = {}
+    metrics: dict[str, Any] = {}
     for name, s in scores.items():
         key = name.replace("-", "_")
         metrics.update(
@@ -294,23 +305,23 @@ def run(cfg: EvaluateConfig, ctx: StageContext) -> dict:
     return metrics
 
 
-def _loss_curve(path: Path, keep: int = 12) -> list[dict]:
+def _loss_curve(path: Path, keep: int = 12) -> list[dict[str, Any]]:
     if not path.exists():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows: list[dict[str, Any]] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     with_val = [r for r in rows if r.get("val_loss") is not None]
     rows = with_val if len(with_val) >= 2 else rows
     step = max(1, math.ceil(len(rows) / keep))
     return rows[::step] + ([rows[-1]] if (len(rows) - 1) % step else [])
 
 
-def _fmt(value, digits: int = 4, sign: bool = False) -> str:
+def _fmt(value: float | None, digits: int = 4, sign: bool = False) -> str:
     if value is None:
         return "n/a"
     return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
 
 
-def _markdown(report: dict, curve: list[dict], has_plot: bool = False) -> str:
+def _markdown(report: dict[str, Any], curve: list[dict[str, Any]], has_plot: bool = False) -> str:
     m, v = report["model"], report["val"]
     lines = [
         "# Evaluation report",

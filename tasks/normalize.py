@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ember.model.scripts import CJK_PUNCTUATION, FULLWIDTH_PUNCTUATION, HAN, KANA
 from ember.storage.shards import ShardFileWriter
 from ember.tasks.shard_stage import Document, ShardStage, Stats
-from ember.tasks.stage import Stage, StageContext
+from ember.tasks.stage import Metrics, Stage, StageContext
 
 
 class NormalizeConfig(BaseModel):
@@ -179,7 +179,7 @@ def _difference(before: str, after: str, width: int = 40) -> tuple[str, str]:
     return before[lo : lo + width], after[lo : lo + width]
 
 
-class Normalize(ShardStage):
+class Normalize(ShardStage[NormalizeConfig]):
     name = "normalize"
 
     def setup(self) -> None:
@@ -202,7 +202,7 @@ class Normalize(ShardStage):
         stats.add("chars_out", len(fixed))
         out["shards"].add({"id": doc.id, "text": fixed, "source": doc.source})
 
-    def summarize(self, stats: Stats, ctx: StageContext) -> dict:
+    def summarize(self, stats: Stats, ctx: StageContext) -> Metrics:
         docs, changed = int(stats.total("docs")), int(stats.total("changed_docs"))
         counts = {kind: int(stats.keyed("changes").get(kind, 0)) for kind in CHANGES}
         examples = list(stats.firsts.get("examples", {}).values())[: self.cfg.examples]
@@ -226,7 +226,7 @@ class Normalize(ShardStage):
         }
 
 
-def run(cfg: NormalizeConfig, ctx: StageContext) -> dict:
+def run(cfg: NormalizeConfig, ctx: StageContext) -> Metrics:
     return Normalize(cfg).run(ctx)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -34,7 +34,7 @@ from ember.tasks.stage import Stage, StageContext
 Variant = Literal["dynamic-int8", "weight-only-int8"]
 
 # variant -> (file, metrics prefix, what config.json says about it)
-VARIANTS: dict[str, tuple[str, str, dict]] = {
+VARIANTS: dict[str, tuple[str, str, dict[str, str | bool]]] = {
     "dynamic-int8": (
         INT8_WEIGHTS,
         "int8",
@@ -78,7 +78,7 @@ class QuantizeConfig(BaseModel):
         return value
 
 
-def run(cfg: QuantizeConfig, ctx: StageContext) -> dict:
+def run(cfg: QuantizeConfig, ctx: StageContext) -> dict[str, Any]:
     model_dir = ctx.inputs["train"]
     _, config = read_config(model_dir)
     extra = {k: v for k, v in config.items() if k != "model"}
@@ -94,7 +94,7 @@ def run(cfg: QuantizeConfig, ctx: StageContext) -> dict:
     model = load_model(model_dir)
     fp32_linear = linear_weight_bytes(model)
     fp32_file = (model_dir / "model.safetensors").stat().st_size
-    metrics: dict = {
+    metrics: dict[str, Any] = {
         "enabled": True,
         "variants": list(variants),
         "linear_fp32_bytes": fp32_linear,
@@ -110,7 +110,7 @@ def run(cfg: QuantizeConfig, ctx: StageContext) -> dict:
             "file ratio": 1.0,
         }
     ]
-    quantized = {}
+    quantized: dict[str, dict[str, str | bool]] = {}  # variant -> its file and what config.json says of it
     for variant in variants:
         file, prefix, info = VARIANTS[variant]
         started = time.monotonic()

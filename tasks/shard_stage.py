@@ -22,12 +22,15 @@ from __future__ import annotations
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
 
 import pyarrow as pa
+from pydantic import BaseModel
 
 from ember.storage.shards import TEXT_SCHEMA, ShardFileWriter, input_shards, iter_batches
-from ember.tasks.stage import StageContext
+from ember.tasks.stage import Metrics, StageContext
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 
 class Document(NamedTuple):
@@ -41,7 +44,7 @@ class Stats:
     (per rule, per language), `first(name, key, value)` keeps the first value seen for a key
     (an example). Units' stats merge in shard order."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.totals: dict[str, float] = {}
         self.by_key: dict[str, dict[str, float]] = {}
         self.firsts: dict[str, dict[str, Any]] = {}
@@ -74,16 +77,16 @@ class Stats:
         return self
 
 
-class ShardStage:
+class ShardStage(Generic[ConfigT]):
     """Subclass it, set `name` (and `outputs` if more than kept shards), write `process` and
     `summarize`; the stage's `run` is `lambda cfg, ctx: MyStage(cfg).run(ctx)`. It reads the text
-    shards of its one input (its Stage's `inputs`)."""
+    shards of its one input (its Stage's `inputs`). `ConfigT` is the stage's config class."""
 
     name: ClassVar[str]
     outputs: ClassVar[dict[str, pa.Schema]] = {"shards": TEXT_SCHEMA}  # the first is the kept documents
     batch_chars: ClassVar[int] = 2_000_000
 
-    def __init__(self, cfg: Any):
+    def __init__(self, cfg: ConfigT):
         self.cfg = cfg
 
     def setup(self) -> None:
@@ -92,11 +95,11 @@ class ShardStage:
     def process(self, doc: Document, out: dict[str, ShardFileWriter], stats: Stats) -> None:
         raise NotImplementedError
 
-    def summarize(self, stats: Stats, ctx: StageContext) -> dict:
+    def summarize(self, stats: Stats, ctx: StageContext) -> Metrics:
         """Reports for a person (ctx.report) and the stage's metrics, from all units' counts."""
         raise NotImplementedError
 
-    def run(self, ctx: StageContext) -> dict:
+    def run(self, ctx: StageContext) -> Metrics:
         started = time.monotonic()
         if len(ctx.inputs) != 1:
             raise ValueError(f"{self.name} reads the shards of one upstream artifact, got {sorted(ctx.inputs)}")
@@ -121,7 +124,7 @@ class ShardStage:
         }
 
 
-def run_unit(stage: ShardStage, src_dir: str, out_dir: str, name: str) -> Stats:
+def run_unit(stage: ShardStage[Any], src_dir: str, out_dir: str, name: str) -> Stats:
     """One unit of work: the input shard `src_dir/name` into `out_dir/<output>/name`.
 
     Module-level, with plain arguments and a small result: it may run in another process.

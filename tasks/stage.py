@@ -17,14 +17,22 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeGuard, TypeVar
 
 from pydantic import BaseModel
 
 from ember.storage.store import Artifact, Store, compute_key, make_ref
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+# What a stage returns and its manifest keeps: JSON-like numbers and counts, by name.
+Metrics = dict[str, Any]
+# One titled section of a stage's report: {"key", "title", "markdown"}.
+ReportSection = dict[str, str]
 
 
 class Reporter:
@@ -38,7 +46,7 @@ class Reporter:
     def __init__(self, stage: str):
         self.stage = stage
         self.log = logging.getLogger(f"ember.{stage}")
-        self.sections: dict[str, dict] = {}
+        self.sections: dict[str, ReportSection] = {}  # key -> {"title", "markdown"}
         self._last_progress = 0.0
         self._last_notice = 0.0
         self._unfinished: dict[str, float] = {}  # what -> total, for loops that have not reached it
@@ -70,7 +78,7 @@ class Reporter:
         for what, total in list(self._unfinished.items()):
             self.progress(total, total, what)
 
-    def table(self, key: str, rows: list[dict], description: str = "") -> None:
+    def table(self, key: str, rows: Sequence[Mapping[str, object]], description: str = "") -> None:
         self._section(key, description, markdown_table(rows))
 
     def markdown(self, key: str, text: str, description: str = "") -> None:
@@ -82,7 +90,7 @@ class Reporter:
         self.sections[key] = {"title": title, "markdown": text}
         self.log.debug("%s:\n%s", title or key, text)
 
-    def report(self) -> list[dict]:
+    def report(self) -> list[ReportSection]:
         """The sections in the order they were first reported."""
         return [{"key": key, **section} for key, section in self.sections.items()]
 
@@ -90,13 +98,13 @@ class Reporter:
         pass
 
 
-def markdown_table(rows: list[dict]) -> str:
+def markdown_table(rows: Sequence[Mapping[str, object]]) -> str:
     """Rows of dicts as a Markdown table (the columns of all rows, in first-seen order)."""
     if not rows:
         return "(none)"
     columns = list(dict.fromkeys(key for row in rows for key in row))
 
-    def cell(value) -> str:
+    def cell(value: object) -> str:
         text = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
         return text.replace("|", "\\|").replace("\n", " ")
 
@@ -109,11 +117,19 @@ def _fmt(value: float) -> str:
     return f"{value:,.0f}" if float(value).is_integer() else f"{value:,.2f}"
 
 
-def sequential_map(fn: Callable[[Any], Any], items: list, name: str = "") -> list:
+class Mapper(Protocol):
+    """`ctx.map(fn, items, name)`: runs `fn` on each item, a unit of work of its own, and returns
+    the results in input order. `fn` is a module-level function or a partial of one, with plain
+    (picklable) arguments, so that a unit can run in another process."""
+
+    def __call__(self, fn: Callable[[_T], _R], items: list[_T], name: str = ...) -> list[_R]: ...
+
+
+def sequential_map(fn: Callable[[_T], _R], items: list[_T], name: str = "") -> list[_R]:
     return [fn(item) for item in items]
 
 
-def pool_map(workers: int) -> Callable[..., list]:
+def pool_map(workers: int) -> Mapper:
     """A `ctx.map` that runs units in `workers` processes (results in input order).
 
     Units are picklable by contract (module-level functions, plain arguments). forkserver, not
@@ -127,7 +143,7 @@ def pool_map(workers: int) -> Callable[..., list]:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    def run(fn: Callable[[Any], Any], items: list, name: str = "") -> list:
+    def run(fn: Callable[[_T], _R], items: list[_T], name: str = "") -> list[_R]:
         if workers <= 1 or len(items) <= 1:
             return sequential_map(fn, items, name)
         with ProcessPoolExecutor(
@@ -151,7 +167,7 @@ class StageContext:
     ref: str = ""  # this artifact's ref, `stage/key`
     # How a stage runs its independent units of work (one per shard): `map(fn, items, name)`.
     # In order here; under Prefect each unit is a task run of its own, visible in the UI.
-    map: Callable[..., list] = sequential_map
+    map: Mapper = sequential_map
     # Folders from outside the store that the flow hands this stage (train: the release to
     # warm-start from). A stage never looks for them itself; what identifies them is in its key.
     resources: dict[str, Path] = field(default_factory=dict)
@@ -165,12 +181,14 @@ class StageContext:
 class Stage:
     name: str  # also the name of its section in the pipeline config
     version: int  # bump when a change of logic changes what the stage produces
-    run: Callable[[Any, StageContext], dict]
+    # `run(cfg, ctx)`: `cfg` is an instance of the stage's own config class (or None for a stage
+    # that has none); one list holds every stage, so that class cannot be named here.
+    run: Callable[[Any, StageContext], Metrics]
     inputs: tuple[str, ...] = ()  # the stages whose artifacts it reads (ctx.inputs)
     # Config fields that do not change the output (e.g. a progress interval) stay out of the key.
     unkeyed: tuple[str, ...] = ()
 
-    def params(self, cfg: BaseModel | None) -> dict:
+    def params(self, cfg: BaseModel | None) -> dict[str, Any]:
         return cfg.model_dump(mode="json", exclude=set(self.unkeyed)) if cfg is not None else {}
 
 
@@ -180,15 +198,15 @@ class Outcome:
     ref: str
     cached: bool
     seconds: float
-    metrics: dict = field(default_factory=dict)
+    metrics: Metrics = field(default_factory=dict)
     path: Path | None = None  # the artifact's folder
     # From its manifest: the run that made it (flow_run_id, flow_run_name), when, in how long, and
     # the report it gave then (so that a cache hit shows the same card as the run that did the work).
-    made_by: dict = field(default_factory=dict)
-    report: list[dict] = field(default_factory=list)
+    made_by: dict[str, Any] = field(default_factory=dict)
+    report: list[ReportSection] = field(default_factory=list)
 
 
-def _outcome(stage: str, artifact, cached: bool, seconds: float) -> Outcome:
+def _outcome(stage: str, artifact: Artifact, cached: bool, seconds: float) -> Outcome:
     manifest = artifact.manifest
     made_by = {**manifest.get("run", {}), "created": manifest.get("created"), "seconds": manifest.get("seconds")}
     return Outcome(
@@ -203,9 +221,9 @@ def run_stage(
     inputs: dict[str, str],
     force: bool = False,
     reporter: Reporter | None = None,
-    run_info: dict | None = None,
+    run_info: dict[str, str] | None = None,
     identity: object = None,
-    mapper: Callable[..., list] = sequential_map,
+    mapper: Mapper = sequential_map,
     resources: dict[str, Path] | None = None,
 ) -> Outcome:
     """Produce (or find) the artifact of `stage` for this config and these input refs.
@@ -227,7 +245,7 @@ def run_stage(
     input_artifacts = {name: store.require(r) for name, r in inputs.items()}
     input_digests = {name: a.manifest["digest"] for name, a in input_artifacts.items()}
 
-    def current(artifact) -> bool:
+    def current(artifact: Artifact | None) -> TypeGuard[Artifact]:
         return artifact is not None and not force and artifact.manifest.get("input_digests") == input_digests
 
     existing = store.get(ref)

@@ -20,8 +20,10 @@ import time
 from functools import partial
 from itertools import chain
 from pathlib import Path
+from typing import Any, TypedDict
 
 import numpy as np
+import numpy.typing as npt
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer
@@ -33,6 +35,15 @@ from ember.storage.tokens import META, SPLITS, TokenShardWriter, token_dtype
 from ember.tasks.stage import Stage, StageContext
 
 log = logging.getLogger("ember.tokenize")
+
+
+class SplitStats(TypedDict):
+    """What one shard gave a split: its documents, their UTF-8 bytes, tokens (EOS included), files."""
+
+    docs: int
+    bytes: int
+    tokens: int
+    files: list[str]
 
 
 class TokenizeConfig(BaseModel):
@@ -50,13 +61,15 @@ def split_fraction(doc_id: str) -> float:
     return int(hashlib.sha256(doc_id.encode()).hexdigest()[:8], 16) / 2**32
 
 
-def _val_masks(shards: list[Path], val_fraction: float) -> list[np.ndarray]:
+def _val_masks(shards: list[Path], val_fraction: float) -> list[npt.NDArray[np.bool_]]:
     """Per shard, which documents go to val. Reads only the `id` column."""
     fractions = []
     for path in shards:
-        ids = read_shard(path, columns=["id"])["id"].to_pylist()
-        if any(i is None for i in ids):
-            raise ValueError(f"{path}: a document has no id")
+        ids: list[str] = []
+        for i in read_shard(path, columns=["id"])["id"].to_pylist():
+            if i is None:
+                raise ValueError(f"{path}: a document has no id")
+            ids.append(i)
         fractions.append(np.fromiter((split_fraction(i) for i in ids), dtype=np.float64, count=len(ids)))
     masks = [f < val_fraction for f in fractions]
     n_docs, n_val = sum(len(m) for m in masks), sum(int(m.sum()) for m in masks)
@@ -75,15 +88,20 @@ def _val_masks(shards: list[Path], val_fraction: float) -> list[np.ndarray]:
 
 
 def tokenize_shard(
-    path: Path, is_val: np.ndarray, tokenizer: Tokenizer, dtype: np.dtype, cfg: TokenizeConfig, out: Path
-) -> dict:
+    path: Path,
+    is_val: npt.NDArray[np.bool_],
+    tokenizer: Tokenizer,
+    dtype: np.dtype[np.unsignedinteger[Any]],
+    cfg: TokenizeConfig,
+    out: Path,
+) -> dict[str, SplitStats]:
     """One text shard to token files under `out/train` and `out/val`; returns its counts.
 
     Shards are independent: a shard's files depend on that shard alone (and the split mask,
     which depends only on document ids), so shards can run anywhere, in any order.
     """
     writers = {split: TokenShardWriter(out / split, cfg.shard_tokens) for split in SPLITS}
-    stats = {split: {"docs": 0, "bytes": 0} for split in SPLITS}
+    counts = {split: {"docs": 0, "bytes": 0} for split in SPLITS}
     table = read_shard(path, columns=["text"])
     doc_bytes = pc.fill_null(pc.binary_length(table["text"]), 0).to_numpy()
     texts = [t or "" for t in table["text"].to_pylist()]
@@ -96,15 +114,24 @@ def tokenize_shard(
         writers["train"].add(tokens[~token_is_val])
         writers["val"].add(tokens[token_is_val])
         for split, docs in (("train", ~is_val[start:end]), ("val", is_val[start:end])):
-            stats[split]["docs"] += int(docs.sum())
-            stats[split]["bytes"] += int(doc_bytes[start:end][docs].sum())
+            counts[split]["docs"] += int(docs.sum())
+            counts[split]["bytes"] += int(doc_bytes[start:end][docs].sum())
     for split in SPLITS:
         writers[split].flush()
-        stats[split].update(tokens=writers[split].tokens, files=[p.name for p in writers[split].paths])
-    return stats
+    return {
+        split: SplitStats(
+            docs=counts[split]["docs"],
+            bytes=counts[split]["bytes"],
+            tokens=writers[split].tokens,
+            files=[p.name for p in writers[split].paths],
+        )
+        for split in SPLITS
+    }
 
 
-def tokenize_unit(tokenizer_dir: str, cfg: TokenizeConfig, work: str, masks: dict[str, np.ndarray], shard: str) -> dict:
+def tokenize_unit(
+    tokenizer_dir: str, cfg: TokenizeConfig, work: str, masks: dict[str, npt.NDArray[np.bool_]], shard: str
+) -> dict[str, Any]:
     """One shard as a unit of `ctx.map`: plain arguments, so it can run in another process.
 
     Its token files land in `work/shard-<name>-<identity>/`, named after what they were made from
@@ -132,7 +159,7 @@ def tokenize_unit(tokenizer_dir: str, cfg: TokenizeConfig, work: str, masks: dic
     return {**stats, "reused": False, "folder": str(done)}
 
 
-def run(cfg: TokenizeConfig, ctx: StageContext) -> dict:
+def run(cfg: TokenizeConfig, ctx: StageContext) -> dict[str, Any]:
     started = time.monotonic()
     tokenizer = load_tokenizer(ctx.inputs["train_tokenizer"])
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
@@ -217,7 +244,9 @@ def run(cfg: TokenizeConfig, ctx: StageContext) -> dict:
     }
 
 
-def _encode(tokenizer: Tokenizer, texts: list[str], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+def _encode(
+    tokenizer: Tokenizer, texts: list[str], dtype: np.dtype[np.unsignedinteger[Any]]
+) -> tuple[npt.NDArray[np.unsignedinteger[Any]], npt.NDArray[np.int64]]:
     """The batch as one flat array with EOS after each document, and each document's length (EOS included)."""
     # encode_batch_fast (tokenizers >= 0.21) skips the offsets we never read; same ids, less work.
     encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)

@@ -25,8 +25,10 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -90,20 +92,23 @@ def sample_fraction(doc_id: str) -> float:
     return int(hashlib.blake2b(doc_id.encode(), digest_size=8).hexdigest(), 16) / 2**64
 
 
-def _scan(shards: list[Path]) -> list[tuple[np.ndarray, np.ndarray]]:
+def _scan(shards: list[Path]) -> list[tuple[npt.NDArray[np.float64], npt.NDArray[np.integer[Any]]]]:
     """Per shard: each document's sample fraction and length in characters."""
     scanned = []
     for path in shards:
         table = read_shard(path, columns=["id", "text"])
-        fractions = np.fromiter(
-            (sample_fraction(i) for i in table["id"].to_pylist()), dtype=np.float64, count=table.num_rows
-        )
+        ids: list[str] = []
+        for i in table["id"].to_pylist():
+            if i is None:
+                raise ValueError(f"{path}: a document has no id")
+            ids.append(i)
+        fractions = np.fromiter((sample_fraction(i) for i in ids), dtype=np.float64, count=table.num_rows)
         lengths = pc.fill_null(pc.utf8_length(table["text"]), 0).to_numpy()
         scanned.append((fractions, lengths))
     return scanned
 
 
-def _iter_texts(shards: list[Path], masks: list[np.ndarray], max_chars: int) -> Iterator[str]:
+def _iter_texts(shards: list[Path], masks: list[npt.NDArray[np.bool_]], max_chars: int) -> Iterator[str]:
     """The texts selected by `masks`, one shard in memory at a time, stopping at `max_chars`."""
     fed = 0
     for path, mask in zip(shards, masks, strict=True):
@@ -157,7 +162,7 @@ def write_transformers_files(out: Path, model_max_length: int = MODEL_MAX_LENGTH
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
 
-def run(cfg: TokenizerConfig, ctx: StageContext) -> dict:
+def run(cfg: TokenizerConfig, ctx: StageContext) -> dict[str, Any]:
     started = time.monotonic()
     shard_dir = ctx.inputs["dedup"] / "shards"
     shards = list_shards(shard_dir)
@@ -255,7 +260,7 @@ def script_of(text: str) -> str:
     return "CJK" if head and len(CJK_CHAR.findall(head)) >= 0.3 * len(head) else "other"
 
 
-def held_out_report(tokenizer: Tokenizer, shards: list[Path], masks: list[np.ndarray]) -> dict:
+def held_out_report(tokenizer: Tokenizer, shards: list[Path], masks: list[npt.NDArray[np.bool_]]) -> dict[str, Any]:
     """Bytes per token by source, by script and over all, and the share of the vocabulary used,
     on up to HELD_MAX_CHARS of the masked documents."""
     docs: list[tuple[str, str]] = []  # (source, text)
@@ -279,7 +284,7 @@ def held_out_report(tokenizer: Tokenizer, shards: list[Path], masks: list[np.nda
         for group in (("source", source), ("script", script_of(text)), ("all", "(all)")):
             groups.setdefault(group, []).append(i)
 
-    def row(kind: str, name: str, members: list[int]) -> dict:
+    def row(kind: str, name: str, members: list[int]) -> dict[str, str | int | float]:
         n_bytes = sum(len(docs[i][1].encode("utf-8")) for i in members)
         n_tokens = sum(len(encodings[i].ids) for i in members)
         return {
@@ -298,7 +303,7 @@ def held_out_report(tokenizer: Tokenizer, shards: list[Path], masks: list[np.nda
     return {"rows": rows, "vocab_used": len(used), "vocab_coverage": round(len(used) / vocab, 4)}
 
 
-def _report_markdown(report: dict, metrics: dict) -> str:
+def _report_markdown(report: dict[str, Any], metrics: dict[str, Any]) -> str:
     lines = [
         "# Tokenizer report",
         "",

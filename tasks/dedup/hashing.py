@@ -20,8 +20,10 @@ from __future__ import annotations
 import hashlib
 import re
 from itertools import pairwise
+from typing import Any, TypeVar, cast
 
 import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -38,8 +40,17 @@ _POLY = np.uint64(0x100000001B3)
 _SHORT = 64  # strings up to this many bytes are hashed by numpy; longer ones (rare) by blake2b
 _POWERS = np.cumprod(np.concatenate([[1], np.full(_SHORT - 1, _POLY)]).astype(np.uint64))
 
+StringsT = TypeVar("StringsT", bound="pa.StringArray | pa.LargeStringArray")
 
-def hash_strings(strings: pa.Array) -> np.ndarray:
+
+def fill_empty(texts: StringsT) -> StringsT:
+    """`texts` with "" for each null."""
+    # pyarrow-stubs cannot type a Python str as the fill value (it gives Any): the result is an
+    # array of the input's type.
+    return cast(StringsT, pc.fill_null(texts, ""))
+
+
+def hash_strings(strings: pa.StringArray | pa.LargeStringArray) -> npt.NDArray[np.uint64]:
     """A 64-bit hash per string (0 for ""), computed on Arrow's buffers without a Python object
     per string: a polynomial over the UTF-8 bytes mod 2^64, then splitmix64's finalizer. Arrow
     hands the distinct tokens of a batch here, so each is hashed once per batch."""
@@ -48,13 +59,19 @@ def hash_strings(strings: pa.Array) -> np.ndarray:
     if n == 0 or strings.null_count == n:
         return out
     kind = np.int64 if pa.types.is_large_string(strings.type) else np.int32
-    offsets = np.frombuffer(strings.buffers()[1], dtype=kind, count=n + 1, offset=strings.offset * kind().itemsize)
+    # Arrow leaves out the offsets only when every string is null, the data when every one is empty.
+    offsets_buffer, data_buffer = strings.buffers()[1:3]
+    assert offsets_buffer is not None
+    offsets = np.frombuffer(
+        memoryview(offsets_buffer), dtype=kind, count=n + 1, offset=strings.offset * kind().itemsize
+    )
     base = int(offsets[0])
     offsets = offsets.astype(np.int64) - base
     lengths = np.diff(offsets)
     if offsets[-1] == 0:
         return out
-    raw = np.frombuffer(strings.buffers()[2], dtype=np.uint8, count=int(offsets[-1]), offset=base)
+    assert data_buffer is not None  # some string is not empty
+    raw = np.frombuffer(memoryview(data_buffer), dtype=np.uint8, count=int(offsets[-1]), offset=base)
     # byte i of a string of length L weighs POLY^(L - 1 - i); sums per string from a cumulative sum
     exponent = np.repeat(offsets[1:], lengths) - np.arange(len(raw)) - 1
     terms = (raw.astype(np.uint64) + np.uint64(1)) * _POWERS[np.minimum(exponent, _SHORT - 1)]
@@ -73,7 +90,7 @@ def hash_strings(strings: pa.Array) -> np.ndarray:
     return out
 
 
-def _ngrams(ids: np.ndarray, n: int) -> np.ndarray:
+def _ngrams(ids: npt.NDArray[np.uint64], n: int) -> npt.NDArray[np.uint64]:
     if len(ids) == 0:
         return ids
     n = min(n, len(ids))  # a text shorter than one shingle is one shingle
@@ -85,12 +102,13 @@ def _ngrams(ids: np.ndarray, n: int) -> np.ndarray:
     keys *= _MIX
     keys ^= keys >> np.uint64(29)
     keys.sort()
-    return keys[np.concatenate(([True], keys[1:] != keys[:-1]))]
+    unique: npt.NDArray[np.uint64] = keys[np.concatenate(([True], keys[1:] != keys[:-1]))]
+    return unique
 
 
 def analyze(
-    texts: pa.Array, cfg: DedupConfig, keys: bool = True, sets: bool = True
-) -> tuple[np.ndarray | None, list[np.ndarray]]:
+    texts: pa.StringArray | pa.LargeStringArray, cfg: DedupConfig, keys: bool = True, sets: bool = True
+) -> tuple[npt.NDArray[np.uint64] | None, list[npt.NDArray[np.uint64]]]:
     """Texts -> (128-bit exact keys as (n, 2) uint64, or None; sorted unique 64-bit shingle hashes per text).
 
     Arrow's compute kernels lowercase, split and dictionary-encode the whole batch without a
@@ -98,22 +116,24 @@ def analyze(
     exact key hashes the sequence of the lowercased tokens: the text with its case and
     whitespace normalized. The same on every run and machine.
     """
-    texts = pc.fill_null(texts, "")
+    texts = fill_empty(texts)
     lower = pc.utf8_lower(texts)
     tokens = pc.utf8_split_whitespace(lower)
     flat = tokens.flatten()
-    encoded = pc.dictionary_encode(flat)
+    # pyarrow-stubs type dictionary_encode's result as its input: it is a DictionaryArray.
+    encoded = cast("pa.DictionaryArray[Any, Any]", pc.dictionary_encode(flat))
     if len(flat):
         # Per distinct token: its hash (for the exact key) and its word's, its letters and digits
         # only (for shingles; 0 for a token of punctuation only, which is then skipped).
-        distinct = encoded.dictionary
+        # The stubs lose the value type of `flatten` and `dictionary`: the tokens are strings.
+        distinct = cast("pa.StringArray | pa.LargeStringArray", encoded.dictionary)
         at = encoded.indices.to_numpy()
         token_ids = hash_strings(distinct)[at]
         word_ids = hash_strings(pc.replace_substring_regex(distinct, NOT_WORD_CLASS, ""))[at]
     else:
         token_ids = word_ids = np.zeros(0, np.uint64)
     bounds = tokens.offsets.to_numpy()
-    exact = None
+    exact: npt.NDArray[np.uint64] | None = None
     if keys:
         exact = np.frombuffer(
             b"".join(
@@ -128,14 +148,14 @@ def analyze(
     cjk = np.zeros(len(texts), dtype=bool)
     wide = np.flatnonzero(~pc.string_is_ascii(texts).to_numpy(zero_copy_only=False))
     if len(wide):
-        n_cjk = pc.count_substring_regex(texts.take(pa.array(wide)), CJK_CHAR).to_numpy()
+        n_cjk = pc.count_substring_regex(texts.take(pa.array(wide, type=pa.int64())), CJK_CHAR).to_numpy()
         wide = wide[n_cjk > 0]
     if len(wide):
-        some = texts.take(pa.array(wide))
+        some = texts.take(pa.array(wide, type=pa.int64()))
         n_cjk = pc.count_substring_regex(some, CJK_CHAR).to_numpy()
         n_chars = pc.utf8_length(some).to_numpy() - pc.count_substring_regex(some, BLANK_CLASS).to_numpy()
         cjk[wide] = (n_chars > 0) & (n_cjk > cfg.cjk_fraction * np.maximum(n_chars, 1))
-    out = []
+    out: list[npt.NDArray[np.uint64]] = []
     for i in range(len(texts)):
         if cjk[i]:
             # Characters, not words: CJK characters are \w; spaces and punctuation go.
@@ -149,12 +169,12 @@ def analyze(
     return exact, out
 
 
-def shingles(text: str, cfg: DedupConfig) -> np.ndarray:
+def shingles(text: str, cfg: DedupConfig) -> npt.NDArray[np.uint64]:
     """One text's sorted unique 64-bit shingle hashes."""
     return analyze(pa.array([text], type=pa.string()), cfg, keys=False)[1][0]
 
 
-def jaccard(a: np.ndarray, b: np.ndarray) -> float:
+def jaccard(a: npt.NDArray[np.uint64], b: npt.NDArray[np.uint64]) -> float:
     """Jaccard similarity of two sorted unique arrays."""
     if len(a) < len(b):
         a, b = b, a
@@ -166,7 +186,7 @@ def jaccard(a: np.ndarray, b: np.ndarray) -> float:
     return inter / (len(a) + len(b) - inter)
 
 
-def _permutations(cfg: DedupConfig) -> tuple[np.ndarray, np.ndarray]:
+def _permutations(cfg: DedupConfig) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint32]]:
     rng = np.random.default_rng(cfg.seed)
     n = cfg.bands * cfg.rows
     seeds = rng.integers(0, 2**32, n, dtype=np.uint64).astype(np.uint32)[:, None]
@@ -177,15 +197,15 @@ def _permutations(cfg: DedupConfig) -> tuple[np.ndarray, np.ndarray]:
 BLOCK = 16_384  # shingles hashed per numpy call: (bands * rows) x BLOCK uint32 stays in cache-sized MBs
 
 
-def minhash(sets: list[np.ndarray], cfg: DedupConfig) -> np.ndarray:
+def minhash(sets: list[npt.NDArray[np.uint64]], cfg: DedupConfig) -> npt.NDArray[np.uint32]:
     """Signatures (len(sets), bands * rows) uint32 of non-empty shingle sets, many sets per call."""
     seeds, mults = _permutations(cfg)
     out = np.empty((len(sets), len(seeds)), dtype=np.uint32)
 
-    def hashed(x: np.ndarray) -> np.ndarray:
+    def hashed(x: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint32]:
         # a_i * x + b_i mod 2^32 on the high half of splitmix-mixed shingle hashes: measured
         # unbiased (Jaccard estimate error +0.0002 +- 0.0008 at s = 0.8), and two passes only.
-        h = (x >> np.uint64(32)).astype(np.uint32)[None, :] * mults
+        h: npt.NDArray[np.uint32] = (x >> np.uint64(32)).astype(np.uint32)[None, :] * mults
         h += seeds
         return h
 
@@ -205,7 +225,7 @@ def minhash(sets: list[np.ndarray], cfg: DedupConfig) -> np.ndarray:
     return out
 
 
-def band_keys(signatures: np.ndarray, cfg: DedupConfig) -> np.ndarray:
+def band_keys(signatures: npt.NDArray[np.uint32], cfg: DedupConfig) -> npt.NDArray[np.uint64]:
     """(n, bands * rows) signatures -> (bands, n) uint64 keys: equal keys = equal band."""
     parts = signatures.reshape(len(signatures), cfg.bands, cfg.rows).astype(np.uint64)
     keys = parts[:, :, 0].copy()

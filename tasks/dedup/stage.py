@@ -36,40 +36,64 @@ import time
 from functools import partial
 from itertools import pairwise
 from pathlib import Path
+from typing import Any, TypedDict, cast
 
 import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ember.storage.shards import ShardFileWriter, input_shards, iter_batches, read_rows
 from ember.tasks.dedup.config import DedupConfig
-from ember.tasks.dedup.hashing import analyze, band_keys, jaccard, minhash
-from ember.tasks.stage import Stage, StageContext, sequential_map
+from ember.tasks.dedup.hashing import analyze, band_keys, fill_empty, jaccard, minhash
+from ember.tasks.stage import Metrics, Stage, StageContext, sequential_map
 
 # ---------------------------------------------------------------------------------------------
 # Units of work (module-level, plain arguments: they may run in another process)
 
 
-def _read_texts(unit: dict, rows: np.ndarray | None = None) -> pa.Array:
+class _UnitRows(TypedDict):
+    shard: str  # the input shard
+    index: int  # its position among the input shards
+    start: int  # its rows start..stop
+    stop: int
+
+
+class Unit(_UnitRows, total=False):
+    """A unit of work: a row range of one shard (`plan_units`), then the paths in `ctx.work`
+    that its steps write (`run`), its output shard, and (step 4) its candidate rows."""
+
+    sig: str  # step 1: lengths, exact keys and which documents have band keys (.npz)
+    bands: str  # step 1: band keys (.npy)
+    sets: str  # step 4: the candidates' shingle sets (.npz)
+    drop: str  # step 5: the rows to drop, counted from `start` (.npy)
+    out: str  # step 5: the output shard
+    rows: list[int]  # step 4: the candidate rows, counted from `start`
+    base: int  # step 4: the global index of row `start`
+
+
+def _read_texts(unit: Unit, rows: npt.NDArray[np.int64] | None = None) -> pa.StringArray:
     """The unit's texts (or some of its rows), streaming the shard in batches: a worker holds
     its own rows, not the whole shard (a shard read at once costs about 3x its text in RSS)."""
-    return _read_column(unit, "text", rows)
+    # Arrow knows the column's type at run time only: `text` is a string column (TEXT_SCHEMA).
+    return cast(pa.StringArray, _read_column(unit, "text", rows))
 
 
-def _read_column(unit: dict, name: str, rows: np.ndarray | None = None) -> pa.Array:
+def _read_column(unit: Unit, name: str, rows: npt.NDArray[np.int64] | None = None) -> pa.Array[Any]:
     column = read_rows(Path(unit["shard"]), [name], unit["start"], unit["stop"]).column(0).combine_chunks()
     return column if rows is None else column.take(pa.array(rows, type=pa.int64()))
 
 
-def _save(path: Path, **arrays: np.ndarray) -> None:
+def _save(path: Path, **arrays: npt.NDArray[np.generic]) -> None:
     """Write an .npz so that a crash never leaves a half-written file under its final name."""
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
+    # allow_pickle is numpy's default, named so that mypy does not match `**arrays` to it.
+    np.savez(tmp, allow_pickle=True, **arrays)
     os.replace(tmp, path)
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
+def _save_npy(path: Path, array: npt.NDArray[np.generic]) -> None:
     tmp = path.with_name(path.name + ".tmp.npy")
     np.save(tmp, array)
     os.replace(tmp, path)
@@ -78,19 +102,21 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 BATCH_DOCS = 256  # documents analyzed together in a unit (about 1 MB of text in 4,000-char chunks)
 
 
-def signatures(unit: dict, cfg: DedupConfig) -> dict:
+def signatures(unit: Unit, cfg: DedupConfig) -> dict[str, str]:
     """Step 1 for one unit: lengths, exact keys and band keys of its documents, into unit['sig'] and
     unit['bands'] (a .npy, so that the global step memory-maps it and reads one band at a time)."""
     path = Path(unit["sig"])
     if not path.exists():  # else a run that crashed after this unit already did it (bands first)
         texts = _read_texts(unit)
-        lengths = pc.utf8_length(pc.fill_null(texts, "")).to_numpy().astype(np.int64)
+        lengths = pc.utf8_length(fill_empty(texts)).to_numpy().astype(np.int64)
         exact = np.zeros((len(texts), 2), dtype=np.uint64)
         bands = np.zeros((cfg.bands, len(texts)), dtype=np.uint64)
         has = np.zeros(len(texts), dtype=bool)
         for start in range(0, len(texts), BATCH_DOCS):  # the intermediates of a few MB of text at a time
             stop = min(start + BATCH_DOCS, len(texts))
-            exact[start:stop], sets = analyze(texts.slice(start, stop - start), cfg, sets=cfg.minhash)
+            keys, sets = analyze(texts.slice(start, stop - start), cfg, sets=cfg.minhash)
+            assert keys is not None  # analyze(keys=True)
+            exact[start:stop] = keys
             if cfg.minhash:
                 some = np.fromiter((len(s) > 0 for s in sets), dtype=bool, count=len(sets))
                 has[start:stop] = some
@@ -101,7 +127,7 @@ def signatures(unit: dict, cfg: DedupConfig) -> dict:
     return {"sig": str(path)}
 
 
-def candidate_shingles(unit: dict, cfg: DedupConfig) -> dict:
+def candidate_shingles(unit: Unit, cfg: DedupConfig) -> dict[str, str]:
     """Step 4 for one unit: the shingle sets of its candidate documents (unit['rows']) into unit['sets']."""
     path = Path(unit["sets"])
     if not path.exists():
@@ -112,7 +138,7 @@ def candidate_shingles(unit: dict, cfg: DedupConfig) -> dict:
     return {"sets": str(path)}
 
 
-def write_kept(unit: dict) -> dict:
+def write_kept(unit: Unit) -> dict[str, int]:
     """Step 5 for one unit: its rows minus the dropped ones (unit['drop']), every column kept."""
     drop = np.load(unit["drop"])
     out = ShardFileWriter(Path(unit["out"]), pq.read_schema(unit["shard"]))
@@ -130,9 +156,9 @@ def write_kept(unit: dict) -> dict:
 # The global steps (main process)
 
 
-def plan_units(shards: list[Path], unit_chars: int) -> list[dict]:
+def plan_units(shards: list[Path], unit_chars: int) -> list[Unit]:
     """Row ranges of about `unit_chars` characters, from the Parquet footers (no text read)."""
-    units = []
+    units: list[Unit] = []
     for s, shard in enumerate(shards):
         meta = pq.ParquetFile(shard).metadata
         rows = meta.num_rows
@@ -147,6 +173,11 @@ def plan_units(shards: list[Path], unit_chars: int) -> list[dict]:
         bounds = [rows * k // parts for k in range(parts + 1)]
         units += [{"shard": str(shard), "index": s, "start": a, "stop": b} for a, b in pairwise(bounds)]
     return units
+
+
+# A dropped document: (doc, kept doc, kind "exact" or "near", jaccard, its cluster's first kept doc),
+# documents by global index.
+ClusterLine = tuple[int, int, str, float, int]
 
 
 class UnionFind:
@@ -166,7 +197,7 @@ class UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
-def candidate_pairs(keys: np.ndarray, docs: np.ndarray) -> np.ndarray:
+def candidate_pairs(keys: npt.NDArray[np.uint64], docs: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
     """Pairs (global index a < b) of `docs` sharing a key; a group of m gives all its pairs up to
     m = 32, beyond that a star on its first member plus the chain of neighbours (no m^2 blow-up)."""
     order = np.argsort(keys, kind="stable")
@@ -185,11 +216,10 @@ def candidate_pairs(keys: np.ndarray, docs: np.ndarray) -> np.ndarray:
             i = np.concatenate([np.zeros(m - 1, dtype=np.int64), np.arange(1, m - 1)])
             j = np.concatenate([np.arange(1, m), np.arange(2, m)])
         pairs.append(np.stack([members[i], members[j]], axis=1))
-    pairs = np.concatenate(pairs).astype(np.int64)
-    return np.sort(pairs, axis=1)
+    return np.sort(np.concatenate(pairs).astype(np.int64), axis=1)
 
 
-def run(cfg: DedupConfig, ctx: StageContext) -> dict:
+def run(cfg: DedupConfig, ctx: StageContext) -> Metrics:
     started = time.monotonic()
     shards, total = input_shards(ctx.inputs["filter"], "filter")
     units = plan_units(shards, cfg.unit_chars)
@@ -198,12 +228,10 @@ def run(cfg: DedupConfig, ctx: StageContext) -> dict:
         # Files of a crashed run are reused only for the same rows of the same shard file.
         stat = Path(u["shard"]).stat()
         name = f"{u['index']:05d}-{u['start']}-{u['stop']}-{stat.st_size}-{stat.st_mtime_ns}"
-        u.update(
-            sig=str(ctx.work / f"sig-{name}.npz"),
-            bands=str(ctx.work / f"bands-{name}.npy"),
-            sets=str(ctx.work / f"sets-{name}.npz"),
-            drop=str(ctx.work / f"drop-{name}.npy"),
-        )
+        u["sig"] = str(ctx.work / f"sig-{name}.npz")
+        u["bands"] = str(ctx.work / f"bands-{name}.npy")
+        u["sets"] = str(ctx.work / f"sets-{name}.npz")
+        u["drop"] = str(ctx.work / f"drop-{name}.npy")
     ctx.log.info("dedup: %d documents in %d shards, %d units", total, len(shards), len(units))
 
     # Step 1: per unit, in parallel.
@@ -238,7 +266,8 @@ def run(cfg: DedupConfig, ctx: StageContext) -> dict:
 
     # Step 3: LSH over the representatives, one band at a time (memory: a few arrays of n).
     active = np.flatnonzero(is_rep & has) if cfg.minhash else np.zeros(0, np.int64)
-    pair_list, held = [], lengths.nbytes + exact.nbytes + has.nbytes + rep.nbytes + rank.nbytes + active.nbytes
+    pair_list: list[npt.NDArray[np.int64]] = []
+    held = lengths.nbytes + exact.nbytes + has.nbytes + rep.nbytes + rank.nbytes + active.nbytes
     bytes_per_doc = held / n if n else 0.0
     if len(active) > 1:
         for band in range(cfg.bands):
@@ -253,7 +282,7 @@ def run(cfg: DedupConfig, ctx: StageContext) -> dict:
     # Step 4: verify candidates by the exact Jaccard of their shingle sets.
     cand_docs = np.unique(pairs)
     unit_of = np.searchsorted(offsets, cand_docs, side="right") - 1
-    busy = []
+    busy: list[Unit] = []
     for k, u in enumerate(units):
         rows = cand_docs[unit_of == k] - offsets[k]
         if len(rows):
@@ -261,7 +290,7 @@ def run(cfg: DedupConfig, ctx: StageContext) -> dict:
     # A few hundred candidates are re-read faster here than a pool of workers starts.
     mapper = ctx.map if len(cand_docs) > 2000 else sequential_map
     mapper(partial(candidate_shingles, cfg=cfg), busy, "dedup-verify")
-    sets: dict[int, np.ndarray] = {}
+    sets: dict[int, npt.NDArray[np.uint64]] = {}
     for u in busy:
         z = np.load(u["sets"])
         base = u["base"]
@@ -307,7 +336,7 @@ def run(cfg: DedupConfig, ctx: StageContext) -> dict:
 
     # Every dropped document: exact duplicates point to the survivor of their representative.
     dropped = np.flatnonzero(~is_rep | np.isin(index, np.fromiter(near, dtype=np.int64, count=len(near))))
-    lines = []
+    lines: list[ClusterLine] = []
     for doc in dropped.tolist():
         r = int(rep[doc])
         if r in near:
@@ -369,9 +398,9 @@ def run(cfg: DedupConfig, ctx: StageContext) -> dict:
     }
 
 
-def _ids_of(units: list[dict], offsets: np.ndarray, docs: list[int]) -> dict[int, str]:
+def _ids_of(units: list[Unit], offsets: npt.NDArray[np.int64], docs: list[int]) -> dict[int, str | None]:
     """The `id` of some documents by global index, reading only the id column."""
-    out: dict[int, str] = {}
+    out: dict[int, str | None] = {}  # None for a null id, which no stage writes
     docs_arr = np.asarray(docs, dtype=np.int64)
     unit_of = np.searchsorted(offsets, docs_arr, side="right") - 1
     for k in np.unique(unit_of).tolist():
@@ -382,7 +411,7 @@ def _ids_of(units: list[dict], offsets: np.ndarray, docs: list[int]) -> dict[int
     return out
 
 
-def _snippets(units: list[dict], offsets: np.ndarray, docs: list[int], width: int = 70) -> dict[int, str]:
+def _snippets(units: list[Unit], offsets: npt.NDArray[np.int64], docs: list[int], width: int = 70) -> dict[int, str]:
     out: dict[int, str] = {}
     docs_arr = np.asarray(sorted(set(docs)), dtype=np.int64)
     unit_of = np.searchsorted(offsets, docs_arr, side="right") - 1
@@ -396,16 +425,16 @@ def _snippets(units: list[dict], offsets: np.ndarray, docs: list[int], width: in
 def _report(
     ctx: StageContext,
     cfg: DedupConfig,
-    units: list[dict],
-    offsets: np.ndarray,
-    lines: list[tuple],
-    ids: dict[int, str],
+    units: list[Unit],
+    offsets: npt.NDArray[np.int64],
+    lines: list[ClusterLine],
+    ids: dict[int, str | None],
     n: int,
     exact_dups: int,
     near_dups: int,
     bytes_per_doc: float,
 ) -> None:
-    by_kept: dict[int, list[tuple]] = {}
+    by_kept: dict[int, list[ClusterLine]] = {}
     for line in lines:
         by_kept.setdefault(line[1], []).append(line)
     top = sorted(by_kept.items(), key=lambda kv: (-len(kv[1]), kv[0]))[: cfg.report_clusters]

@@ -111,12 +111,12 @@ def iter_chunks(parts: Iterable[str], max_chars: int) -> Iterator[str]:
         done.clear()
         if final:
             break
-        part = next(parts, None)
-        if part is None:
+        following = next(parts, None)
+        if following is None:
             final = True
         else:
             keep = min(pos, start) if start >= 0 else pos
-            buf = buf[keep:] + part
+            buf = buf[keep:] + following
             pos -= keep
             if start >= 0:
                 start, end = start - keep, end - keep

@@ -81,8 +81,7 @@ def fetch(urls: list[str], dest_dir: Path, sha256: str | None = None, http: Http
         part = dest_dir / f"{_sha256(url.encode()).hexdigest()[:12]}.part"
         try:
             _download(url, part, http)
-            got = file_sha256(part) if sha256 else None
-            if got is not None and got != sha256.lower():
+            if sha256 and (got := file_sha256(part)) != sha256.lower():
                 _discard(part)
                 raise FetchError(f"sha256 mismatch: expected {sha256.lower()}, got {got}; file discarded")
         except FetchError as err:
@@ -173,7 +172,7 @@ def _range_start(content_range: str | None) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _write_validator(part: Path, headers) -> None:
+def _write_validator(part: Path, headers: http_client.HTTPMessage) -> None:
     etag = headers.get("ETag")
     value = etag if etag and not etag.startswith("W/") else headers.get("Last-Modified")
     path = _validator_path(part)
@@ -185,12 +184,13 @@ def _write_validator(part: Path, headers) -> None:
 
 def _read_validator(part: Path) -> str | None:
     try:
-        return json.loads(_validator_path(part).read_text())["if_range"]
+        value: str = json.loads(_validator_path(part).read_text())["if_range"]  # as _write_validator wrote it
+        return value
     except (OSError, ValueError, KeyError):
         return None
 
 
-def head(url: str, timeout: float = 10.0) -> dict:
+def head(url: str, timeout: float = 10.0) -> dict[str, str | int | None]:
     """ETag, Content-Length and Last-Modified of `url`; {"status": code} for an HTTP error; {} when unreachable."""
     try:
         request = urllib.request.Request(url, method="HEAD", headers={"User-Agent": "ember"})

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 from ember.storage.store import file_sha256
 from ember.tasks.download import fetch
@@ -17,7 +18,7 @@ PREFLIGHT_RECORDS = 5  # records checked per file
 PREFLIGHT_FILES = 100  # files whose first records are checked, per source
 # sha256 of a file, by (path, size, mtime, inode): a process that asks again (the corpus-changed
 # trigger) rereads only files whose stat changed; `touch` costs a reread, never a new key.
-_DIGESTS: dict[tuple, str] = {}
+_DIGESTS: dict[tuple[str, int, int, int, int], str] = {}
 
 
 def content_digest(path: Path) -> str:
@@ -28,14 +29,14 @@ def content_digest(path: Path) -> str:
     return _DIGESTS[key]
 
 
-def preflight(cfg: DownloadConfig) -> list[dict]:
+def preflight(cfg: DownloadConfig) -> list[dict[str, Any]]:
     """Check that every source can be read and return its identity (JSON-able) for the stage key.
 
     Local files are named by content (sha256), a url by its sha256 if given, else by what a
     HEAD request tells (ETag, Last-Modified, Content-Length; nothing if unreachable), a local
     dataset folder by its files' contents, a hub dataset by name, config and split.
     """
-    fingerprints = []
+    fingerprints: list[dict[str, Any]] = []
     for i, source in enumerate(cfg.sources):
         name = source.source_name()
         mode = source.on_error or cfg.on_error
@@ -51,7 +52,12 @@ def preflight(cfg: DownloadConfig) -> list[dict]:
             _check_url_type(source, i)
             fingerprints.append({"name": name, "url": source.url, "sha256": source.sha256, **_url_identity(source, i)})
         else:
-            entry = {"name": name, "hf": source.hf, "config": source.hf_config, "split": source.hf_split}
+            entry: dict[str, Any] = {
+                "name": name,
+                "hf": source.hf,
+                "config": source.hf_config,
+                "split": source.hf_split,
+            }
             local = Path(source.hf or "")
             if local.is_dir():  # a local dataset folder: its files are its version
                 entry["files"] = sorted(
@@ -97,7 +103,7 @@ def _check_first_hf_records(source: Source, index: int) -> None:
         )
 
 
-def _url_identity(source: Source, index: int) -> dict:
+def _url_identity(source: Source, index: int) -> dict[str, str | int | None]:
     # A pinned digest already names the content; otherwise ETag, date and length are a cheap
     # stand-in. A server that answers no HEAD gets the url alone: a changed file then needs --force.
     if source.sha256:

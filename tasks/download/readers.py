@@ -13,12 +13,15 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ember.tasks.download.config import SUPPORTED, TEXT_FORMATS, BadInput, Source, SourceError, file_format
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
 
 BLOCK_CHARS = 1 << 20  # a streamed .txt file is read this many characters at a time
 SNIFF_BYTES = 8192  # a NUL byte in the first 8 KB makes a text file binary (as git and grep decide)
@@ -28,7 +31,7 @@ SNIFF_BYTES = 8192  # a NUL byte in the first 8 KB makes a text file binary (as 
 class Doc:
     index: int  # the record's number in its file (blank lines not counted), or the dataset row
     parts: Iterable[str]  # the text: whole (one string) or in blocks (a streamed .txt file)
-    meta: dict | None = None  # the record's other fields, when metadata is kept
+    meta: dict[str, Any] | None = None  # the record's other fields, when metadata is kept
 
 
 OnBad = Callable[[str, str], None]  # (where, reason): raises, or records a skipped record
@@ -71,7 +74,7 @@ class _ZstdRaw(io.RawIOBase):
     """A .zst file as a stream, frame after frame; a truncated last frame is an error
     (zstandard's own stream reader ends quietly there)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path) -> None:
         import zstandard  # only .zst files need it
 
         self._zstd = zstandard
@@ -83,7 +86,7 @@ class _ZstdRaw(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:
+    def readinto(self, buffer: WriteableBuffer) -> int:
         while not self._pending:
             data = self._file.read(BLOCK_BYTES)
             if not data:
@@ -101,8 +104,9 @@ class _ZstdRaw(io.RawIOBase):
                     self._dobj = self._zstd.ZstdDecompressor().decompressobj()
                 else:
                     data = b""
-        n = min(len(buffer), len(self._pending))
-        buffer[:n] = self._pending[:n]
+        view = memoryview(buffer)
+        n = min(len(view), len(self._pending))
+        view[:n] = self._pending[:n]
         self._pending = self._pending[n:]
         return n
 
@@ -114,7 +118,7 @@ class _ZstdRaw(io.RawIOBase):
 BLOCK_BYTES = 1 << 20
 
 
-def _open_binary(path: Path, fmt: str) -> BinaryIO:
+def _open_binary(path: Path, fmt: str) -> gzip.GzipFile | io.BufferedReader:
     if fmt.endswith(".gz"):
         return gzip.open(path, "rb")
     if fmt.endswith(".zst"):
@@ -127,7 +131,8 @@ READ_ERRORS = (OSError, EOFError, zlib.error)
 
 
 def _read_error(path: Path, where: str, err: Exception) -> BadInput:
-    kind = "corrupt or truncated compressed data" if file_format(path).endswith((".gz", ".zst")) else "cannot read"
+    compressed = (file_format(path) or "").endswith((".gz", ".zst"))
+    kind = "corrupt or truncated compressed data" if compressed else "cannot read"
     return BadInput(path, where, f"{kind}: {type(err).__name__}: {err}")
 
 
@@ -186,7 +191,7 @@ def _text_blocks(path: Path, fmt: str, encoding: str, on_note: OnBad | None) -> 
         raise _read_error(path, f"character {chars}", err) from None
 
 
-def _fields(obj, text_field: str, metadata: bool | list[str], on_bad: OnBad, where: str) -> Doc | None:
+def _fields(obj: object, text_field: str, metadata: bool | list[str], on_bad: OnBad, where: str) -> Doc | None:
     """The text and metadata of one JSON record, or None after reporting it as bad."""
     if not isinstance(obj, dict):
         on_bad(where, f"not a JSON object but {type(obj).__name__}")
@@ -204,7 +209,7 @@ def _fields(obj, text_field: str, metadata: bool | list[str], on_bad: OnBad, whe
     return Doc(-1, [text or ""], meta)
 
 
-def _jsonl_docs(path: Path, fmt: str, text_field: str, on_bad: OnBad, metadata) -> Iterator[Doc]:
+def _jsonl_docs(path: Path, fmt: str, text_field: str, on_bad: OnBad, metadata: bool | list[str]) -> Iterator[Doc]:
     line_no, record = 0, 0
     try:
         with _open_binary(path, fmt) as f:
@@ -233,7 +238,7 @@ def _jsonl_docs(path: Path, fmt: str, text_field: str, on_bad: OnBad, metadata) 
         raise _read_error(path, f"line {line_no + 1}", err) from None
 
 
-def _json_array_docs(path: Path, fmt: str, text_field: str, on_bad: OnBad, metadata) -> Iterator[Doc]:
+def _json_array_docs(path: Path, fmt: str, text_field: str, on_bad: OnBad, metadata: bool | list[str]) -> Iterator[Doc]:
     """The items of a JSON array, parsed one at a time (the file is never loaded whole). A
     file whose first character is `{` is read as JSON Lines, as Hugging Face's json loader does."""
     decoder = json.JSONDecoder()
@@ -297,8 +302,10 @@ def _json_array_docs(path: Path, fmt: str, text_field: str, on_bad: OnBad, metad
         raise _read_error(path, f"record {item}", err) from None
 
 
-def _table_docs(path: Path, fmt: str, text_field: str, metadata) -> Iterator[Doc]:
+def _table_docs(path: Path, fmt: str, text_field: str, metadata: bool | list[str]) -> Iterator[Doc]:
     """Rows of a Parquet or Arrow IPC (file or stream) table, one batch in memory at a time."""
+    batches: Iterator[pa.RecordBatch]
+    reader: pa.ipc.RecordBatchFileReader | pa.ipc.RecordBatchStreamReader
     try:
         if fmt == ".parquet":
             pf = pq.ParquetFile(path)
@@ -329,7 +336,7 @@ def _table_docs(path: Path, fmt: str, text_field: str, metadata) -> Iterator[Doc
         raise BadInput(path, "file", f"not a readable {kind} file: {err}") from None
 
 
-def _table_columns(path: Path, schema: pa.Schema, text_field: str, metadata) -> list[str]:
+def _table_columns(path: Path, schema: pa.Schema, text_field: str, metadata: bool | list[str]) -> list[str]:
     if text_field not in schema.names:
         raise BadInput(path, "file", f"no column {text_field!r} (columns: {', '.join(schema.names)})")
     kind = schema.field(text_field).type

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -21,7 +22,7 @@ from ember.tasks.download.fetch import FetchError
 from ember.tasks.download.listing import FileList, list_files
 from ember.tasks.download.preflight_checks import _check_url_type
 from ember.tasks.download.readers import Doc, iter_hf, read_file
-from ember.tasks.stage import Stage, StageContext
+from ember.tasks.stage import Metrics, Stage, StageContext
 
 
 @dataclass
@@ -44,8 +45,8 @@ class SourceCounts:
 class Problems:
     """Bad records and files met while reading, in reading order: raised, or counted and listed."""
 
-    def __init__(self):
-        self.rows: list[dict] = []
+    def __init__(self) -> None:
+        self.rows: list[dict[str, str]] = []
 
     def add(self, counts: SourceCounts, file: str, where: str, problem: str, action: str) -> None:
         self.rows.append({"source": counts.name, "file": file, "where": where, "problem": problem, "action": action})
@@ -78,7 +79,7 @@ class MetadataWriter:
         self._buffer: list[tuple[str, str, str]] = []
         self._writer: pq.ParquetWriter | None = None
 
-    def write(self, doc_id: str, source: str, meta: dict) -> None:
+    def write(self, doc_id: str, source: str, meta: dict[str, Any]) -> None:
         # default=str: dates, decimals and the like of Parquet columns become their text
         self._buffer.append((doc_id, source, json.dumps(meta, ensure_ascii=False, default=str)))
         self.rows += 1
@@ -119,7 +120,7 @@ def _units(
         ctx.report.progress(done, total, f"download {counts.name}")
 
 
-def run(cfg: DownloadConfig, ctx: StageContext) -> dict:
+def run(cfg: DownloadConfig, ctx: StageContext) -> Metrics:
     started = time.monotonic()
     all_counts = [SourceCounts(s.source_name(), "path" if s.path else "url" if s.url else "hf") for s in cfg.sources]
     problems = Problems()
@@ -223,13 +224,13 @@ def _read_source(
             problems.add(counts, rel, "file", "empty file", "skipped")
             continue
 
-        def on_bad(where: str, reason: str, rel=rel, path=path) -> None:
+        def on_bad(where: str, reason: str, rel: str = rel, path: Path = path) -> None:
             if mode == "raise":
                 raise SourceError(f"download.sources[{i}]: {path}: {where}: {reason}{hint}")
             counts.bad_records += 1
             problems.add(counts, rel, where, reason, "record skipped")
 
-        def on_note(where: str, reason: str, rel=rel) -> None:
+        def on_note(where: str, reason: str, rel: str = rel) -> None:
             counts.legacy_decoded += 1
             problems.add(counts, rel, where, reason, "decoded")
 

@@ -23,9 +23,12 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from ember.model import scripts
+
+if TYPE_CHECKING:
+    from lingua import LanguageDetector
 
 ENGLISH_FUNCTION_WORDS = frozenset(
     "the of and to a in is was that it he i for on with as his her be at by you had not but from "
@@ -81,7 +84,7 @@ def detect(text: str, prefix_chars: int = 500, min_letters: int = 20, low_accura
 
 
 @lru_cache(maxsize=2)
-def _detector(low_accuracy: bool = True):
+def _detector(low_accuracy: bool = True) -> LanguageDetector:
     # Built once per process (the models load lazily, per language, on first use).
     from lingua import LanguageDetectorBuilder
 

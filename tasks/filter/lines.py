@@ -137,7 +137,7 @@ def line_rules(
     dropped: dict[int, LineDrop] = {}
     seen: set[str] = set()
     for n, unit in enumerate(units):
-        verdict = None
+        verdict: tuple[str, float, float] | None = None  # (rule, value, threshold)
         if not unit.ends and cfg.line_terminal_punct and not cjk:
             last = changed.get(unit.last, lines[unit.last]).strip()
             # A paragraph cut by the end of a chunk, or one that introduces a quote after a
@@ -152,14 +152,18 @@ def line_rules(
             or (cfg.line_min_words is not None and not (cfg.line_min_words_unless_sentence and unit.ends))
         ):
             joined = " ".join(changed.get(i, lines[i]).strip() for i in range(unit.first, unit.last + 1))
-            if long_words and (longest := max(map(len, joined.split()), default=0)) > cfg.line_max_word_chars:
+            if (
+                long_words
+                and cfg.line_max_word_chars is not None  # long_words says so already
+                and (longest := max(map(len, joined.split()), default=0)) > cfg.line_max_word_chars
+            ):
                 verdict = ("line_max_word_chars", longest, cfg.line_max_word_chars)
             elif (
                 cfg.line_min_words is not None
                 and not (cfg.line_min_words_unless_sentence and unit.ends)
-                and ((words := _count_words(joined, cjk)) < cfg.line_min_words)
+                and ((n_words := _count_words(joined, cjk)) < cfg.line_min_words)
             ):
-                verdict = ("line_min_words", words, cfg.line_min_words)
+                verdict = ("line_min_words", n_words, cfg.line_min_words)
             elif javascript or phrases or boilerplate:
                 low = joined.lower()
                 if javascript and "javascript" in low:

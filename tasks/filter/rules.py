@@ -139,6 +139,7 @@ def _duplicates(items: list[str], min_words: int = 0) -> tuple[int, int]:
 def min_chars(doc: Doc, cfg: FilterConfig) -> Drop | None:
     if cfg.min_chars is not None and len(doc.text.strip()) < cfg.min_chars and not doc.is_cjk:
         return Drop("min_chars", len(doc.text.strip()), cfg.min_chars)
+    return None
 
 
 def word_count(doc: Doc, cfg: FilterConfig) -> Drop | None:
@@ -147,6 +148,7 @@ def word_count(doc: Doc, cfg: FilterConfig) -> Drop | None:
         return Drop("min_words", doc.n_words, least)
     if cfg.max_words is not None and doc.n_words > cfg.max_words:
         return Drop("max_words", doc.n_words, cfg.max_words)
+    return None
 
 
 def mean_word_length(doc: Doc, cfg: FilterConfig) -> Drop | None:
@@ -157,6 +159,7 @@ def mean_word_length(doc: Doc, cfg: FilterConfig) -> Drop | None:
         return Drop("min_mean_word_length", mean, cfg.min_mean_word_length)
     if cfg.max_mean_word_length is not None and mean > cfg.max_mean_word_length:
         return Drop("max_mean_word_length", mean, cfg.max_mean_word_length)
+    return None
 
 
 def symbol_ratios(doc: Doc, cfg: FilterConfig) -> Drop | None:
@@ -166,6 +169,7 @@ def symbol_ratios(doc: Doc, cfg: FilterConfig) -> Drop | None:
         value = doc.ratio(doc.text.count("...") + doc.text.count("…"))
         if value > cfg.max_ellipsis_ratio:
             return Drop("max_ellipsis_ratio", value, cfg.max_ellipsis_ratio)
+    return None
 
 
 def line_shapes(doc: Doc, cfg: FilterConfig) -> Drop | None:
@@ -182,6 +186,7 @@ def line_shapes(doc: Doc, cfg: FilterConfig) -> Drop | None:
             value = sum(line.endswith(("...", "…")) for line in doc.lines) / len(doc.lines)
         if value > cfg.max_ellipsis_lines:
             return Drop("max_ellipsis_lines", value, cfg.max_ellipsis_lines)
+    return None
 
 
 def alpha_words(doc: Doc, cfg: FilterConfig) -> Drop | None:
@@ -192,6 +197,7 @@ def alpha_words(doc: Doc, cfg: FilterConfig) -> Drop | None:
     value = 1.0 - sum(LETTER.search(w) is None for w in others) / len(doc.words)
     if value < cfg.min_alpha_words:
         return Drop("min_alpha_words", value, cfg.min_alpha_words)
+    return None
 
 
 def stop_words(doc: Doc, cfg: FilterConfig) -> Drop | None:
@@ -201,6 +207,7 @@ def stop_words(doc: Doc, cfg: FilterConfig) -> Drop | None:
     count = sum(1 for _ in islice(filter(STOP_WORDS.__contains__, doc.words), cfg.min_stop_words))
     if count < cfg.min_stop_words:
         return Drop("min_stop_words", count, cfg.min_stop_words)
+    return None
 
 
 def repeated_paragraphs_and_lines(doc: Doc, cfg: FilterConfig) -> Drop | None:
@@ -217,6 +224,7 @@ def repeated_paragraphs_and_lines(doc: Doc, cfg: FilterConfig) -> Drop | None:
             return Drop(f"max_dup_{plural}", count / len(items), max_items)
         if max_chars is not None and chars / n_chars > max_chars:
             return Drop(f"max_dup_{name}_chars", chars / n_chars, max_chars)
+    return None
 
 
 def repeated_ngrams(doc: Doc, cfg: FilterConfig) -> Drop | None:
@@ -276,6 +284,7 @@ def repeated_ngrams(doc: Doc, cfg: FilterConfig) -> Drop | None:
         # as n grows: once below all the limits still to check, none of them can fire.
         if value <= min(later for _, later in dup_limits[i:]):
             break
+    return None
 
 
 # -- FineWeb's quality rules -----------------------------------------------------------------------

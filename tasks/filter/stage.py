@@ -32,7 +32,7 @@ A dropped document is written to `removed/` with `rule`, `value` (what was measu
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 
@@ -42,7 +42,7 @@ from ember.tasks.filter.config import FilterConfig
 from ember.tasks.filter.lines import Drop, LineDrop, c4_document, line_rules
 from ember.tasks.filter.rules import RULES, Doc, min_chars
 from ember.tasks.shard_stage import Document, ShardStage, Stats
-from ember.tasks.stage import Stage, StageContext
+from ember.tasks.stage import Metrics, Stage, StageContext
 
 REMOVED_SCHEMA = (
     TEXT_SCHEMA.append(pa.field("rule", pa.string()))
@@ -50,17 +50,17 @@ REMOVED_SCHEMA = (
     .append(pa.field("threshold", pa.float64()))
     .append(pa.field("detail", pa.string()))
 )
-REMOVED_LINES_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("line", pa.int32()),
-        ("text", pa.string()),
-        ("source", pa.string()),
-        ("rule", pa.string()),
-        ("value", pa.float64()),
-        ("threshold", pa.float64()),
-    ]
-)
+# Named as DataType: inferred from the literal alone, the list's item type would be `object`.
+_REMOVED_LINES_FIELDS: list[tuple[str, pa.DataType]] = [
+    ("id", pa.string()),
+    ("line", pa.int32()),
+    ("text", pa.string()),
+    ("source", pa.string()),
+    ("rule", pa.string()),
+    ("value", pa.float64()),
+    ("threshold", pa.float64()),
+]
+REMOVED_LINES_SCHEMA = pa.schema(_REMOVED_LINES_FIELDS)
 NO_LANGUAGE = langid.Language("-", 0.0, "off")
 
 
@@ -145,7 +145,7 @@ def judge(text: str, cfg: FilterConfig) -> Verdict:
     return Verdict(j.doc.text, drop, j.lines, j.language)
 
 
-class QualityFilter(ShardStage):
+class QualityFilter(ShardStage[FilterConfig]):
     name = "filter"
     outputs = {"shards": TEXT_SCHEMA, "removed": REMOVED_SCHEMA, "removed_lines": REMOVED_LINES_SCHEMA}
 
@@ -189,11 +189,11 @@ class QualityFilter(ShardStage):
         stats.add("removed_chars", len(doc.text), key=drop.rule)
         stats.first("removed_example", drop.rule, (doc.id, round(float(drop.value), 4), float(drop.threshold)))
 
-    def summarize(self, stats: Stats, ctx: StageContext) -> dict:
+    def summarize(self, stats: Stats, ctx: StageContext) -> Metrics:
         docs, kept = int(stats.total("docs")), int(stats.total("kept"))
         chars_in, kept_chars = int(stats.total("chars_in")), int(stats.total("kept_chars"))
         examples = stats.firsts.get("removed_example", {})
-        rows = sorted(
+        rows: list[dict[str, Any]] = sorted(
             (
                 {
                     "rule": rule,
@@ -207,7 +207,7 @@ class QualityFilter(ShardStage):
             ),
             key=lambda r: (-r["docs"], r["rule"]),
         )
-        line_rows = sorted(
+        line_rows: list[dict[str, Any]] = sorted(
             (
                 {
                     "rule": rule,
@@ -259,7 +259,7 @@ class QualityFilter(ShardStage):
         }
 
 
-def run(cfg: FilterConfig, ctx: StageContext) -> dict:
+def run(cfg: FilterConfig, ctx: StageContext) -> Metrics:
     return QualityFilter(cfg).run(ctx)
 
 

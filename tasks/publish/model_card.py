@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pyarrow.compute as pc
 import yaml
@@ -31,14 +32,14 @@ LICENCE_MAX_CHARS = 300
 UNKNOWN = "unknown"
 
 
-def lineage(store: Store, inputs: dict[str, Path]) -> dict[str, dict]:
+def lineage(store: Store, inputs: dict[str, Path]) -> dict[str, dict[str, Any]]:
     """stage -> manifest of every artifact the inputs were made from (the inputs included).
 
     Walks `manifest["inputs"]` refs through the store; a manifest that cannot be read (a test's
     stand-in folder, an artifact deleted since) just ends that branch.
     """
-    found: dict[str, dict] = {}
-    pending: list[tuple[str, dict | None]] = [
+    found: dict[str, dict[str, Any]] = {}  # stage -> its manifest
+    pending: list[tuple[str, dict[str, Any] | None]] = [
         (name, read_json_or_none(Path(folder) / MANIFEST)) for name, folder in inputs.items()
     ]
     while pending:
@@ -70,15 +71,15 @@ def _order(stage: str) -> int:
     return names.index(stage) if stage in names else len(names)
 
 
-def store_keys(stages: dict[str, dict]) -> dict[str, str]:
+def store_keys(stages: dict[str, dict[str, Any]]) -> dict[str, str]:
     """stage -> ref, for release.json (gc keeps every ref a release names)."""
     return {stage: manifest["ref"] for stage, manifest in stages.items() if manifest.get("ref")}
 
 
-def pipeline_config(stages: dict[str, dict], publish_params: dict) -> dict:
+def pipeline_config(stages: dict[str, dict[str, Any]], publish_params: dict[str, Any]) -> dict[str, Any]:
     """The stages' settings as a pipeline config. Settings that do not change an artifact (left
     out of its key) are not recorded, so they take their defaults."""
-    config: dict = {}
+    config: dict[str, Any] = {}
     for stage, manifest in stages.items():
         if stage in stage_names() and "params" in manifest:
             config[stage] = {k: v for k, v in manifest["params"].items() if k != "identity"}
@@ -86,7 +87,7 @@ def pipeline_config(stages: dict[str, dict], publish_params: dict) -> dict:
     return config
 
 
-def pipeline_yaml(stages: dict[str, dict], publish_params: dict) -> str:
+def pipeline_yaml(stages: dict[str, dict[str, Any]], publish_params: dict[str, Any]) -> str:
     header = (
         "# The settings of every stage that produced this release, as recorded in the store's\n"
         "# manifests (settings that do not change an artifact are left at their defaults).\n"
@@ -122,13 +123,15 @@ def licence_near(location: str) -> tuple[str, str] | None:
     return None
 
 
-def source_rows(stages: dict[str, dict], dedup_dir: Path | None, licenses: dict[str, str]) -> list[dict]:
+def source_rows(
+    stages: dict[str, dict[str, Any]], dedup_dir: Path | None, licenses: dict[str, str]
+) -> list[dict[str, Any]]:
     """One row per source: what was read, what survived filter and dedup, and its licence."""
     from ember.tasks.download import Source  # the download config's own naming rule
 
     download = stages.get("download", {})
     per_source = download.get("metrics", {}).get("per_source", {})
-    locations = {}
+    locations: dict[str, str] = {}  # source name -> where its files are
     for raw in download.get("params", {}).get("sources", []):
         try:
             source = Source.model_validate(raw)
@@ -136,7 +139,7 @@ def source_rows(stages: dict[str, dict], dedup_dir: Path | None, licenses: dict[
             continue
         locations[source.source_name()] = source.location
     kept = kept_per_source(dedup_dir) if dedup_dir is not None else {}
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in dict.fromkeys([*per_source, *locations, *kept]):
         read = per_source.get(name, {})
         if name in licenses:
@@ -159,14 +162,15 @@ def source_rows(stages: dict[str, dict], dedup_dir: Path | None, licenses: dict[
     return rows
 
 
-def kept_per_source(dedup_dir: Path) -> dict[str, dict]:
+def kept_per_source(dedup_dir: Path) -> dict[str, dict[str, int]]:
     """Documents and characters per source in the dedup artifact's shards (the training text)."""
-    counts: dict[str, dict] = {}
+    counts: dict[str, dict[str, int]] = {}  # source -> docs, chars
     for path in list_shards(Path(dedup_dir) / "shards"):
         table = read_shard(path, columns=["source", "text"])
         lengths = pc.utf8_length(table["text"]).to_pylist()
         for source, n in zip(table["source"].to_pylist(), lengths, strict=True):
-            entry = counts.setdefault(source, {"docs": 0, "chars": 0})
+            # A null source (no stage writes one) counts as "", as the tokenizer report groups it.
+            entry = counts.setdefault(source or "", {"docs": 0, "chars": 0})
             entry["docs"] += 1
             entry["chars"] += n or 0
     return counts
@@ -186,7 +190,7 @@ def parameter_count(weights: Path) -> int:
         return total
 
 
-def _n(value, digits: int = 0) -> str:
+def _n(value: object, digits: int = 0) -> str:
     if value is None:
         return "n/a"
     if isinstance(value, float) and digits:
@@ -205,7 +209,9 @@ def _duration(seconds: float | None) -> str:
     return f"{minutes} min {secs} s" if minutes else f"{seconds:.1f} s"
 
 
-def render(version: str, created: str, folder: Path, stages: dict[str, dict], sources: list[dict]) -> str:
+def render(
+    version: str, created: str, folder: Path, stages: dict[str, dict[str, Any]], sources: list[dict[str, Any]]
+) -> str:
     """The card's markdown, from the release folder's files and the lineage's manifests."""
     config = json.loads((folder / "config.json").read_text())
     report = json.loads((folder / "report.json").read_text()) if (folder / "report.json").is_file() else {}
@@ -263,7 +269,7 @@ def render(version: str, created: str, folder: Path, stages: dict[str, dict], so
     return "\n".join(lines)
 
 
-def _eval_section(report: dict) -> list[str]:
+def _eval_section(report: dict[str, Any]) -> list[str]:
     names = report.get("models", [])
     if not names:
         return ["## Evaluation", "", "No evaluation report.", ""]
@@ -293,7 +299,7 @@ def _eval_section(report: dict) -> list[str]:
     return lines + ["", "The full report is `report.md` in this folder.", ""]
 
 
-def _data_section(stages: dict[str, dict], sources: list[dict]) -> list[str]:
+def _data_section(stages: dict[str, dict[str, Any]], sources: list[dict[str, Any]]) -> list[str]:
     lines = ["## Data", ""]
     if not sources:
         return lines + ["Not recorded (the publish stage was not given the download artifact).", ""]
@@ -349,7 +355,7 @@ def _data_section(stages: dict[str, dict], sources: list[dict]) -> list[str]:
     return lines + [""]
 
 
-def _samples_section(report: dict) -> list[str]:
+def _samples_section(report: dict[str, Any]) -> list[str]:
     samples = report.get("samples", {}).get("fp32", [])
     if not samples:
         return []
@@ -367,7 +373,7 @@ def _samples_section(report: dict) -> list[str]:
     return lines
 
 
-def _provenance_section(stages: dict[str, dict]) -> list[str]:
+def _provenance_section(stages: dict[str, dict[str, Any]]) -> list[str]:
     lines = [
         "## Provenance",
         "",

@@ -32,10 +32,11 @@ import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypedDict
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+from tokenizers import Tokenizer
 
 from ember.model.checkpoint import load_model
 from ember.model.export import export_gguf, export_hf
@@ -91,13 +92,14 @@ class PublishConfig(BaseModel):
 # -- the gate --------------------------------------------------------------------------------------
 
 
-def validation_texts(tokens_dir: Path, tokenizer, max_tokens: int) -> list[str]:
+def validation_texts(tokens_dir: Path, tokenizer: Tokenizer, max_tokens: int) -> list[str]:
     """The first whole validation documents of a tokenize artifact, up to `max_tokens`, as text.
 
     The tokenizer is lossless, so this is the text the candidate was validated on; scoring any
     model on text (with its own tokenizer) makes models with different tokenizers comparable.
     """
-    texts, taken = [], 0
+    texts: list[str] = []
+    taken = 0
     for part in TokenStream(tokens_dir / "val").parts:
         for doc in np.split(part, np.flatnonzero(part == EOS_ID) + 1):
             if taken >= max_tokens:
@@ -109,7 +111,17 @@ def validation_texts(tokens_dir: Path, tokenizer, max_tokens: int) -> list[str]:
     return texts
 
 
-def gate_decision(ctx: StageContext, releases: Path, cfg: PublishConfig) -> dict | None:
+class GateDecision(TypedDict):
+    """The gate's scores (bits per byte on the candidate's validation text) and verdict."""
+
+    published_version: str
+    candidate_bpb: float
+    published_bpb: float
+    better: bool
+    docs: int
+
+
+def gate_decision(ctx: StageContext, releases: Path, cfg: PublishConfig) -> GateDecision | None:
     """None when there is nothing to compare with (first release); else the scores and verdict."""
     latest = releases / LATEST
     if not (latest / "model.safetensors").is_file():
@@ -125,13 +137,13 @@ def gate_decision(ctx: StageContext, releases: Path, cfg: PublishConfig) -> dict
     texts = validation_texts(Path(ctx.inputs["tokenize"]), candidate_tokenizer, cfg.gate_tokens)
     candidate = text_bits_per_byte(load_model(ctx.inputs["train"]), candidate_tokenizer, texts)
     published = text_bits_per_byte(load_model(latest), load_tokenizer(latest), texts)
-    return {
-        "published_version": latest.resolve().name,
-        "candidate_bpb": candidate,
-        "published_bpb": published,
-        "better": candidate < published,
-        "docs": len(texts),
-    }
+    return GateDecision(
+        published_version=latest.resolve().name,
+        candidate_bpb=candidate,
+        published_bpb=published,
+        better=candidate < published,
+        docs=len(texts),
+    )
 
 
 def release_sources(inputs: dict[str, Path], include_int8: bool) -> dict[str, Path]:
@@ -158,7 +170,8 @@ def release_sources(inputs: dict[str, Path], include_int8: bool) -> dict[str, Pa
 def artifact_ref(folder: Path) -> str:
     path = folder / MANIFEST
     try:
-        return json.loads(path.read_text())["ref"]
+        ref: str = json.loads(path.read_text())["ref"]
+        return ref
     except (FileNotFoundError, KeyError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: no readable artifact ref ({err!r}); is {folder} a store artifact?") from None
 
@@ -174,11 +187,11 @@ def _build_release(
     releases: Path,
     version: str,
     sources: dict[str, Path],
-    record: dict,
+    record: dict[str, Any],
     cfg: PublishConfig,
     inputs: dict[str, Path],
-    stages: dict[str, dict],
-    source_rows: list[dict],
+    stages: dict[str, dict[str, Any]],
+    source_rows: list[dict[str, Any]],
 ) -> Path:
     tmp = releases / f".tmp-{version}-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
@@ -219,7 +232,7 @@ def _set_model_max_length(folder: Path) -> None:
     path.write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n")
 
 
-def run(cfg: PublishConfig, ctx: StageContext) -> dict:
+def run(cfg: PublishConfig, ctx: StageContext) -> dict[str, Any]:
     started = time.monotonic()
     store = ctx.store or Store(ctx.store_root)
     releases = store.releases_dir
@@ -278,7 +291,7 @@ def run(cfg: PublishConfig, ctx: StageContext) -> dict:
             shutil.rmtree(leftover, ignore_errors=True)
         version = find_release(releases, refs, layout)
         created = version is None
-        if created:
+        if version is None:
             version = next_version(releases)
             record = {
                 "version": version,
@@ -316,7 +329,7 @@ def run(cfg: PublishConfig, ctx: StageContext) -> dict:
     return metrics
 
 
-def _dedup_dir(ctx: StageContext, store: Store, stages: dict[str, dict]) -> Path | None:
+def _dedup_dir(ctx: StageContext, store: Store, stages: dict[str, dict[str, Any]]) -> Path | None:
     """The dedup artifact (the training text, for the card's per-source counts), if reachable."""
     if "dedup" in ctx.inputs:
         return Path(ctx.inputs["dedup"])
@@ -326,8 +339,9 @@ def _dedup_dir(ctx: StageContext, store: Store, stages: dict[str, dict]) -> Path
     return None
 
 
-def _manifest_metrics(folder: Path) -> dict:
-    return (read_json_or_none(folder / MANIFEST) or {}).get("metrics", {})
+def _manifest_metrics(folder: Path) -> dict[str, Any]:
+    metrics: dict[str, Any] = (read_json_or_none(folder / MANIFEST) or {}).get("metrics", {})
+    return metrics
 
 
 # 3: a model card, pipeline.yaml and the lineage's store keys in every release; files read-only.

@@ -32,7 +32,9 @@ import os
 import subprocess
 import sys
 from collections import deque
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -47,7 +49,7 @@ from ember.tasks.train.loop import Dist, train_model
 REPORT_PREFIX = "@ember-train "
 
 
-def launch_ddp(cfg: TrainConfig, ctx: StageContext) -> dict:
+def launch_ddp(cfg: TrainConfig, ctx: StageContext) -> dict[str, Any]:
     """Run training in `cfg.nproc` processes under torchrun; its output goes to the log, its
     reports to ctx.report, and rank 0 writes the artifact into ctx.out."""
     config_path = ctx.work / "ddp-config.json"
@@ -75,10 +77,13 @@ def launch_ddp(cfg: TrainConfig, ctx: StageContext) -> dict:
     ctx.log.info(
         "launching %d training processes (%d torch threads each): %s", cfg.nproc, threads, " ".join(command[:6])
     )
-    metrics, errors, tail = None, [], deque(maxlen=40)
+    metrics: dict[str, Any] | None = None
+    errors: list[str] = []
+    tail: deque[str] = deque(maxlen=40)
     # Same process group as this one: killing the run (SIGKILL to the group) also ends torchrun's workers.
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     try:
+        assert proc.stdout is not None  # stdout=PIPE
         for line in proc.stdout:
             line = line.rstrip("\n")
             message = _report_message(line)
@@ -111,7 +116,7 @@ def launch_ddp(cfg: TrainConfig, ctx: StageContext) -> dict:
     return metrics
 
 
-def _report_message(line: str) -> dict | None:
+def _report_message(line: str) -> dict[str, Any] | None:
     if not line.startswith(REPORT_PREFIX):
         return None
     try:
@@ -125,7 +130,7 @@ def _report_message(line: str) -> dict | None:
 # -- one process of the run --------------------------------------------------------------------
 
 
-def emit(kind: str, **fields) -> None:
+def emit(kind: str, **fields: object) -> None:
     # One write per line, so that the other ranks' output cannot land inside it.
     sys.stdout.write(REPORT_PREFIX + json.dumps({"kind": kind, **fields}, default=str) + "\n")
     sys.stdout.flush()
@@ -137,7 +142,7 @@ class LineReporter(Reporter):
     def progress(self, done: float, total: float, what: str = "") -> None:
         emit("progress", args=[done, total, what])
 
-    def table(self, key: str, rows: list[dict], description: str = "") -> None:
+    def table(self, key: str, rows: Sequence[Mapping[str, object]], description: str = "") -> None:
         emit("table", args=[key, rows, description])
 
     def markdown(self, key: str, text: str, description: str = "") -> None:

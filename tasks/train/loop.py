@@ -19,8 +19,10 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -88,7 +90,9 @@ class Dist:
 # -- warm start --------------------------------------------------------------------------------
 
 
-def warm_start_weights(ctx: StageContext, model_cfg: ModelConfig) -> tuple[dict | None, str, str | None]:
+def warm_start_weights(
+    ctx: StageContext, model_cfg: ModelConfig
+) -> tuple[dict[str, torch.Tensor] | None, str, str | None]:
     """(state dict, what happened, release version) for a warm start from the release the flow
     handed over (`ctx.resources["warm_start"]`); a None state dict says why not."""
     release = ctx.resources.get("warm_start")
@@ -116,7 +120,9 @@ def warm_start_weights(ctx: StageContext, model_cfg: ModelConfig) -> tuple[dict 
 # -- training --------------------------------------------------------------------------------
 
 
-def train_model(cfg: TrainConfig, ctx: StageContext, dist: Dist = Dist(), device: torch.device | None = None) -> dict:
+def train_model(
+    cfg: TrainConfig, ctx: StageContext, dist: Dist = Dist(), device: torch.device | None = None
+) -> dict[str, Any]:
     """The training loop; with `dist.world_size` > 1 the process group must already exist
     (ember.tasks.train.ddp sets it up) and only rank 0 reports and writes files."""
     tokens_dir = ctx.inputs["tokenize"]
@@ -154,7 +160,10 @@ def train_model(cfg: TrainConfig, ctx: StageContext, dist: Dist = Dist(), device
     optimizer = configure_optimizer(model, cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2))
     n_params = model.num_params()
 
-    step, elapsed_before, records, resumed_from, warm = 0, 0.0, [], None, None
+    step, elapsed_before = 0, 0.0
+    records: list[dict[str, Any]] = []  # loss.jsonl: one JSON record per logged step
+    resumed_from: int | None = None
+    warm: str | None = None  # the release warm-started from
     state = load_checkpoint(ctx.work, model, optimizer)
     if state is not None:
         step, elapsed_before, records = state["step"], state["elapsed_s"], state["extra"].get("records", [])
@@ -195,7 +204,8 @@ def train_model(cfg: TrainConfig, ctx: StageContext, dist: Dist = Dist(), device
             )
 
     ddp = None
-    forward = model
+    # The model, or its DDP / torch.compile wrapper: called as the model is.
+    forward: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] = model
     if dist.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -212,7 +222,7 @@ def train_model(cfg: TrainConfig, ctx: StageContext, dist: Dist = Dist(), device
     def over_budget() -> bool:
         return cfg.max_minutes is not None and elapsed() >= cfg.max_minutes * 60
 
-    def val_point() -> dict:
+    def val_point() -> dict[str, float | None]:
         if val_windows is None:
             return {}
         loss = eval_loss(model, val_windows, cfg.batch_size, device, precision)
@@ -237,7 +247,7 @@ def train_model(cfg: TrainConfig, ctx: StageContext, dist: Dist = Dist(), device
     last_saved = step
     loss_value = records[-1]["loss"] if records and records[-1]["step"] == step else float("nan")
     window_start, window_steps = time.monotonic(), 0
-    loss_sum = None
+    loss_sum: torch.Tensor | None = None
     stop = dist.rank0_says(over_budget(), device)
     while step < cfg.max_steps and not stop:
         lr = lr_at(step, cfg)
@@ -247,7 +257,7 @@ def train_model(cfg: TrainConfig, ctx: StageContext, dist: Dist = Dist(), device
         index = train.random_index(n_windows, seq_len, cfg.seed, step)[dist.share(n_windows)]
         batch = torch.from_numpy(train.windows(index, seq_len))
         batch = batch.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else batch.to(device)
-        micro_batches = batch.split(cfg.batch_size)
+        micro_batches = torch.split(batch, cfg.batch_size)
         loss_sum = torch.zeros((), device=device)
         for i, micro in enumerate(micro_batches):
             # Each window weighs 1 / n_windows in the step's loss; DDP averages over the processes.
@@ -260,7 +270,9 @@ def train_model(cfg: TrainConfig, ctx: StageContext, dist: Dist = Dist(), device
                 try:
                     with autocast(device, precision):
                         _, loss = forward(micro[:, :-1], micro[:, 1:])
-                    (loss * weight).backward()
+                    assert loss is not None  # given targets, the model returns the loss
+                    # torch leaves Tensor.backward unannotated
+                    (loss * weight).backward()  # type: ignore[no-untyped-call]
                 except Exception as err:
                     if cfg.compile and step == (resumed_from or 0) and i == 0:
                         raise RuntimeError(
@@ -287,7 +299,7 @@ def train_model(cfg: TrainConfig, ctx: StageContext, dist: Dist = Dist(), device
         if step == 1 or step % cfg.log_every == 0 or evaluating or stop:
             loss_value = loss_sum.item()  # only here: .item() waits for the device
             now = time.monotonic()
-            record = {
+            record: dict[str, Any] = {
                 "step": step,
                 "loss": loss_value,
                 "lr": lr,
@@ -338,7 +350,12 @@ def train_model(cfg: TrainConfig, ctx: StageContext, dist: Dist = Dist(), device
 
 
 def write_artifact(
-    cfg: TrainConfig, ctx: StageContext, model: Transformer, meta: dict, metrics: dict, records: list[dict]
+    cfg: TrainConfig,
+    ctx: StageContext,
+    model: Transformer,
+    meta: dict[str, Any],
+    metrics: dict[str, Any],
+    records: list[dict[str, Any]],
 ) -> None:
     """The model, its loss log and curve into ctx.out, and the reports."""
     n_params, step, seconds = metrics["params"], metrics["steps"], metrics["seconds"]
@@ -385,7 +402,7 @@ def write_artifact(
     ctx.report.table("train-loss", _loss_rows(_thin(records, 60)), description="Training loss by step")
 
 
-def _loss_rows(records: list[dict]) -> list[dict]:
+def _loss_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """loss.jsonl records as the rows of the step / loss / val loss / tokens/s table."""
     return [
         {
@@ -398,7 +415,7 @@ def _loss_rows(records: list[dict]) -> list[dict]:
     ]
 
 
-def _thin(rows: list[dict], keep: int) -> list[dict]:
+def _thin(rows: list[dict[str, Any]], keep: int) -> list[dict[str, Any]]:
     """At most `keep` rows, evenly spaced, always with the last one."""
     if len(rows) <= keep:
         return rows

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 
-def loss_curve_png(records: list[dict], path: Path, title: str = "") -> Path | None:
+def loss_curve_png(records: list[dict[str, Any]], path: Path, title: str = "") -> Path | None:
     """Train loss by step, and val loss where it was measured. None when there is nothing to draw."""
     train = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
     val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]

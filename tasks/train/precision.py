@@ -15,7 +15,8 @@ import torch
 from ember.model.device import autocast, synchronize
 from ember.model.transformer import Transformer
 
-_PROBES: dict[tuple, dict[str, float]] = {}
+# (model config, windows, seq_len, device, threads) -> seconds per round, by precision
+_PROBES: dict[tuple[object, ...], dict[str, list[float]]] = {}
 
 
 def probe_precision(model: Transformer, windows: int, seq_len: int, device: torch.device) -> dict[str, list[float]]:
@@ -75,7 +76,10 @@ def resolve_precision(
     t = probe_precision(model, windows, seq_len, device)
     # Only a clear win in every round counts, so that timing noise does not flip the choice.
     choice = "bf16" if all(b < 0.8 * f for f, b in zip(t["fp32"], t["bf16"], strict=True)) else "fp32"
-    rounds = lambda xs: "/".join(f"{x * 1e3:.1f}" for x in xs)  # noqa: E731
+
+    def rounds(xs: list[float]) -> str:
+        return "/".join(f"{x * 1e3:.1f}" for x in xs)
+
     return choice, (
         f"auto: a training pass took {rounds(t['fp32'])} ms in fp32, {rounds(t['bf16'])} ms "
         f"under bf16 autocast on {device.type}"

@@ -12,13 +12,15 @@ tokenizer and model shape, else from scratch, saying why.
 
 from __future__ import annotations
 
+from typing import Any
+
 from ember.tasks.stage import Stage, StageContext
 from ember.tasks.train.config import TrainConfig
 from ember.tasks.train.ddp import launch_ddp
 from ember.tasks.train.loop import Dist, train_model
 
 
-def run(cfg: TrainConfig, ctx: StageContext) -> dict:
+def run(cfg: TrainConfig, ctx: StageContext) -> dict[str, Any]:
     if cfg.nproc > 1 and Dist.from_env().world_size == 1:
         return launch_ddp(cfg, ctx)
     return train_model(cfg, ctx, Dist.from_env())
