@@ -41,6 +41,7 @@ import sys
 import threading
 import time
 from datetime import timedelta
+from typing import cast
 from uuid import UUID
 
 from prefect import flow, get_client, get_run_logger, serve
@@ -53,12 +54,13 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy, State, StateType
 from prefect.context import FlowRunContext
-from prefect.deployments.runner import EntrypointType, RunnerDeployment
+from prefect.deployments.runner import RunnerDeployment
 from prefect.events import DeploymentEventTrigger
 from prefect.exceptions import ObjectNotFound
 from prefect.schedules import Cron, Interval
 from prefect.settings import PREFECT_API_URL
 from prefect.states import Cancelled
+from prefect.types.entrypoint import EntrypointType
 
 import ember.flows  # noqa: F401  (offline defaults before Prefect loads)
 from ember.flows.config import ConfigError, PipelineConfig, load_config
@@ -70,7 +72,7 @@ from ember.storage.store import default_root
 DEMO_PORT = int(DEMO_URL.rsplit(":", 1)[1])
 
 # Run by module path (`ember.flows.pipeline.build_llm`), not by file: works from any directory.
-_COMMON = {"entrypoint_type": EntrypointType.MODULE_PATH}
+ENTRYPOINT = EntrypointType.MODULE_PATH
 
 
 # How a demo run looks at its own state (see `until_stopped`).
@@ -114,7 +116,10 @@ def demo_serving(port: int, other_than: UUID | None) -> str | None:
 
 
 def until_stopped(
-    flow_run_id: UUID, logger: logging.Logger, every: float = STATE_CHECK_SECONDS, grace: float = CANCEL_GRACE_SECONDS
+    flow_run_id: UUID,
+    logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
+    every: float = STATE_CHECK_SECONDS,
+    grace: float = CANCEL_GRACE_SECONDS,
 ) -> str:
     """Block while the run is meant to go on; return why it is not any more.
 
@@ -174,7 +179,9 @@ def demo(
     from ember.deployments.app import launch
 
     logger = get_run_logger()
-    flow_run_id = FlowRunContext.get().flow_run.id
+    context = FlowRunContext.get()
+    assert context is not None and context.flow_run is not None  # a flow's body runs in its flow run
+    flow_run_id = context.flow_run.id
     if port_taken(host, port):
         owner = demo_serving(port, other_than=flow_run_id)
         raise PortTaken(
@@ -198,14 +205,16 @@ def demo(
 
 
 def build_deployment(config: PipelineConfig) -> RunnerDeployment:
-    return build_llm.to_deployment(
+    deployment = build_llm.to_deployment(
         name="build",
         parameters={"config": config.model_dump(mode="json")},
         description=f"Build a model from {config.name}'s sources (manual runs)",
         tags=["ember", config.name],
         concurrency_limit=1,
-        **_COMMON,
+        entrypoint_type=ENTRYPOINT,
     )
+    # Prefect types it "or a coroutine of one", for async callers; called from sync code, it is the deployment.
+    return cast(RunnerDeployment, deployment)
 
 
 def retrain_deployment(config: PipelineConfig) -> RunnerDeployment:
@@ -215,7 +224,7 @@ def retrain_deployment(config: PipelineConfig) -> RunnerDeployment:
         schedules.append(Cron(schedule.cron, timezone=schedule.timezone))
     if schedule.interval_seconds:
         schedules.append(Interval(timedelta(seconds=schedule.interval_seconds)))
-    return build_llm.to_deployment(
+    deployment = build_llm.to_deployment(
         name="retrain",
         parameters={"config": retrain_config(config).model_dump(mode="json"), "purpose": "retrain"},
         schedules=schedules,
@@ -233,20 +242,22 @@ def retrain_deployment(config: PipelineConfig) -> RunnerDeployment:
         tags=["ember", config.name, "retrain"],
         # A retrain that fires while another runs waits for it, then finds its work in the store.
         concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
-        **_COMMON,
+        entrypoint_type=ENTRYPOINT,
     )
+    return cast(RunnerDeployment, deployment)  # sync: see build_deployment
 
 
 def demo_deployment(config: PipelineConfig) -> RunnerDeployment:
-    return demo.to_deployment(
+    deployment = demo.to_deployment(
         name="demo",
         parameters={"store_root": str(config.store_root())},
         description="The Gradio demo on releases/latest; cancel the run to stop it",
         tags=["ember", config.name],
         # No concurrency limit: its lease would not survive a server restart (see the module's
         # docstring). The demo's port guards "one demo per port" instead (see `demo`).
-        **_COMMON,
+        entrypoint_type=ENTRYPOINT,
     )
+    return cast(RunnerDeployment, deployment)  # sync: see build_deployment
 
 
 def deployments(config: PipelineConfig) -> list[RunnerDeployment]:

@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -22,9 +24,9 @@ from ember.storage.shards import list_shards
 from ember.storage.store import Artifact, Store
 
 
-def _rows(folder: Path, ids: list[str], columns: list[str] | None = None) -> list[dict]:
+def _rows(folder: Path, ids: list[str], columns: list[str] | None = None) -> list[dict[str, Any]]:
     """The rows of the shards in `folder` whose id is one of `ids`, in shard order."""
-    found = []
+    found: list[dict[str, Any]] = []
     for path in list_shards(folder):
         table = pq.read_table(path, columns=columns, filters=[("id", "in", ids)])
         found += table.to_pylist()
@@ -33,12 +35,14 @@ def _rows(folder: Path, ids: list[str], columns: list[str] | None = None) -> lis
 
 def _matching_ids(folder: Path, doc_id: str) -> list[str]:
     """`doc_id` itself, or, for a document the download stage split, the ids of its chunks."""
-    exact, chunks = [], []
+    exact: list[str] = []
+    chunks: list[str] = []
     for path in list_shards(folder):
         column = pq.read_table(path, columns=["id"]).column("id")
-        if pc.any(pc.equal(column, doc_id)).as_py():
+        if pc.any(pc.equal(column, pa.scalar(doc_id))).as_py():
             exact.append(doc_id)
-        chunks += [i for i in pc.filter(column, pc.starts_with(column, doc_id + "#chunk")).to_pylist()]
+        matches = pc.filter(column, pc.starts_with(column, doc_id + "#chunk"))
+        chunks += [i for i in matches.to_pylist() if i is not None]  # none is: `filter` drops null ids
     return exact or chunks
 
 
@@ -47,7 +51,7 @@ def _children(store: Store, stage: str, ref: str) -> list[Artifact]:
     return [a for a in store.ls(stage) if ref in a.manifest.get("inputs", {}).values()]
 
 
-def _describe_id(doc_id: str) -> dict:
+def _describe_id(doc_id: str) -> dict[str, Any]:
     # Ids are `source/relative_file:record` plus `#chunkN` (tasks/download/).
     base, _, chunk = doc_id.partition("#chunk")
     source, _, rest = base.partition("/")
@@ -60,7 +64,7 @@ def _describe_id(doc_id: str) -> dict:
     }
 
 
-def _dedup_entry(artifact: Artifact, doc_id: str) -> dict | None:
+def _dedup_entry(artifact: Artifact, doc_id: str) -> dict[str, Any] | None:
     """The line of clusters.jsonl that removed `doc_id`, in either layout dedup has written:
     one line per removed document (`id`, `kept_id`, `kind`), or one per cluster (`kept`, `removed`)."""
     path = artifact.path / "clusters.jsonl"
@@ -70,7 +74,7 @@ def _dedup_entry(artifact: Artifact, doc_id: str) -> dict | None:
         for line in f:
             if doc_id not in line:  # cheap pre-test before parsing
                 continue
-            entry = json.loads(line)
+            entry: dict[str, Any] = json.loads(line)
             if entry.get("id") == doc_id:
                 return entry
             if doc_id in entry.get("removed", ()):
@@ -83,8 +87,8 @@ def _dedup_entry(artifact: Artifact, doc_id: str) -> dict | None:
     return None
 
 
-def _runs(store: Store) -> list[dict]:
-    runs = []
+def _runs(store: Store) -> list[dict[str, Any]]:
+    runs: list[dict[str, Any]] = []
     for path in sorted(store.runs_dir.glob("*.json")):
         try:
             record = json.loads(path.read_text())
@@ -94,10 +98,10 @@ def _runs(store: Store) -> list[dict]:
     return runs
 
 
-def audit_document(store: Store, doc_id: str) -> dict:
+def audit_document(store: Store, doc_id: str) -> dict[str, Any]:
     """Everything the store knows about `doc_id` (or the chunks of it), as plain data."""
     runs = _runs(store)
-    report: dict = {"doc_id": doc_id, "store": store.location, "found": False, "documents": []}
+    report: dict[str, Any] = {"doc_id": doc_id, "store": store.location, "found": False, "documents": []}
     for download in store.ls("download"):
         ids = _matching_ids(download.path / "shards", doc_id)
         for one in ids:
@@ -106,13 +110,20 @@ def audit_document(store: Store, doc_id: str) -> dict:
     return report
 
 
-def _follow(store: Store, download: Artifact, doc_id: str, runs: list[dict]) -> dict:
+def _follow(store: Store, download: Artifact, doc_id: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     (raw,) = _rows(download.path / "shards", [doc_id])[:1] or [{}]
     text = raw.get("text") or ""
-    doc = {"id": doc_id, **_describe_id(doc_id), "download": {"ref": download.ref, "chars": len(text)}, "paths": []}
+    doc: dict[str, Any] = {
+        "id": doc_id,
+        **_describe_id(doc_id),
+        "download": {"ref": download.ref, "chars": len(text)},
+        "paths": [],
+    }
     refs_seen = {download.ref}
-    for normalize in _children(store, "normalize", download.ref) or [None]:
-        path: dict = {"normalize": None, "filter": None, "dedup": None}
+    # A download no normalize artifact was made from still gets its path, empty.
+    normalizes: list[Artifact | None] = [*_children(store, "normalize", download.ref)] or [None]
+    for normalize in normalizes:
+        path: dict[str, Any] = {"normalize": None, "filter": None, "dedup": None}
         doc["paths"].append(path)
         if normalize is None:
             continue
@@ -124,9 +135,7 @@ def _follow(store: Store, download: Artifact, doc_id: str, runs: list[dict]) -> 
             "changed": normalized is not None and normalized != text,
             "chars": len(normalized or ""),
         }
-        for flt in _children(store, "filter", normalize.ref) or [None]:
-            if flt is None:
-                continue
+        for flt in _children(store, "filter", normalize.ref):
             if path["filter"] is not None:  # another filter config: a path of its own
                 path = {"normalize": path["normalize"], "filter": None, "dedup": None}
                 doc["paths"].append(path)
@@ -162,7 +171,7 @@ def _follow(store: Store, download: Artifact, doc_id: str, runs: list[dict]) -> 
     return doc
 
 
-def _filter_outcome(artifact: Artifact, doc_id: str) -> dict:
+def _filter_outcome(artifact: Artifact, doc_id: str) -> dict[str, Any]:
     lines = [
         {"line": r["line"], "rule": r["rule"], "text": r["text"]}
         for r in _rows(artifact.path / "removed_lines", [doc_id], ["id", "line", "text", "rule"])
@@ -188,7 +197,7 @@ def _filter_outcome(artifact: Artifact, doc_id: str) -> dict:
     }
 
 
-def format_audit(report: dict) -> str:
+def format_audit(report: dict[str, Any]) -> str:
     """The report as lines for a terminal."""
     if not report["found"]:
         return f"{report['doc_id']}: no download artifact in {report['store']} holds this document"

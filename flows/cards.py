@@ -14,8 +14,9 @@ import datetime
 import mimetypes
 import re
 from pathlib import Path
+from typing import Any
 
-from ember.tasks.stage import Outcome
+from ember.tasks.stage import Outcome, ReportSection
 
 MAX_EMBEDDED_BYTES = 2_000_000  # a plot is tens of KB; anything larger stays a link to nothing
 _IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
@@ -28,7 +29,7 @@ def run_url(ui_url: str | None, flow_run_id: str | None) -> str | None:
     return f"{ui_url.rstrip('/')}/runs/flow-run/{flow_run_id}"
 
 
-def run_link(made_by: dict, ui_url: str | None) -> str:
+def run_link(made_by: dict[str, Any], ui_url: str | None) -> str:
     name = made_by.get("flow_run_name") or made_by.get("flow_run_id") or "an earlier run"
     url = run_url(ui_url, made_by.get("flow_run_id"))
     return f"[{name}]({url})" if url else f"`{name}`"
@@ -45,7 +46,7 @@ def embed_images(markdown: str, folder: Path | None) -> str:
     if folder is None:
         return markdown
 
-    def embed(match: re.Match) -> str:
+    def embed(match: re.Match[str]) -> str:
         alt, target = match.groups()
         if "://" in target or target.startswith(("data:", "/")):
             return match.group(0)
@@ -62,7 +63,7 @@ def position(stage: str, stages: list[str]) -> str:
     return f"{stages.index(stage) + 1} of {len(stages)}"
 
 
-def report_lines(report: list[dict]) -> list[str]:
+def report_lines(report: list[ReportSection]) -> list[str]:
     """A stage's report sections as Markdown lines: a section that brings its own heading keeps
     it, the others get their title, if any."""
     lines = []
@@ -103,7 +104,7 @@ def stage_card(outcome: Outcome, stages: list[str], ui_url: str | None = None) -
     )
 
 
-def failed_card(stage: str, error: BaseException, report: list[dict], stages: list[str]) -> tuple[str, str]:
+def failed_card(stage: str, error: BaseException, report: list[ReportSection], stages: list[str]) -> tuple[str, str]:
     """(description, markdown) of the card of a stage that failed: the error, and what it had
     reported until then. Nothing of it is in the store (a crash leaves no artifact)."""
     lines = [
@@ -137,7 +138,7 @@ def stages_table(outcomes: list[Outcome], ui_url: str | None = None) -> str:
     return head + "\n\n" + "\n".join(lines) + "\n"
 
 
-def release_markdown(release: str, reason: str, latest: Path, demo_url: str, store_root: Path) -> str:
+def release_markdown(release: str, reason: str, latest: Path, demo_url: str, store_root: str) -> str:
     """The run's release card: which release (its folder as a path: browsers refuse `file://`
     links from a web page), and how to open the demo on it."""
     if release:

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from enum import Enum
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
 from rich.console import Console
@@ -29,7 +30,13 @@ console = Console()
 err_console = Console(stderr=True)
 
 # The stage names as a choice: `--help` lists them and a typo is refused before anything runs.
-StageChoice = Enum("StageChoice", {name: name for name in STAGE_NAMES}, type=str)
+if TYPE_CHECKING:  # a type checker cannot make members from a list; their values are the names
+
+    class StageChoice(str, Enum):
+        _value_: str
+
+else:
+    StageChoice = Enum("StageChoice", {name: name for name in STAGE_NAMES}, type=str)
 STAGES_HELP = "stages, in order: " + ", ".join(STAGE_NAMES)
 
 
@@ -60,12 +67,12 @@ def _store(root: str | None) -> Store:
     return open_store(root or default_root())
 
 
-def _fail(message: str, code: int = 2) -> None:
+def _fail(message: str, code: int = 2) -> NoReturn:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(code)
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -103,9 +110,9 @@ def run(
     if retrain and force_publish:
         _fail("--retrain publishes only through the gate; leave out --force-publish")
 
-    from ember.flows.pipeline import build_llm, retrain_config, run_name
+    from ember.flows.pipeline import Purpose, build_llm, retrain_config, run_name
 
-    purpose = "retrain" if retrain else "build"
+    purpose: Purpose = "retrain" if retrain else "build"
     if retrain:
         config = retrain_config(config)
     if force_publish:
@@ -193,6 +200,7 @@ def live_progress() -> Iterator[None]:
         BarColumn,
         MofNCompleteColumn,
         Progress,
+        TaskID,
         TaskProgressColumn,
         TextColumn,
         TimeElapsedColumn,
@@ -232,7 +240,7 @@ def live_progress() -> Iterator[None]:
         TimeRemainingColumn(),
         console=shared,
     )
-    tasks: dict[tuple[str, str], int] = {}
+    tasks: dict[tuple[str, str], TaskID] = {}
     lock = threading.Lock()
 
     def listen(stage: str, what: str, done: float, total: float) -> None:
@@ -359,7 +367,7 @@ def releases(store: str | None = StoreOption) -> None:
             column, no_wrap=True, justify="left" if column in ("version", "created (UTC)", "latest") else "right"
         )
 
-    def fig(value, digits=4):
+    def fig(value: float | None, digits: int = 4) -> str:
         return "n/a" if value is None else f"{value:.{digits}f}"
 
     for row in rows:

@@ -14,7 +14,7 @@ import os
 import re
 from pathlib import Path
 from types import UnionType
-from typing import Annotated, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -152,7 +152,7 @@ class PipelineConfig(BaseModel):
         return open_store(self.store_root(override), lock_timeout_s=self.store.lock_timeout_s)
 
 
-def _members(annotation) -> list:
+def _members(annotation: object) -> list[object]:
     """The types a value of `annotation` can be: unions and Optional split, Annotated unwrapped."""
     if get_origin(annotation) is Annotated:
         return _members(get_args(annotation)[0])
@@ -161,22 +161,22 @@ def _members(annotation) -> list:
     return [annotation]
 
 
-def _name(kind) -> str:
+def _name(kind: object) -> str:
     return getattr(kind, "__name__", None) or str(kind)
 
 
-def _models_at(loc: tuple, root: type[BaseModel]) -> list[type[BaseModel]]:
+def _models_at(loc: tuple[int | str, ...], root: type[BaseModel]) -> list[type[BaseModel]]:
     """The pydantic models that the mapping at `loc` (a validation error's location, without its
     last part) is validated as: walked from `root` through fields, list/tuple items, dict values
     and union members (PipelineConfig, ("download", "sources", 0) -> [Source])."""
-    kinds: list = [root]
+    kinds: list[object] = [root]
     for part in loc:
         # A union's error location names the member tried ("Source", "list[str]"): follow it.
         tagged = [kind for kind in kinds if _name(kind) == part]
         if tagged:
             kinds = tagged
             continue
-        following = []
+        following: list[object] = []
         for kind in kinds:
             origin = get_origin(kind)
             if isinstance(kind, type) and issubclass(kind, BaseModel) and isinstance(part, str):
@@ -196,10 +196,10 @@ def _words(text: str) -> list[str]:
     return re.findall(r"[a-z0-9]+", text.lower())
 
 
-def _suggestion(key: str, models: list[type[BaseModel]]) -> str:
+def _suggestion(key: int | str, models: list[type[BaseModel]]) -> str:
     """What to add to "unknown key": the closest valid key at that level, else the valid keys if
     there are a few, else nothing."""
-    fields = {}
+    fields: dict[str, str] = {}
     for model in models:
         for name, field in model.model_fields.items():
             fields.setdefault(field.alias or name, field.description or "")
@@ -247,7 +247,7 @@ def format_validation_error(err: ValidationError, origin: str, root: type[BaseMo
     return "\n".join(lines)
 
 
-def parse_config(data: dict, origin: str = "config") -> PipelineConfig:
+def parse_config(data: dict[str, Any], origin: str = "config") -> PipelineConfig:
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as err:
@@ -267,7 +267,7 @@ def load_config(path: str | Path) -> PipelineConfig:
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     folder = path.resolve().parent
 
-    def resolved(value):
+    def resolved(value: object) -> object:
         if not isinstance(value, str):
             return value  # the model's validation names the bad type
         value = os.path.expanduser(value)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple, TypedDict, cast
+from uuid import UUID
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
@@ -27,8 +28,12 @@ from ember.tasks.stages import STAGE_NAMES, STAGES
 from ember.tasks.train import TrainConfig
 
 # A stage's name, as the flow's `force` and `from_stage` take it: an enum in the run's parameter
-# schema, so the UI offers the names and a typo is refused when the run is created.
-StageName = Literal[tuple(STAGE_NAMES)]
+# schema, so the UI offers the names and a typo is refused when the run is created. A type
+# checker cannot build a Literal from a list: to it, a stage name is a str.
+if TYPE_CHECKING:
+    StageName = str
+else:
+    StageName = Literal[tuple(STAGE_NAMES)]
 
 
 def stages_to_force(force: list[str] | None, from_stage: str | None) -> set[str]:
@@ -57,6 +62,7 @@ def plan_warm_start(cfg: TrainConfig, releases: Path, tokens_ref: str | None) ->
     """
     if cfg.warm_start is False:
         return WarmStart(cfg, None, None)
+    release: Path | None
     if isinstance(cfg.warm_start, str):
         release = Path(releases) / cfg.warm_start
         if not (release / WEIGHTS).is_file():
@@ -77,6 +83,22 @@ DEMO_URL = "http://127.0.0.1:7860"
 
 # What a run is for: a build on demand, or a retrain (warm start, publish through the gate).
 Purpose = Literal["build", "retrain"]
+
+
+class StageSummary(TypedDict):
+    stage: str
+    cached: bool
+    seconds: float
+    ref: str
+
+
+class RunSummary(TypedDict):
+    """What `build_llm` returns (and `ember run` prints)."""
+
+    store: str  # the store's location: a folder or a URL
+    release: str  # the folder of the release this run published, or ""
+    not_published: str  # why it published none, or ""
+    stages: list[StageSummary]
 
 
 def retrain_config(config: PipelineConfig) -> PipelineConfig:
@@ -109,7 +131,7 @@ def build_llm(
     from_stage: StageName | None = None,
     store_root: str | None = None,
     purpose: Purpose = "build",
-) -> dict:
+) -> RunSummary:
     """Raw text to a published model. Returns each stage's ref, whether it was cached, and the release.
 
     `force` reruns the stages named, `from_stage` a stage and every one after it (the UI offers the
@@ -128,12 +150,18 @@ def build_llm(
     outcomes: dict[str, Outcome] = {}
     mapper = UnitMap(config.runner.kind, config.runner.workers, config.runner.address, store=store)
     # One progress card for the whole run: the stage under way and how far it is.
-    progress_id = create_progress_artifact(
-        0.0, key=artifact_key(config.name, "progress"), description=f"Stage 1 of {len(STAGES)}: starting"
+    # Prefect types it "UUID, or a coroutine in an async context": this flow is sync.
+    progress_id = cast(
+        UUID,
+        create_progress_artifact(
+            0.0, key=artifact_key(config.name, "progress"), description=f"Stage 1 of {len(STAGES)}: starting"
+        ),
     )
 
     for stage in STAGES:
-        cfg, identity, resources = getattr(config, stage.name), None, None
+        cfg = getattr(config, stage.name)
+        identity: object = None
+        resources: dict[str, Path] | None = None
         if stage.name == "download":
             identity = sources
         elif stage.name == "train":
@@ -155,7 +183,9 @@ def build_llm(
             progress_id=progress_id,
             return_state=True,
         )
-        outcome: Outcome = state.result()
+        # `stage_task` returns an Outcome, or on a hit a Completed state holding one, which Prefect
+        # makes the task's own: the result is the Outcome either way (Prefect's types miss that).
+        outcome = cast(Outcome, state.result())
         outcomes[stage.name] = outcome
         how = "cache hit" if outcome.cached else f"ran in {outcome.seconds:.1f}s"
         logger.info("%-15s %s  %s", stage.name, how, outcome.ref[: len(stage.name) + 13])

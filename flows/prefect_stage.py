@@ -18,22 +18,32 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 from uuid import UUID
 
 import cloudpickle
-from prefect import task
+from prefect import Task, task
 from prefect.artifacts import create_markdown_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import State
+from prefect.futures import PrefectFuture
 from prefect.runtime import flow_run
 from prefect.states import Completed
 from pydantic import BaseModel
 
 from ember.flows.cards import failed_card, position, stage_card
-from ember.flows.relocate import Relocated, folders_in, sync_down, sync_up
+from ember.flows.relocate import Relocated, Stamps, folders_in, sync_down, sync_up
 from ember.storage.objects import ObjectStore
 from ember.storage.store import Store
-from ember.tasks.stage import Outcome, Reporter, Stage, run_stage
+from ember.tasks.stage import Mapper, Outcome, Reporter, Stage, run_stage
+
+if TYPE_CHECKING:  # imported when a stage first maps on them
+    from prefect.task_runners import ProcessPoolTaskRunner
+    from prefect_dask.task_runners import DaskTaskRunner
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 def artifact_key(*parts: str) -> str:
@@ -64,7 +74,7 @@ class PrefectReporter(Reporter):
         self._context = contextvars.copy_context()
         self._lock = threading.Lock()
 
-    def _in_task(self, fn, *args, **kwargs):
+    def _in_task(self, fn: Callable[_P, _R], *args: _P.args, **kwargs: _P.kwargs) -> _R:
         if threading.get_ident() == self._thread:
             return fn(*args, **kwargs)
         with self._lock:
@@ -97,14 +107,14 @@ def unit_run_name(name: str, item: Any, index: int) -> str:
     return f"{name}-{label}"[:100].replace("{", "{{").replace("}", "}}")
 
 
-def prefect_map(fn, items: list, name: str = "unit") -> list:
+def prefect_map(fn: Callable[[_T], _R], items: list[_T], name: str = "unit") -> list[_R]:
     """Each unit of a stage's work as a task run of its own (named `name-<item>`), one after the
     other: the units of a shard-parallel stage already use every core (encode_batch, MinHash)."""
-    unit = task(fn, name=name, cache_policy=NO_CACHE, persist_result=False)
+    unit = task(name=name, cache_policy=NO_CACHE, persist_result=False)(fn)
     return [unit.with_options(task_run_name=unit_run_name(name, item, i))(item) for i, item in enumerate(items)]
 
 
-def _call_unit(fn: Callable[[Any], Any], item: Any) -> Any:
+def _call_unit(fn: Callable[[_T], _R], item: _T) -> _R:
     # Module-level, so a task runner in another process finds it by reference; `fn` itself is a
     # module-level function or a partial of one (the ctx.map contract).
     return fn(item)
@@ -127,21 +137,22 @@ class UnitMap:
         if kind not in ("sequential", "processes", "dask"):
             raise ValueError(f"runner.kind: unknown kind {kind!r}")
         self.kind, self.workers, self.address = kind, workers, address
-        self._runner = None
+        self._runner: ProcessPoolTaskRunner | DaskTaskRunner | None = None
         # On Dask with the store on object storage, a worker may be another machine with a cache
         # of its own: units are relocated (flows/relocate.py), their folders staged in the bucket.
         self.store = store if kind == "dask" and isinstance(store, ObjectStore) else None
         self._staging: str | None = None
-        self._sent: dict[str, dict] = {}
+        self._sent: dict[str, Stamps] = {}
 
-    def _started(self):
+    def _started(self) -> ProcessPoolTaskRunner | DaskTaskRunner:
         if self._runner is None:
+            runner: ProcessPoolTaskRunner | DaskTaskRunner
             if self.kind == "processes":
                 from prefect.task_runners import ProcessPoolTaskRunner
 
                 runner = ProcessPoolTaskRunner(max_workers=self.workers)
             else:
-                from prefect_dask import DaskTaskRunner
+                from prefect_dask.task_runners import DaskTaskRunner
 
                 runner = (
                     DaskTaskRunner(address=self.address)
@@ -158,7 +169,7 @@ class UnitMap:
             self._runner = runner.__enter__()
         return self._runner
 
-    def __getstate__(self) -> dict:
+    def __getstate__(self) -> dict[str, Any]:
         # Prefect ships the stage task's context, parameters included, with each unit.
         return {**self.__dict__, "_runner": None}
 
@@ -168,10 +179,11 @@ class UnitMap:
             runner.__exit__(None, None, None)
         if self._staging is not None:
             staging, self._staging, self._sent = self._staging, None, {}
+            assert self.store is not None  # only units relocated through a store are staged
             if self.store.fs.exists(staging):
                 self.store.fs.rm(staging, recursive=True)
 
-    def __call__(self, fn: Callable[[Any], Any], items: list, name: str = "unit") -> list:
+    def __call__(self, fn: Callable[[_T], _R], items: list[_T], name: str = "unit") -> list[_R]:
         # One unit gains nothing from another process.
         if self.kind == "sequential" or len(items) <= 1:
             return prefect_map(fn, items, name)
@@ -188,13 +200,15 @@ class UnitMap:
         runner = self._started()
         folders: set[str] = set()
         if self.store is not None:
-            self._staging = self._staging or self.store.remote_path("staging", secrets.token_hex(8))
+            self._staging = staging = self._staging or self.store.remote_path("staging", secrets.token_hex(8))
             folders = folders_in(fn, items, str(self.store.root))
-            sync_up(self.store, folders, self._staging, self._sent)
-            fn = Relocated(fn, self.store.url, str(self.store.root), self._staging)
-        unit = task(_call_unit, name=name, cache_policy=NO_CACHE, persist_result=False)
-        results: list = []
-        in_flight: deque = deque()
+            sync_up(self.store, folders, staging, self._sent)
+            fn = Relocated(fn, self.store.url, str(self.store.root), staging)
+        unit: Task[[Callable[[_T], _R], _T], _R] = task(name=name, cache_policy=NO_CACHE, persist_result=False)(
+            _call_unit
+        )
+        results: list[_R] = []
+        in_flight: deque[PrefectFuture[_R]] = deque()
         for i, item in enumerate(items):
             if len(in_flight) >= self.workers:
                 results.append(in_flight.popleft().result())
@@ -203,14 +217,15 @@ class UnitMap:
             )
         results.extend(future.result() for future in in_flight)
         if self.store is not None:
-            sync_down(self.store, folders, self._staging, self._sent)
+            sync_down(self.store, folders, staging, self._sent)
         return results
 
 
 def _task_run_name() -> str:
     from prefect.runtime import task_run
 
-    return task_run.parameters["stage"].name
+    stage: Stage = task_run.parameters["stage"]
+    return stage.name
 
 
 def ui_url() -> str | None:
@@ -229,11 +244,11 @@ def stage_task(
     force: bool = False,
     identity: object = None,
     artifact_prefix: str = "ember",
-    mapper: Callable[..., list] = prefect_map,
+    mapper: Mapper = prefect_map,
     resources: dict[str, Path] | None = None,
     stages: list[str] | None = None,
     progress_id: UUID | None = None,
-):
+) -> Outcome | State[Outcome]:
     """Run one stage through the store. Returns an `Outcome`; a hit ends in state "Cached".
 
     `mapper` runs the stage's units (`prefect_map`, or a `UnitMap` from the config's runner);

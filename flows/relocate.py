@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from ember.storage.objects import ObjectStore
+
+# A folder's files as sent or found: relative path -> (size, mtime_ns).
+Stamps = dict[str, tuple[int, int]]
 
 
 def _folder(rel: str) -> str | None:
@@ -57,7 +60,7 @@ def _rewrite(value: Any, old: str, new: str, seen: Callable[[str], None] | None 
     return value
 
 
-def folders_in(fn: Callable, items: list, root: str) -> set[str]:
+def folders_in(fn: Callable[..., object], items: Sequence[object], root: str) -> set[str]:
     """The staged folders that a map's arguments name."""
     found: set[str] = set()
 
@@ -70,7 +73,7 @@ def folders_in(fn: Callable, items: list, root: str) -> set[str]:
     return found
 
 
-def _files(base: Path) -> dict[str, tuple[int, int]]:
+def _files(base: Path) -> Stamps:
     return (
         {
             p.relative_to(base).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
@@ -82,7 +85,7 @@ def _files(base: Path) -> dict[str, tuple[int, int]]:
     )
 
 
-def _push(store: ObjectStore, root: Path, folder: str, staging: str, since: dict[str, tuple[int, int]]) -> None:
+def _push(store: ObjectStore, root: Path, folder: str, staging: str, since: Stamps) -> None:
     for rel, stamp in _files(root / folder).items():
         if since.get(rel) != stamp:
             store.fs.put_file(str(root / folder / rel), f"{staging}/{folder}/{rel}")
@@ -102,14 +105,14 @@ def _pull(store: ObjectStore, root: Path, folder: str, staging: str) -> None:
             os.replace(tmp, target)
 
 
-def sync_up(store: ObjectStore, folders: set[str], staging: str, sent: dict[str, dict]) -> None:
+def sync_up(store: ObjectStore, folders: set[str], staging: str, sent: dict[str, Stamps]) -> None:
     """The flow's folders to the staging prefix (what changed since `sent` says it was sent)."""
     for folder in folders:
         _push(store, store.root, folder, staging, sent.get(folder, {}))
         sent[folder] = _files(store.root / folder)
 
 
-def sync_down(store: ObjectStore, folders: set[str], staging: str, sent: dict[str, dict]) -> None:
+def sync_down(store: ObjectStore, folders: set[str], staging: str, sent: dict[str, Stamps]) -> None:
     """What the units wrote, from the staging prefix into the flow's folders."""
     for folder in folders:
         _pull(store, store.root, folder, staging)

@@ -20,6 +20,7 @@ import json
 import logging
 import threading
 from pathlib import Path
+from typing import TypedDict
 
 from prefect.events import emit_event
 
@@ -31,6 +32,11 @@ EVENT = "ember.corpus.changed"
 log = logging.getLogger("ember.watch")
 
 
+class SourcesCheck(TypedDict):
+    digest: str  # sha256 of the sources' identity
+    changed: bool  # differs from the last check (never on a store's first check)
+
+
 def resource_id(config_name: str) -> str:
     """The Prefect resource an `ember.corpus.changed` event is about (what triggers match on)."""
     return f"ember.config.{config_name}"
@@ -40,7 +46,7 @@ def seen_path(store_root: Path, config_name: str) -> Path:
     return Path(store_root) / "watch" / f"{config_name}.json"
 
 
-def check_sources(config: PipelineConfig, store_root: str | Path | None = None) -> dict:
+def check_sources(config: PipelineConfig, store_root: str | Path | None = None) -> SourcesCheck:
     """Emit `ember.corpus.changed` if the sources differ from the last check. Returns what it saw."""
     identity = download.preflight(config.download)
     digest = hashlib.sha256(canonical_json(identity).encode()).hexdigest()
