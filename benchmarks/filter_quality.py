@@ -25,6 +25,7 @@ import os
 import tempfile
 import time
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 from ember.tasks.download import chunk_text
@@ -178,9 +179,9 @@ def speed(corpora: Path = CORPORA, shard_chars: int = 4_000_000) -> list[dict]:
         with ShardWriter(root / "download" / "shards", max_chars=shard_chars) as writer:
             writer.write_many({"id": f"doc{i}", "text": d, "source": "gutenberg_en"} for i, d in enumerate(docs))
         for workers, mapper in ((1, sequential_map), (2, pool_map(2))):
-            for stage, run, cfg, upstream in (
-                ("normalize", normalize.run, NormalizeConfig(), "download"),
-                ("filter", quality_filter.run, FilterConfig(), "normalize"),
+            for stage, run, upstream in (  # each stage's run with its config
+                ("normalize", partial(normalize.run, NormalizeConfig()), "download"),
+                ("filter", partial(quality_filter.run, FilterConfig()), "normalize"),
             ):
                 out = root / f"{stage}-{workers}"
                 out.mkdir()
@@ -193,7 +194,7 @@ def speed(corpora: Path = CORPORA, shard_chars: int = 4_000_000) -> list[dict]:
                     map=mapper,
                 )
                 started, cpu = time.perf_counter(), time.process_time()
-                run(cfg, ctx)
+                run(ctx)
                 seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
                 row = {
                     "stage": stage,

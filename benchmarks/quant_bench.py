@@ -39,7 +39,6 @@ from ember.model.generate import generate  # noqa: E402
 from ember.model.quantize import (  # noqa: E402
     INT8_WEIGHTS,
     WO_INT8_WEIGHTS,
-    DynamicLinear,
     Int8WeightOnlyLinear,
     linear_weight_bytes,
     quantize_int8,
@@ -90,6 +89,10 @@ def _median_us(fn, n: int = 200) -> float:
 
 
 def _is_linear(module: torch.nn.Module) -> bool:
+    # Here, not at the top: ember.model.quantize has imported it by now, with torch.ao's
+    # deprecation warnings silenced (and does not re-export it).
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
     # nn.Linear, torch.ao's dynamic quantized Linear (not an nn.Linear subclass), ours
     return isinstance(module, (torch.nn.Linear, DynamicLinear, Int8WeightOnlyLinear))
 

@@ -251,8 +251,8 @@ def main() -> None:
 
     names = None if args.all else DEFAULT_CORPUS_NAMES
     print(f"machine: {machine_line()}; RAYON_NUM_THREADS={args.threads}")
-    with tempfile.TemporaryDirectory(prefix="ember-tokenize-bench-") as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="ember-tokenize-bench-") as tmp_name:
+        tmp = Path(tmp_name)
         corpus = write_corpus_shards(args.corpora, tmp / "dedup", names)
         print(
             f"input: {', '.join(names) if names else 'all corpora'}: {corpus['docs']:,} documents, "

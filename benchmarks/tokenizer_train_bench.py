@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,9 +192,9 @@ def child_train(args: dict) -> dict:
     class Capture(Reporter):
         def __init__(self, stage: str):
             super().__init__(stage)
-            self.tables: dict[str, list[dict]] = {}
+            self.tables: dict[str, Sequence[Mapping[str, object]]] = {}
 
-        def table(self, key: str, rows: list[dict], description: str = "") -> None:
+        def table(self, key: str, rows: Sequence[Mapping[str, object]], description: str = "") -> None:
             self.tables[key] = rows
             super().table(key, rows, description)
 
@@ -290,8 +290,8 @@ def main() -> None:
         return
 
     print(f"machine: {machine_line()}")
-    with tempfile.TemporaryDirectory(prefix="ember-tokbench-") as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix="ember-tokbench-") as tmp_name:
+        tmp = Path(tmp_name)
         started = time.perf_counter()
         corpus = write_corpus_shards(args.corpora, tmp / "dedup", chunk_chars=args.chunk_chars)
         print(

@@ -51,8 +51,10 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TypeVar, cast
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -78,7 +80,9 @@ def llama_config(cfg: ModelConfig):
     """The `LlamaConfig` of Ember's shapes."""
     from transformers import LlamaConfig
 
-    return LlamaConfig(
+    # transformers 5 declares LlamaConfig as a dataclass of its fields only, yet its __init__
+    # takes further keywords (rope_theta and attn_implementation, 4.x's names, are converted).
+    return LlamaConfig(  # type: ignore[call-arg]
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.dim,
         intermediate_size=cfg.hidden_dim,
@@ -105,7 +109,8 @@ def hf_model(cfg: ModelConfig, device: torch.device):
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(llama_config(cfg)).to(device)
+    # transformers wraps `to` in functools.wraps, whose typeshed type does not bind `self`.
+    model = LlamaForCausalLM(llama_config(cfg)).to(device)  # type: ignore[arg-type]
     assert model.lm_head.weight is model.model.embed_tokens.weight, "HF model's embeddings are not tied"
     return model
 
@@ -194,7 +199,10 @@ def ember_uncached(model: Transformer, prompt: list[int], new_tokens: int) -> li
     return ids[len(prompt) :]
 
 
-def timed(fn) -> tuple[float, object]:
+T = TypeVar("T")
+
+
+def timed(fn: Callable[[], T]) -> tuple[float, T]:
     started = time.perf_counter()
     out = fn()
     return time.perf_counter() - started, out
@@ -270,7 +278,9 @@ def run_training(args, cfg: ModelConfig, ember: Transformer, n_params: int, devi
     hf = hf_model(cfg, device)
     assert sum(p.numel() for p in hf.parameters()) == n_params, "the two models' parameter counts differ"
     # name -> (model, loss function, precision); every model starts from its own copy of the weights
-    sides = {f"ember {precision}": (ember, ember_loss, precision)}
+    sides: dict[str, tuple[torch.nn.Module, Callable[..., torch.Tensor], str]] = {
+        f"ember {precision}": (ember, ember_loss, precision)
+    }
     if device.type == "cpu":
         sides["transformers fp32"] = (hf, hf_loss, "fp32")
         if precision == "bf16":
@@ -282,11 +292,12 @@ def run_training(args, cfg: ModelConfig, ember: Transformer, n_params: int, devi
     for model, _, _ in sides.values():
         model.train()
     if args.compile:
-        sides = {name: (torch.compile(m), fn, p) for name, (m, fn, p) in sides.items()}
+        # cast: compile() returns an OptimizedModule, a module, which torch types as a plain callable.
+        sides = {name: (cast(torch.nn.Module, torch.compile(m)), fn, p) for name, (m, fn, p) in sides.items()}
     opts = {name: adamw(m) for name, (m, _, _) in sides.items()}
     g = torch.Generator().manual_seed(0)
 
-    def batch():
+    def batch() -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=g)
         return x[:, :-1].to(device), x[:, 1:].to(device)
 
@@ -351,7 +362,7 @@ def run_training(args, cfg: ModelConfig, ember: Transformer, n_params: int, devi
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, (wall, cpu, mfu, mfu_cpu) in med.items():
-        base, same = med[baseline], med.get(f"transformers {sides[name][2]}")
+        base, same = med[baseline], med[f"transformers {sides[name][2]}"]
         # the host's CPU time says nothing about GPU work
         ratio = f"{base[0] / wall:.2f}x / {base[1] / cpu:.2f}x" if on_cpu else f"{base[0] / wall:.2f}x / -"
         cpu_cols = f"{cpu:.3f} | {mfu_cpu:.1%}" if on_cpu else "- | -"
@@ -373,12 +384,13 @@ def run_generation(args, cfg: ModelConfig, ember: Transformer, device: torch.dev
     if len(PROMPT) + args.new_tokens > cfg.max_seq_len:
         raise SystemExit(f"--new-tokens {args.new_tokens} + prompt do not fit the context {cfg.max_seq_len}")
     ember.eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
         save_model(ember, tmp / "model", extra={"tokenizer": {"bos_id": 1, "eos_id": 2, "pad_id": 0}})
         write_dummy_tokenizer(tmp / "tok", cfg.vocab_size)
         export_hf(tmp / "model", tmp / "tok", tmp / "hf")
-        hf = AutoModelForCausalLM.from_pretrained(tmp / "hf", dtype=torch.float32).to(device).eval()
+        hf = AutoModelForCausalLM.from_pretrained(tmp / "hf", dtype=torch.float32)
+        hf = hf.to(device).eval()  # type: ignore[arg-type]  # functools.wraps again, as in hf_model
     prompt = torch.tensor([PROMPT], device=device)
     with torch.inference_mode():
         ours, theirs = ember(prompt, prompt)[0], hf(prompt).logits
@@ -401,7 +413,7 @@ def run_generation(args, cfg: ModelConfig, ember: Transformer, device: torch.dev
         with autocast(device):
             return ember_uncached(ember, PROMPT, n)
 
-    runs = {
+    runs: dict[str, Callable[..., list[int]]] = {
         "ember (KV cache)": run_ember,
         "transformers generate() (KV cache)": lambda n=args.new_tokens: hf_generate(hf, n),
     }
@@ -412,8 +424,8 @@ def run_generation(args, cfg: ModelConfig, ember: Transformer, device: torch.dev
         )
     for fn in runs.values():  # warm-up: first calls, allocations
         fn(16)
-    times = {name: [] for name in runs}
-    outputs = {}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    outputs: dict[str, list[int]] = {}
     order = list(runs)
     for r in range(args.repeat):
         for name in order[r % len(order) :] + order[: r % len(order)]:
