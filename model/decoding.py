@@ -7,8 +7,12 @@ live in it. The demo and the evaluate stage load their models this way.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 import torch.nn as nn
+
+_M = TypeVar("_M", bound=nn.Module)
 
 
 def usable_fused(fused: torch.Tensor | None, *linears: nn.Linear) -> torch.Tensor | None:
@@ -22,7 +26,7 @@ def usable_fused(fused: torch.Tensor | None, *linears: nn.Linear) -> torch.Tenso
     return fused
 
 
-def use_decoding_layout(model: nn.Module) -> nn.Module:
+def use_decoding_layout(model: _M) -> _M:
     """Lay out `model`'s float weight matrices in memory for decoding on CPU, in place.
 
     Shapes and values stay the same; only the memory order changes. Decoding multiplies one

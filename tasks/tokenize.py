@@ -198,7 +198,7 @@ def run(cfg: TokenizeConfig, ctx: StageContext) -> dict[str, Any]:
     if reused:
         ctx.log.info("reused %d of %d tokenized shards from an interrupted run", reused, len(results))
 
-    meta = {
+    meta: dict[str, Any] = {
         "vocab_size": vocab_size,
         "dtype": dtype.name,
         "eos_id": EOS_ID,

@@ -5,12 +5,13 @@ from __future__ import annotations
 import copy
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from helpers import CORPORA
 
-TINY = {
+TINY: dict[str, Any] = {  # the YAML config, as parsed
     "name": "tiny",
     "download": {
         "sources": [{"name": "shakespeare", "path": str(CORPORA / "tinyshakespeare" / "input.txt")}],

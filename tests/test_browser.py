@@ -52,7 +52,7 @@ STYLES_JS = """output => ['.ember-prompt', '.ember-generated'].map(sel => {
 @pytest.fixture(scope="module")
 def demo_url(tmp_path_factory, prefect_api):
     from ember.deployments.app import launch
-    from test_publish_demo import free_port
+    from release_builders import free_port
 
     demo = launch(
         tiny_release_store(tmp_path_factory) / "releases", port=free_port(), prevent_thread_lock=True, quiet=True
@@ -65,7 +65,7 @@ def demo_url(tmp_path_factory, prefect_api):
 def two_languages_url(tmp_path_factory, corpora):
     """A demo serving a Chinese model (latest) and an English one (v0001)."""
     from ember.deployments.app import launch
-    from test_publish_demo import free_port, publish_two_languages
+    from release_builders import free_port, publish_two_languages
 
     releases = publish_two_languages(tmp_path_factory.mktemp("languages"), corpora)
     demo = launch(releases, port=free_port(), prevent_thread_lock=True, quiet=True)
@@ -104,7 +104,7 @@ def test_generate_and_switch_to_chinese(chromium_path, demo_url, tmp_path):
             # When it is done, the status line says what served it.
             expect(page.locator("#status")).to_contain_text(re.compile(r"v0001 · fp32 · \d+ tokens"))
             generated = output.locator(".ember-generated").text_content()
-            assert generated.strip()
+            assert generated is not None and generated.strip()
             mark, text = output.evaluate(STYLES_JS)
             assert mark["weight"] >= 600 > text["weight"], (mark, text)  # bold prompt, plain answer
             assert mark["underline"] >= 1 and text["underline"] == 0
@@ -139,7 +139,7 @@ def test_generate_and_switch_to_chinese(chromium_path, demo_url, tmp_path):
 def test_examples_follow_the_release(chromium_path, two_languages_url):
     from playwright.sync_api import expect, sync_playwright
 
-    from test_publish_demo import ZH_PROMPT
+    from release_builders import ZH_PROMPT
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium_path, headless=True, args=CHROMIUM_ARGS)

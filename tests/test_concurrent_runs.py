@@ -103,9 +103,13 @@ def test_two_overlapping_runs_of_one_config_share_the_store(prefect_api, tmp_pat
             for r in client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["build-llm"])))
             if r.parameters.get("store_root") == str(store)
         ]
-    assert len(flow_runs) == 2 and all(r.state.is_completed() for r in flow_runs)
-    first, second = sorted(flow_runs, key=lambda r: r.start_time)
-    assert second.start_time < first.end_time
+    assert len(flow_runs) == 2 and all(r.state is not None and r.state.is_completed() for r in flow_runs)
+    spans = []
+    for r in flow_runs:
+        assert r.start_time is not None and r.end_time is not None  # a completed run has both
+        spans.append((r.start_time, r.end_time))
+    (_, first_end), (second_start, _) = sorted(spans, key=lambda span: span[0])
+    assert second_start < first_end
 
     # What the terminal shows: the run's name first (the flow run's own name), a bar per long
     # step (the trainer's 150 steps, with an ETA column), and none of the stages' report tables.

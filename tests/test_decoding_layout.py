@@ -11,7 +11,7 @@ from ember.model.checkpoint import load_model, save_model
 from ember.model.decoding import usable_fused, use_decoding_layout
 from ember.model.generate import generate
 from ember.model.quantize import quantize_weight_only_int8
-from test_model import VOCAB, greedy_without_cache, lively, tiny
+from test_model import VOCAB, block, greedy_without_cache, lively, tiny
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -25,14 +25,16 @@ def column_major(w: torch.Tensor) -> bool:
 @pytest.mark.parametrize("n_kv_heads", [4, 2], ids=["mha", "gqa"])
 def test_same_values_same_tokens_new_layout(n_kv_heads):
     reference = lively(tiny(n_kv_heads=n_kv_heads))
-    model = use_decoding_layout(copy.deepcopy(reference))
+    model = copy.deepcopy(reference)
+    use_decoding_layout(model)  # in place
 
     for name, tensor in reference.state_dict().items():
         assert torch.equal(model.state_dict()[name], tensor), name
-    attention, mlp = model.layers[0].attention, model.layers[0].feed_forward
+    attention, mlp = block(model, 0).attention, block(model, 0).feed_forward
     # wq, wk, wv are column blocks of one matrix, w1 and w3 of another; w2 (deeper than wide)
     # keeps nn.Linear's row-major order; the tied embedding is column-major.
     width = attention.wq.weight.size(0) + 2 * attention.wk.weight.size(0)
+    assert attention.wqkv_t is not None and mlp.w13_t is not None
     assert attention.wqkv_t.shape == (64, width) and attention.wqkv_t.is_contiguous()
     assert attention.wq.weight.data_ptr() == attention.wqkv_t.data_ptr()
     assert all(column_major(lin.weight) for lin in (attention.wq, attention.wk, attention.wv, attention.wo))
@@ -51,8 +53,9 @@ def test_same_values_same_tokens_new_layout(n_kv_heads):
 
 def test_fused_matrices_stand_in_only_without_gradients_and_while_shared():
     reference = lively(tiny())
-    model = use_decoding_layout(copy.deepcopy(reference))
-    attention = model.layers[0].attention
+    model = copy.deepcopy(reference)
+    use_decoding_layout(model)  # in place
+    attention = block(model, 0).attention
     linears = (attention.wq, attention.wk, attention.wv)
     with torch.no_grad():
         assert usable_fused(attention.wqkv_t, *linears) is attention.wqkv_t
@@ -63,22 +66,24 @@ def test_fused_matrices_stand_in_only_without_gradients_and_while_shared():
     for m in (model, reference):
         m(idx, idx)[1].backward()
     for lin, ref in (
-        (attention.wk, reference.layers[0].attention.wk),
-        (model.layers[1].feed_forward.w3, reference.layers[1].feed_forward.w3),
+        (attention.wk, block(reference, 0).attention.wk),
+        (block(model, 1).feed_forward.w3, block(reference, 1).feed_forward.w3),
     ):
-        assert lin.weight.grad is not None and torch.allclose(lin.weight.grad, ref.weight.grad, atol=1e-6)
+        assert lin.weight.grad is not None and ref.weight.grad is not None
+        assert torch.allclose(lin.weight.grad, ref.weight.grad, atol=1e-6)
 
     # A weight replaced after the layout was chosen is used, not the stale fused copy.
     new_wk = torch.nn.Parameter(torch.randn_like(attention.wk.weight))
     attention.wk.weight = new_wk
-    reference.layers[0].attention.wk.weight = torch.nn.Parameter(new_wk.detach().clone())
+    block(reference, 0).attention.wk.weight = torch.nn.Parameter(new_wk.detach().clone())
     with torch.no_grad():
         assert usable_fused(attention.wqkv_t, *linears) is None
         assert torch.allclose(model(idx)[0], reference(idx)[0], atol=1e-5)
 
 
 def test_loading_weights_into_the_layout_updates_the_fused_matrices(tmp_path):
-    model = use_decoding_layout(tiny())
+    model = tiny()
+    use_decoding_layout(model)  # in place
     other = lively(tiny())
     model.load_state_dict(other.state_dict())  # copies into the views, so into the fused storage
     assert list(generate(model, PROMPT, 30, temperature=0)) == list(generate(other, PROMPT, 30, temperature=0))
@@ -95,6 +100,6 @@ def test_int8_models_keep_their_kernels_and_get_a_faster_output_projection():
     qmodel = quantize_weight_only_int8(lively(tiny()))
     expected = list(generate(qmodel, PROMPT, 30, temperature=0))
     use_decoding_layout(qmodel)
-    assert qmodel.layers[0].attention.wqkv_t is None  # not nn.Linear any more: left alone
+    assert block(qmodel, 0).attention.wqkv_t is None  # not nn.Linear any more: left alone
     assert column_major(qmodel.tok_embeddings.weight)
     assert list(generate(qmodel, PROMPT, 30, temperature=0)) == expected

@@ -99,6 +99,11 @@ def brute_force_jaccard(texts: list[str], cfg: DedupConfig, floor: float = 0.5) 
     )
 
 
+def pair(a: int, b: int) -> tuple[int, int]:
+    """The key of `brute_force_jaccard` for documents a and b (a < b)."""
+    return (a, b) if a <= b else (b, a)
+
+
 def measure_recall(
     corpora: Path, workdir: Path, mapper=sequential_map, cfg: DedupConfig | None = None, chunk_chars: int | None = None
 ) -> dict:
@@ -132,14 +137,10 @@ def measure_recall(
     found = [cluster[a] == cluster[b] for a, b in true_pairs]
     hlm = [f for (a, b), f in zip(true_pairs, found, strict=True) if "hongloumeng" in a + b]
     near_08 = [
-        f
-        for (a, b), f in zip(true_pairs, found, strict=True)
-        if truth[tuple(sorted((index[a], index[b])))] < cfg.threshold + 0.05
+        f for (a, b), f in zip(true_pairs, found, strict=True) if truth[pair(index[a], index[b])] < cfg.threshold + 0.05
     ]
     near = [line for line in lines if line["kind"] == "near"]
-    right = [
-        truth.get(tuple(sorted((index[line["id"]], index[line["kept_id"]]))), 0.0) >= cfg.threshold for line in lines
-    ]
+    right = [truth.get(pair(index[line["id"]], index[line["kept_id"]]), 0.0) >= cfg.threshold for line in lines]
     return {
         "documents": len(docs),
         "pairs_compared": len(docs) * (len(docs) - 1) // 2,

@@ -5,6 +5,9 @@ Cached vs uncached greedy decoding, seeds, EOS and the sliding context are in te
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import pytest
 import torch
 from tokenizers import pre_tokenizers, trainers
@@ -21,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CJK_TEXT = "宝玉笑道：“你好，世界。” Then 黛玉 left 😀 at 3 o'clock."
 
 
-def byte_tokenizer(texts: list[str] = (), vocab_size: int = 256 + len(SPECIAL_TOKENS)):
+def byte_tokenizer(texts: Sequence[str] = (), vocab_size: int = 256 + len(SPECIAL_TOKENS)):
     """Ember's byte-level BPE; at the default size it has no merges: one token per byte, so every
     Han character is three tokens and the emoji four."""
     tokenizer = build_tokenizer()
@@ -43,10 +46,12 @@ def lively_model(vocab_size: int) -> Transformer:
 
 @pytest.fixture
 def scripted(monkeypatch):
-    """Make `generate` yield the ids of a given text, so decoding is tested on known bytes."""
+    """Make `generate` yield the ids of a given text, so decoding is tested on known bytes; returns
+    the model to pass, which is never run."""
 
-    def use(ids: list[int]) -> None:
+    def use(ids: list[int]) -> Transformer:
         monkeypatch.setattr(gen, "generate", lambda model, prompt_ids, max_new_tokens, **kw: iter(ids[:max_new_tokens]))
+        return Transformer(ModelConfig(vocab_size=256 + len(SPECIAL_TOKENS), **PRESETS["tiny"]))
 
     return use
 
@@ -79,7 +84,7 @@ def test_repetition_penalty_changes_greedy_output_on_a_repetitive_prompt():
     assert penalized[:3] == plain[:3]
     assert len(set(penalized)) > len(set(plain))
     # Seeded sampling with a penalty is still reproducible.
-    kw = dict(temperature=1.0, top_k=50, seed=3, repetition_penalty=1.3)
+    kw: dict[str, Any] = dict(temperature=1.0, top_k=50, seed=3, repetition_penalty=1.3)
     assert list(generate(model, prompt, 30, **kw)) == list(generate(model, prompt, 30, **kw))
     with pytest.raises(ValueError, match="repetition_penalty"):
         list(generate(model, prompt, 5, repetition_penalty=0))
@@ -92,13 +97,13 @@ def test_cjk_and_emoji_stream_as_whole_characters(scripted):
     tokenizer = byte_tokenizer()
     ids = tokenizer.encode(CJK_TEXT).ids
     assert len(ids) == len(CJK_TEXT.encode("utf-8"))  # one token per byte: characters are split
-    scripted(ids)
-    pieces = list(generate_text(None, tokenizer, "", len(ids)))
+    model = scripted(ids)
+    pieces = list(generate_text(model, tokenizer, "", len(ids)))
     assert "".join(pieces) == CJK_TEXT
     assert pieces == list(CJK_TEXT)  # each character as soon as its last byte arrives, never a half
     # Cut inside the emoji's four bytes: the half character is never shown.
     cut = len("宝玉笑道：“你好，世界。” Then 黛玉 left ".encode()) + 2
-    assert "".join(generate_text(None, tokenizer, "", cut)) == "宝玉笑道：“你好，世界。” Then 黛玉 left "
+    assert "".join(generate_text(model, tokenizer, "", cut)) == "宝玉笑道：“你好，世界。” Then 黛玉 left "
 
 
 @pytest.mark.parametrize(
@@ -115,8 +120,8 @@ def test_cjk_and_emoji_stream_as_whole_characters(scripted):
 )
 def test_stop_strings_end_the_text(scripted, stop, expected):
     tokenizer = byte_tokenizer()
-    scripted(tokenizer.encode(CJK_TEXT).ids)
-    pieces = list(generate_text(None, tokenizer, "", 500, stop=stop))
+    model = scripted(tokenizer.encode(CJK_TEXT).ids)
+    pieces = list(generate_text(model, tokenizer, "", 500, stop=stop))
     assert "".join(pieces) == expected
     # No piece ever held part of a stop string, even one later found not to be one.
     shown = ""
@@ -127,14 +132,14 @@ def test_stop_strings_end_the_text(scripted, stop, expected):
 
 def test_stop_string_prefix_is_held_until_it_cannot_be_one(scripted):
     tokenizer = byte_tokenizer()
-    scripted(tokenizer.encode("abc abd").ids)
-    pieces = list(generate_text(None, tokenizer, "", 100, stop=("abd!",)))
+    model = scripted(tokenizer.encode("abc abd").ids)
+    pieces = list(generate_text(model, tokenizer, "", 100, stop=("abd!",)))
     assert "".join(pieces) == "abc abd"
     # "a", "ab" wait for the next character; "abc" cannot begin "abd!" and goes out; "abd" waits
     # for a "!" that never comes and goes out when generation ends.
     assert pieces == ["abc", " ", "abd"]
     # One stop string may be given bare, not in a tuple.
-    assert "".join(generate_text(None, tokenizer, "", 100, stop="c a")) == "ab"
+    assert "".join(generate_text(model, tokenizer, "", 100, stop="c a")) == "ab"
 
 
 def test_generate_text_with_a_real_model_and_tokenizer(corpora):
@@ -142,7 +147,7 @@ def test_generate_text_with_a_real_model_and_tokenizer(corpora):
     tokenizer = byte_tokenizer(text.split("\n\n"), vocab_size=400)
     model = lively_model(400)
     prompt = "ROMEO: 宝玉"
-    kw = dict(temperature=0.9, top_k=40, seed=11, eos_id=EOS_ID)
+    kw: dict[str, Any] = dict(temperature=0.9, top_k=40, seed=11, eos_id=EOS_ID)
     ids = [EOS_ID] + tokenizer.encode(prompt, add_special_tokens=False).ids  # an EOS before the prompt
     expected = tokenizer.decode(list(generate(model, ids, 60, **kw)))
     streamed = "".join(generate_text(model, tokenizer, prompt, 60, **kw))

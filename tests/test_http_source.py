@@ -16,6 +16,7 @@ import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -297,7 +298,7 @@ def test_mirrors_all_failing_name_each(tmp_path, server):
 # --- archives ---------------------------------------------------------------------------------
 
 
-def tar_bytes(entries: list[tarfile.TarInfo | tuple[str, bytes]], mode: str = "w:gz") -> bytes:
+def tar_bytes(entries: list[tarfile.TarInfo | tuple[str, bytes]], mode: Literal["w:gz", "w"] = "w:gz") -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode=mode) as tar:
         for entry in entries:

@@ -24,12 +24,15 @@ FORBIDDEN = {
     "deployments": ("ember.flows.cli",),
 }
 # The demo serves releases: it needs the model and the release registry, never a stage or a flow.
-FORBIDDEN_FILES = {"deployments/app.py": ("prefect", "ember.tasks", "ember.flows")}
+FORBIDDEN_FILES = {
+    "deployments/app.py": ("prefect", "ember.tasks", "ember.flows"),
+    "deployments/releases_served.py": ("prefect", "ember.tasks", "ember.flows"),
+}
 ALLOWED = {"flows/cli.py": ("ember.deployments",)}
 
 
 def imports_of(path: Path) -> set[str]:
-    names = set()
+    names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)

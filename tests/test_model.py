@@ -27,7 +27,7 @@ from ember.model.quantize import (
     save_int8,
     save_weight_only_int8,
 )
-from ember.model.transformer import PRESETS, ModelConfig, Transformer, configure_optimizer
+from ember.model.transformer import PRESETS, Block, ModelConfig, Transformer, configure_optimizer
 
 VOCAB = 512
 
@@ -66,7 +66,7 @@ def test_forward_shapes_and_loss_at_init(n_kv_heads):
 
 def test_gqa_has_fewer_kv_params_and_is_causal():
     mha, gqa = tiny(n_kv_heads=4), tiny(n_kv_heads=2)
-    assert gqa.layers[0].attention.wk.weight.shape == (32, 64)
+    assert block(gqa, 0).attention.wk.weight.shape == (32, 64)
     assert mha.num_params() - gqa.num_params() == 2 * 2 * 64 * 32  # wk and wv halve, 2 layers
     # Causality: changing a later token leaves earlier logits alone.
     idx = torch.randint(0, VOCAB, (1, 20))
@@ -75,6 +75,13 @@ def test_gqa_has_fewer_kv_params_and_is_causal():
     a, _ = gqa(idx, idx)
     b, _ = gqa(changed, changed)
     assert torch.equal(a[0, :15], b[0, :15]) and not torch.equal(a[0, 15:], b[0, 15:])
+
+
+def block(model: Transformer, i: int) -> Block:
+    """Layer `i` of `model` (nn.ModuleList types its items as plain modules)."""
+    layer = model.layers[i]
+    assert isinstance(layer, Block)
+    return layer
 
 
 def greedy_without_cache(model: Transformer, prompt: list[int], n: int) -> list[int]:
@@ -155,7 +162,7 @@ def test_int8_is_close_to_fp32_and_under_a_third_of_its_linear_bytes():
     assert not torch.equal(fp32, int8)
     assert (int8 - fp32).abs().mean() < 0.05 * fp32.abs().mean()
     assert linear_weight_bytes(qmodel) <= 0.3 * linear_weight_bytes(model)
-    assert model.layers[0].attention.wq.weight.dtype == torch.float32  # the input model is left alone
+    assert block(model, 0).attention.wq.weight.dtype == torch.float32  # the input model is left alone
 
 
 # -- weight-only int8 ------------------------------------------------------------------------------
@@ -174,7 +181,7 @@ def test_weight_only_round_trip_is_exact(tmp_path):
     assert "tok_embeddings.weight" in names and "layers.0.attention.wq.weight" not in names
     assert json.loads((tmp_path / "config.json").read_text())["int8"] == {"scheme": "weight-only-int8"}
     loaded = load_weight_only_int8(tmp_path)
-    assert not loaded.training and isinstance(loaded.layers[1].feed_forward.w2, Int8WeightOnlyLinear)
+    assert not loaded.training and isinstance(block(loaded, 1).feed_forward.w2, Int8WeightOnlyLinear)
     idx = torch.randint(0, VOCAB, (2, 64))
     assert torch.equal(loaded(idx, idx)[0], qmodel(idx, idx)[0])  # many rows: the dequantizing path
     # One row per step: the packed CPU kernel, the same tokens from the saved and the in-memory model.
@@ -194,7 +201,7 @@ def test_weight_only_is_close_to_fp32_and_a_quarter_of_its_linear_bytes():
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert linear_weight_bytes(qmodel) == sum(m.out_features * (m.in_features + 4) for m in linears)
     assert linear_weight_bytes(qmodel) <= 0.27 * linear_weight_bytes(model)
-    assert model.layers[0].attention.wq.weight.dtype == torch.float32  # the input model is left alone
+    assert block(model, 0).attention.wq.weight.dtype == torch.float32  # the input model is left alone
 
 
 @torch.no_grad()
@@ -247,6 +254,7 @@ def test_per_channel_quantization_bounds(out_features, in_features, outlier):
 
 
 def dequantized_linear(module: Int8WeightOnlyLinear, x: torch.Tensor) -> torch.Tensor:
+    assert module.bias is not None  # the linears of these tests have one
     return torch.nn.functional.linear(x, module.weight_int8.float()) * module.weight_scale + module.bias
 
 
@@ -305,7 +313,8 @@ def test_weight_only_runs_on_cuda(tmp_path):
     model = lively(tiny())
     save_weight_only_int8(quantize_weight_only_int8(model), tmp_path)
     on_cpu, on_gpu = load_weight_only_int8(tmp_path), load_weight_only_int8(tmp_path, device="cuda")
-    assert quantize_weight_only_int8(model.cuda()).layers[0].attention.wq.weight_int8.is_cuda
+    wq: torch.nn.Module = block(quantize_weight_only_int8(model.cuda()), 0).attention.wq  # swapped for int8
+    assert isinstance(wq, Int8WeightOnlyLinear) and wq.weight_int8.is_cuda
     idx = torch.randint(0, VOCAB, (2, 64))
     cpu_logits, gpu_logits = on_cpu(idx, idx)[0], on_gpu(idx.cuda(), idx.cuda())[0].cpu()
     assert (gpu_logits - cpu_logits).abs().max() <= 1e-3 * cpu_logits.abs().max()
@@ -386,11 +395,13 @@ def test_training_checkpoint_resume_state(tmp_path):
         optimizer.zero_grad()
         save_checkpoint(tmp_path, step, model, optimizer, elapsed_s=1.5 * step, extra={"records": [{"step": step}]})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["LATEST", "ckpt-00000002"]
-    assert latest_checkpoint(tmp_path).name == "ckpt-00000002"
+    latest = latest_checkpoint(tmp_path)
+    assert latest is not None and latest.name == "ckpt-00000002"
 
     fresh = tiny()
     fresh_opt = configure_optimizer(fresh, 0.1, 1e-3, (0.9, 0.95))
     state = load_checkpoint(tmp_path, fresh, fresh_opt)
+    assert state is not None
     assert state["step"] == 2 and state["elapsed_s"] == 3.0 and state["extra"]["records"] == [{"step": 2}]
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values(), strict=True))
     assert torch.equal(fresh_opt.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])

@@ -151,7 +151,7 @@ def test_run_on_all_ftfy_cases(tmp_path, corpora):
 
 def test_unknown_key_fails():
     with pytest.raises(ValidationError):
-        NormalizeConfig(ftfy_level=3)
+        NormalizeConfig.model_validate({"ftfy_level": 3})  # a dict: mypy would reject the unknown keyword
 
 
 # -- must-hold 1: every case that ftfy itself gets right, through the stage ----------------------

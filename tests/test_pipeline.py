@@ -45,7 +45,7 @@ def ran(summary) -> list[str]:
     return [row["stage"] for row in summary["stages"] if not row["cached"]]
 
 
-def task_state_names(flow_run_id) -> dict[str, str]:
+def task_state_names(flow_run_id) -> dict[str, str | None]:
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -13,7 +14,7 @@ from typer.testing import CliRunner
 from demo_release import tiny_release_store
 from ember.storage import releases as registry
 from ember.storage.store import Store, compute_key, make_ref
-from test_publish_demo import free_port, make_inputs, run_publish, tokenizer_dir  # noqa: F401 (fixture)
+from release_builders import free_port, make_inputs, run_publish
 
 
 @pytest.fixture
@@ -71,13 +72,14 @@ def test_cli_lists_and_rolls_back(two_releases):
 def test_the_demo_serves_the_release_rolled_back_to(two_releases):
     from gradio_client import Client
 
-    from ember.deployments.app import Releases, continue_text, launch
+    from ember.deployments.app import launch
+    from ember.deployments.releases_served import Releases, continue_text
 
     releases = two_releases / "releases"
     prompt = "To be, or not"
 
     # Sampled with a fixed seed: one text per model (greedy decoding of two random models can agree).
-    settings = dict(max_new_tokens=24, temperature=1.0, top_k=0, seed=5)
+    settings: dict[str, Any] = dict(max_new_tokens=24, temperature=1.0, top_k=0, seed=5)
 
     def expected(version: str) -> str:
         return list(continue_text(Releases(releases), prompt, **settings, release=version))[-1]

@@ -11,9 +11,10 @@ from prefect import flow
 
 from ember.flows.config import PipelineConfig
 from ember.flows.prefect_stage import UnitMap, stage_task
-from ember.storage.objects import open_store
+from ember.storage.objects import ObjectStore, open_store
 from ember.tasks import dedup, download, normalize, tokenize, train_tokenizer
 from ember.tasks import filter as quality_filter
+from ember.tasks.stage import Outcome
 from pipeline_configs import settled_task_runs, write_config
 
 pytestmark = pytest.mark.slow
@@ -38,6 +39,7 @@ def data_stages(config: PipelineConfig, store_root: str) -> dict[str, str]:
             artifact_prefix=config.name,
             mapper=mapper,
         )
+        assert isinstance(outcome, Outcome)  # a direct call returns the result, cached or not
         refs[stage.name] = outcome.ref
 
     run(download.STAGE, config.download, [], identity=download.preflight(config.download))
@@ -68,10 +70,9 @@ def small_shards():
     from ember.storage import shards
     from ember.tasks.download import stage as download_stage  # where `run` looks ShardWriter up
 
-    original = download_stage.ShardWriter
-    download_stage.ShardWriter = functools.partial(shards.ShardWriter, max_chars=80_000)
-    yield
-    download_stage.ShardWriter = original
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(download_stage, "ShardWriter", functools.partial(shards.ShardWriter, max_chars=80_000))
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -231,5 +232,6 @@ def test_dask_workers_that_share_only_the_bucket_give_the_sequential_bytes(
         assert list((cache / "artifacts").glob("*/*/manifest.json")), folder
         assert list((cache / "tmp").iterdir()) or list((cache / "work").iterdir())
     store = open_store(url)  # the staged folders went with their stage (an empty folder may stay)
+    assert isinstance(store, ObjectStore)
     staging = store.remote_path("staging")
     assert [path for path in store.fs.find(staging) if path.rstrip("/") != staging] == []

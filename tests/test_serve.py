@@ -62,6 +62,8 @@ def test_deployments_are_build_retrain_and_demo(deployments):
 
 
 def test_schedule_section_changes_the_deployments(tmp_path):
+    from prefect.client.schemas.schedules import IntervalSchedule
+
     from ember.deployments.serve import deployments
     from ember.flows.config import load_config
 
@@ -74,8 +76,10 @@ def test_schedule_section_changes_the_deployments(tmp_path):
         }
     )
     found = {d.name: d for d in deployments(config)}
-    (schedule,) = found["retrain"].schedules
-    assert schedule.schedule.interval == timedelta(seconds=30)
+    schedules = found["retrain"].schedules
+    assert schedules is not None
+    (schedule,) = schedules
+    assert isinstance(schedule.schedule, IntervalSchedule) and schedule.schedule.interval == timedelta(seconds=30)
 
 
 def test_serve_refuses_to_start_without_a_server(monkeypatch, capsys):

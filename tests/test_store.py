@@ -11,6 +11,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import BaseModel
@@ -54,7 +55,7 @@ def runs_logged(store: Store) -> int:
     ],
 )
 def test_key_changes_with_each_part(change):
-    base = dict(stage="train", version=1, params={"lr": 0.001}, inputs={"up": "up/" + "a" * 64})
+    base: dict[str, Any] = dict(stage="train", version=1, params={"lr": 0.001}, inputs={"up": "up/" + "a" * 64})
     assert compute_key(**base) != compute_key(**{**base, **change})
 
 

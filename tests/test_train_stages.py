@@ -57,7 +57,7 @@ def make_artifacts(root: Path, chars: int = 150_000, val_fraction: float = 0.1) 
     tok_dir.mkdir(parents=True)
     tokenizer.save(str(tok_dir / "tokenizer.json"))
 
-    splits = {"train": [], "val": []}
+    splits: dict[str, list[str]] = {"train": [], "val": []}
     for i, doc in enumerate(docs):
         digest = int(hashlib.sha256(f"shakespeare:{i}".encode()).hexdigest()[:8], 16)
         splits["val" if digest / 2**32 < val_fraction else "train"].append(doc)
@@ -121,7 +121,7 @@ class CrashingReporter(Reporter):
     def __init__(self, at: int):
         super().__init__("train")
         self.at = at
-        self.tables = []
+        self.tables: list[tuple[str, object, str]] = []
 
     def table(self, key, rows, description=""):
         self.tables.append((key, rows, description))
