@@ -33,9 +33,11 @@ install-dev: $(VENV)/.installed-dev
 run: $(VENV)/.installed
 	$(VENV)/bin/ember run $(CONFIG)
 
-# Lint, format and types first (about a minute on 2 cores), then the suite on parallel workers.
+# Lint, format and types first (about a minute on 2 cores), then the suite on parallel workers
+# (README: "Working on Ember"); TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 3
 test: lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS)
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check .

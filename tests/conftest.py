@@ -1,4 +1,5 @@
-"""Shared test setup: offline environment, a throwaway PREFECT_HOME, the corpora beside the repo."""
+"""Shared test setup: offline environment, a throwaway PREFECT_HOME per process, the corpora beside
+the repo, and the order in which pytest-xdist hands modules to its workers."""
 
 from __future__ import annotations
 
@@ -10,10 +11,46 @@ from pathlib import Path
 import pytest
 
 # Before anything imports Prefect, Gradio or datasets: no network, no telemetry, and a Prefect
-# home that is not the developer's.
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="ember-test-prefect-"))
+# home that is not the developer's. One per process: xdist's workers inherit the controller's
+# environment, and a flow run without the `prefect_api` fixture starts a temporary server on the
+# home's SQLite database, which two workers must not migrate at once.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="ember-test-prefect-")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # xdist starts its workers with COLUMNS=80, which a serial run does not have; rich fixes a
+    # console's width from it when the console is made (the CLI's, at import), and would then
+    # cut the tables that a test gives a wider COLUMNS to print whole.
+    os.environ.pop("COLUMNS", None)
+    # Several workers already fill the cores: one OpenMP thread per process (the worker and the
+    # processes its tests start, which inherit this), or each torch op spreads over threads that
+    # spin waiting for cores the other workers hold (measured: the suite's CPU time grows by half).
+    os.environ["OMP_NUM_THREADS"] = "1"
 import ember.flows  # noqa: E402,F401  (sets the offline defaults)
 from helpers import CORPORA  # noqa: E402
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """End-to-end modules (every test marked slow) first, then modules with some slow tests, then
+    the rest; the modules with more tests first within each. Under `--dist loadscope
+    --no-loadscope-reorder` xdist hands out whole modules in this order, so the long end-to-end
+    runs, which spend much of their time waiting on servers and subprocesses, start at once and
+    the quick CPU-bound tests fill in around them, instead of the single-test end-to-end modules
+    starting last (xdist's own order is by test count) and running on alone at the end."""
+
+    def module(item: pytest.Item) -> str:
+        return item.module.__name__ if isinstance(item, pytest.Function) else ""
+
+    tests: dict[str, int] = {}
+    slow: dict[str, int] = {}
+    for item in items:
+        tests[module(item)] = tests.get(module(item), 0) + 1
+        slow[module(item)] = slow.get(module(item), 0) + bool(item.get_closest_marker("slow"))
+
+    def rank(item: pytest.Item) -> tuple[int, int, str]:
+        name = module(item)
+        group = 0 if slow[name] == tests[name] else 1 if slow[name] else 2
+        return group, -tests[name], name
+
+    items.sort(key=rank)
 
 
 @pytest.fixture(scope="session")
@@ -21,6 +58,14 @@ def corpora() -> Path:
     """`../shared/corpora`, the real text kept beside the repo (never copied into it)."""
     assert CORPORA.is_dir(), f"the shared corpora are missing: expected them at {CORPORA}"
     return CORPORA
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory, corpora) -> Path:
+    """A train_tokenizer artifact on tiny Shakespeare (release_builders.py), for publish inputs."""
+    from release_builders import shakespeare_tokenizer
+
+    return shakespeare_tokenizer(tmp_path_factory.mktemp("tokenizer"), corpora)
 
 
 @pytest.fixture(scope="session")

@@ -165,11 +165,13 @@ def test_ember_run_on_s3_killed_mid_training_resumes_and_verifies(s3, tmp_path):
     store = ObjectStore(url, cache=tmp_path / "reader")
     checkpoints = tmp_path / "cache"
     deadline = time.monotonic() + 300
-    # Kill it once training has written a checkpoint (in the machine's cache: work/train/...).
-    while not list(checkpoints.glob("*/work/train/*/ckpt-*")):
+    # Kill it once training has a complete checkpoint (in the machine's cache: work/train/...):
+    # LATEST names one only after its folder is renamed into place, where `ckpt-*` would also
+    # match the `ckpt-N.tmp` being written, and a kill then leaves nothing to resume from.
+    while not list(checkpoints.glob("*/work/train/*/LATEST")):
         assert first.poll() is None, log.read_text()[-3000:]
         assert time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.5)
+        time.sleep(0.1)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait(timeout=30)
     assert store.ls("train") == [] and store.fs.glob(f"ember/{tmp_path.name}/locks/train-*.lock")

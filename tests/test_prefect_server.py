@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -41,7 +42,7 @@ STAGES = [
     "publish",
 ]
 # A few seconds of training: the point is the orchestration, not the model.
-FAST = {
+FAST: dict[str, Any] = {
     "train": {
         "batch_size": 4,
         "max_steps": 4,
@@ -88,7 +89,7 @@ def stop(proc: subprocess.Popen) -> None:
             pass
 
 
-def wait_for(what: str, check, timeout: float, every: float = 1.0):
+def wait_for(what: str, check, timeout: float, every: float = 0.5):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = check()
@@ -207,7 +208,7 @@ class Served:
                 limit=200,
             )
 
-    def task_states(self, flow_run_id) -> dict[str, str]:
+    def task_states(self, flow_run_id) -> dict[str, str | None]:
         with self.client() as client:
             runs = settled_task_runs(client, flow_run_id)
         return {run.name: run.state.name if run.state else None for run in runs if run.name in STAGES}

@@ -33,7 +33,7 @@ def test_two_workers_share_the_runs_through_the_object_store(s3, tmp_path):
         "PREFECT_UI_ENABLED": "false",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "OMP_NUM_THREADS": "1",
-        "PREFECT_WORKER_QUERY_SECONDS": "2",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
         "COLUMNS": "200",
     }
     env.pop("EMBER_HOME", None)
@@ -122,7 +122,7 @@ def test_two_workers_share_the_runs_through_the_object_store(s3, tmp_path):
                 )
             return all(state.is_completed() for state in found.values())
 
-        wait_for("both runs to complete", finished, 420, every=3)
+        wait_for("both runs to complete", finished, 420, every=1)
     finally:
         for proc in reversed(procs):
             stop(proc)
