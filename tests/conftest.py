@@ -1,5 +1,5 @@
-"""Shared test setup: offline environment, a throwaway PREFECT_HOME per process, the corpora beside
-the repo, and the order in which pytest-xdist hands modules to its workers."""
+"""Shared test setup: offline environment, a throwaway PREFECT_HOME per process (and the rest of
+what each pytest-xdist worker needs), the corpora beside the repo."""
 
 from __future__ import annotations
 
@@ -22,35 +22,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.pop("COLUMNS", None)
     # Several workers already fill the cores: one OpenMP thread per process (the worker and the
     # processes its tests start, which inherit this), or each torch op spreads over threads that
-    # spin waiting for cores the other workers hold (measured: the suite's CPU time grows by half).
+    # spin waiting for cores the other workers hold (measured on 3 workers: 20% more CPU time for
+    # the suite, 5x for the tests that train).
     os.environ["OMP_NUM_THREADS"] = "1"
 import ember.flows  # noqa: E402,F401  (sets the offline defaults)
 from helpers import CORPORA  # noqa: E402
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """End-to-end modules (every test marked slow) first, then modules with some slow tests, then
-    the rest; the modules with more tests first within each. Under `--dist loadscope
-    --no-loadscope-reorder` xdist hands out whole modules in this order, so the long end-to-end
-    runs, which spend much of their time waiting on servers and subprocesses, start at once and
-    the quick CPU-bound tests fill in around them, instead of the single-test end-to-end modules
-    starting last (xdist's own order is by test count) and running on alone at the end."""
-
-    def module(item: pytest.Item) -> str:
-        return item.module.__name__ if isinstance(item, pytest.Function) else ""
-
-    tests: dict[str, int] = {}
-    slow: dict[str, int] = {}
-    for item in items:
-        tests[module(item)] = tests.get(module(item), 0) + 1
-        slow[module(item)] = slow.get(module(item), 0) + bool(item.get_closest_marker("slow"))
-
-    def rank(item: pytest.Item) -> tuple[int, int, str]:
-        name = module(item)
-        group = 0 if slow[name] == tests[name] else 1 if slow[name] else 2
-        return group, -tests[name], name
-
-    items.sort(key=rank)
 
 
 @pytest.fixture(scope="session")
