@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -42,6 +42,15 @@ def input_shards(artifact: Path, stage: str) -> tuple[list[Path], int]:
 
 def read_shard(path: Path, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(path, columns=columns)
+
+
+def document_ids(table: pa.Table, path: Path) -> list[str]:
+    """The `id` column of a shard's table, read from `path`; a document without one is an error
+    that names the shard (the split and the tokenizer's sample are decided by the id)."""
+    column = table["id"]
+    if column.null_count:
+        raise ValueError(f"{path}: a document has no id")
+    return cast(list[str], column.to_pylist())  # the stubs allow None; null_count says there is none
 
 
 def iter_batches(

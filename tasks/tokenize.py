@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tokenizers import Tokenizer
 
 from ember.model.tokenizer import BOS_ID, EOS_ID, PAD_ID, TOKENIZER_JSON, load_tokenizer
-from ember.storage.shards import list_shards, read_shard
+from ember.storage.shards import document_ids, list_shards, read_shard
 from ember.storage.store import file_sha256
 from ember.storage.tokens import META, SPLITS, TokenShardWriter, token_dtype
 from ember.tasks.stage import Stage, StageContext
@@ -65,11 +65,7 @@ def _val_masks(shards: list[Path], val_fraction: float) -> list[npt.NDArray[np.b
     """Per shard, which documents go to val. Reads only the `id` column."""
     fractions = []
     for path in shards:
-        ids: list[str] = []
-        for i in read_shard(path, columns=["id"])["id"].to_pylist():
-            if i is None:
-                raise ValueError(f"{path}: a document has no id")
-            ids.append(i)
+        ids = document_ids(read_shard(path, columns=["id"]), path)
         fractions.append(np.fromiter((split_fraction(i) for i in ids), dtype=np.float64, count=len(ids)))
     masks = [f < val_fraction for f in fractions]
     n_docs, n_val = sum(len(m) for m in masks), sum(int(m.sum()) for m in masks)

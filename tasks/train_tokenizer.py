@@ -35,7 +35,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 
 from ember.model.scripts import HAN, HAN_COMPATIBILITY, KANA
 from ember.model.tokenizer import SPECIAL_TOKENS, TOKENIZER_JSON, load_tokenizer
-from ember.storage.shards import list_shards, read_shard
+from ember.storage.shards import document_ids, list_shards, read_shard
 from ember.tasks.stage import Stage, StageContext
 
 # Han ideographs and kana one per pre-token; digits in groups of up to three (with the space
@@ -97,11 +97,7 @@ def _scan(shards: list[Path]) -> list[tuple[npt.NDArray[np.float64], npt.NDArray
     scanned = []
     for path in shards:
         table = read_shard(path, columns=["id", "text"])
-        ids: list[str] = []
-        for i in table["id"].to_pylist():
-            if i is None:
-                raise ValueError(f"{path}: a document has no id")
-            ids.append(i)
+        ids = document_ids(table, path)
         fractions = np.fromiter((sample_fraction(i) for i in ids), dtype=np.float64, count=table.num_rows)
         lengths = pc.fill_null(pc.utf8_length(table["text"]), 0).to_numpy()
         scanned.append((fractions, lengths))

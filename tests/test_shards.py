@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ember.storage.shards import TEXT_SCHEMA, ShardFileWriter, iter_batches, read_rows
+from ember.storage.shards import TEXT_SCHEMA, ShardFileWriter, document_ids, iter_batches, read_rows, read_shard
 from ember.tasks.shard_stage import Stats
 
 
@@ -67,3 +67,12 @@ def test_stats_merge_in_order():
     assert merged.total("docs") == 5 and merged.total("never counted") == 0
     assert merged.keyed("removed") == {"min_words": 3, "language": 1}
     assert merged.firsts["example"] == {"min_words": "doc-1", "language": "doc-7"}  # the earlier unit's example
+
+
+def test_document_ids_are_read_and_a_missing_one_names_the_shard(shard, tmp_path):
+    path, rows = shard
+    assert document_ids(read_shard(path, ["id"]), path) == [r["id"] for r in rows]
+    broken = tmp_path / "part-00001.parquet"
+    pq.write_table(pa.Table.from_pylist([*rows[:3], {**rows[3], "id": None}], schema=TEXT_SCHEMA), broken)
+    with pytest.raises(ValueError, match=f"{broken}: a document has no id"):
+        document_ids(read_shard(broken, ["id", "text"]), broken)

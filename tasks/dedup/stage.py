@@ -88,8 +88,8 @@ def _read_column(unit: Unit, name: str, rows: npt.NDArray[np.int64] | None = Non
 def _save(path: Path, **arrays: npt.NDArray[np.generic]) -> None:
     """Write an .npz so that a crash never leaves a half-written file under its final name."""
     tmp = path.with_name(path.name + ".tmp.npz")
-    # allow_pickle is numpy's default, named so that mypy does not match `**arrays` to it.
-    np.savez(tmp, allow_pickle=True, **arrays)
+    # numpy's stub matches `**arrays` against savez's keyword `allow_pickle: bool` (numpy 2.1+).
+    np.savez(tmp, **arrays)  # type: ignore[arg-type]
     os.replace(tmp, path)
 
 
